@@ -1,0 +1,77 @@
+"""What routes depend on: protocols for the engine and the prefix cache, reached via app state."""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import Request
+
+from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSpec
+from server.engine.engine import EngineStats
+from server.engine.request import SamplingParams, StepOutput
+from server.metrics import Metrics
+
+
+class RequestHandleProtocol(Protocol):
+    @property
+    def request_id(self) -> str: ...
+
+    def __aiter__(self) -> AsyncIterator[StepOutput]: ...
+
+
+class EngineProtocol(Protocol):
+    """The engine as the API sees it."""
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    def submit(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> RequestHandleProtocol: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+class PrefixesProtocol(Protocol):
+    """The device cache in front of the Redis store."""
+
+    spec: PrefixSpec
+
+    async def get(self, task_id: str) -> PrefixEntry | None: ...
+
+    async def put(self, task_id: str, kv: Any) -> PrefixMeta: ...
+
+    async def delete(self, task_id: str) -> bool: ...
+
+    async def get_meta(self, task_id: str) -> PrefixMeta | None: ...
+
+    async def list(self, limit: int, cursor: str | None) -> tuple[list[PrefixMeta], str | None]: ...
+
+    async def ping(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything the routes use, built once by `create_app`'s lifespan."""
+
+    engine: EngineProtocol
+    prefixes: PrefixesProtocol
+    metrics: Metrics
+    admin_token: str
+    model_fingerprint: str
+    max_new_tokens: int
+    max_upload_bytes: int
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def meta_dict(meta: PrefixMeta) -> dict[str, object]:
+    return {
+        "task_id": meta.task_id,
+        "version": meta.version,
+        "prefix_len": meta.prefix_len,
+        "num_bytes": meta.num_bytes,
+        "dtype": meta.dtype,
+        "model_fingerprint": meta.model_fingerprint,
+        "created_at": meta.created_at,
+    }

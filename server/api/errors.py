@@ -1,0 +1,77 @@
+"""Map every failure to `{"error": {"code", "message"}}` with a fitting status."""
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prefix_store.errors import InvalidPrefix, ModelMismatch, StoreUnavailable
+from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput, QueueFull
+
+RETRY_AFTER_S = "1"
+
+
+class ApiError(Exception):
+    """An error answer with a stable machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def to_api_error(exc: Exception) -> ApiError:
+    """Translate engine/store exceptions into the contract's codes."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidPrefix):
+        return ApiError(422, "invalid_prefix", str(exc))
+    if isinstance(exc, ModelMismatch):
+        return ApiError(422, "model_mismatch", str(exc))
+    if isinstance(exc, StoreUnavailable):
+        return ApiError(503, "store_unavailable", f"prefix store unavailable: {exc}", {"Retry-After": RETRY_AFTER_S})
+    if isinstance(exc, ContextTooLong):
+        return ApiError(422, "context_too_long", str(exc))
+    if isinstance(exc, InvalidInput):
+        return ApiError(422, "invalid_request", str(exc))
+    if isinstance(exc, QueueFull):
+        return ApiError(429, "overloaded", f"server overloaded: {exc}", {"Retry-After": RETRY_AFTER_S})
+    if isinstance(exc, EngineStopped):
+        return ApiError(503, "unavailable", str(exc), {"Retry-After": RETRY_AFTER_S})
+    return ApiError(500, "internal_error", "internal error")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    body = {"error": {"code": error.code, "message": error.message}}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(ApiError(422, "invalid_request", _validation_message(exc)))
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for exc_type in (InvalidPrefix, ModelMismatch, StoreUnavailable, ContextTooLong, InvalidInput, QueueFull):
+        app.add_exception_handler(exc_type, on_api_error)
+    app.add_exception_handler(EngineStopped, on_api_error)

@@ -1,0 +1,80 @@
+"""Admin prefix routes, behind the bearer token."""
+
+import asyncio
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from starlette.datastructures import UploadFile
+from fastapi.responses import JSONResponse
+
+from prefix_store.format import parse_upload
+from server.api.auth import require_admin
+from server.api.deps import Services, get_services, meta_dict
+from server.api.errors import ApiError
+from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def _read_part(part: object, name: str, limit: int) -> bytes | None:
+    if part is None:
+        return None
+    if not isinstance(part, UploadFile):
+        return str(part).encode()
+    data = await part.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"part `{name}` is larger than the {limit} bytes allowed")
+    return data
+
+
+@router.put("/prefixes/{task_id}", status_code=201, response_model=PrefixInfo)
+async def upload_prefix(task_id: TaskIdPath, request: Request, services: ServicesDep) -> object:
+    """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)]."""
+    length = int(request.headers.get("content-length") or 0)
+    if length > services.max_upload_bytes + 1024 * 1024:
+        raise ApiError(413, "too_large", f"upload is {length} bytes; at most {services.max_upload_bytes} allowed")
+    try:
+        form = await request.form(max_part_size=services.max_upload_bytes + 1)
+    except Exception as exc:
+        raise ApiError(422, "invalid_request", f"expected a multipart/form-data body: {exc}") from exc
+    unknown = sorted(set(form.keys()) - {"weights", "config", "text"})
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown form parts {unknown}; expected `weights` [+ `config`]")
+    if form.get("text") is not None:
+        raise ApiError(422, "invalid_request", "text prefixes are not supported yet; upload `weights`")
+    weights = await _read_part(form.get("weights"), "weights", services.max_upload_bytes)
+    if weights is None:
+        raise ApiError(422, "invalid_request", "missing form part `weights` (a safetensors file)")
+    config = await _read_part(form.get("config"), "config", 1024 * 1024)
+    kv = await asyncio.to_thread(parse_upload, services.prefixes.spec, weights, config)
+    meta = await services.prefixes.put(task_id, kv)
+    return JSONResponse(meta_dict(meta), status_code=201)
+
+
+@router.get("/prefixes", response_model=PrefixList)
+async def list_prefixes(
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> object:
+    if cursor is not None and not re.fullmatch(TASK_ID_PATTERN, cursor):
+        raise ApiError(422, "invalid_request", "cursor must be a task_id returned as next_cursor")
+    items, next_cursor = await services.prefixes.list(limit, cursor)
+    return {"items": [meta_dict(m) for m in items], "next_cursor": next_cursor}
+
+
+@router.get("/prefixes/{task_id}", response_model=PrefixInfo)
+async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
+    meta = await services.prefixes.get_meta(task_id)
+    if meta is None:
+        raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+    return meta_dict(meta)
+
+
+@router.delete("/prefixes/{task_id}", status_code=204)
+async def delete_prefix(task_id: TaskIdPath, services: ServicesDep) -> None:
+    if not await services.prefixes.delete(task_id):
+        raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")

@@ -1,0 +1,29 @@
+"""Liveness, readiness and the Prometheus endpoint."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.api.deps import Services, get_services
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
+    is_store_ok = await services.prefixes.ping()
+    is_engine_ok = services.engine.stats().is_alive
+    body = {"ready": is_store_ok and is_engine_ok, "store": is_store_ok, "engine": is_engine_ok}
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+@router.get("/metrics")
+async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)

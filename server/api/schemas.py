@@ -1,0 +1,88 @@
+"""Request and response bodies of the public HTTP contract."""
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+
+
+class GenerateRequest(BaseModel):
+    """`POST /generate`. The upper bound of `max_new_tokens` is the server's `--max-new-tokens`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: TaskId
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    stream: bool = False
+    ignore_eos: bool = False
+    add_special_tokens: bool = False
+
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.input_ids is None):
+            raise ValueError("send exactly one of `prompt` (text) or `input_ids` (token ids)")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    prefix_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    task_id: str
+    prefix_version: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["length", "stop", "eos"]
+    usage: Usage
+
+
+class PrefixInfo(BaseModel):
+    task_id: str
+    version: int
+    prefix_len: int
+    num_bytes: int
+    dtype: str
+    model_fingerprint: str
+    created_at: str
+
+
+class PrefixList(BaseModel):
+    items: list[PrefixInfo]
+    next_cursor: str | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

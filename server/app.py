@@ -1,0 +1,101 @@
+"""`create_app(settings)`: the one place that builds and connects the parts."""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from prefix_store.device_cache import PrefixCache
+from prefix_store.embedded_redis import EmbeddedRedis
+from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
+from prefix_store.redis_store import RedisPrefixStore, connect
+from server.api import routes_admin, routes_generate, routes_health
+from server.api.deps import Services
+from server.api.errors import install_error_handlers
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.kv_cache import KVLayout, SlotKVCache
+from server.engine.model_loader import LoadedModel, ModelOptions, load_model
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def plan_kv(settings: Settings, loaded: LoadedModel) -> KVLayout:
+    """Slots = min(max batch size, what the KV budget holds at full context length)."""
+    spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
+    max_len = min(loaded.max_positions, settings.max_model_len or loaded.max_positions)
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 1, max_len, loaded.dtype, loaded.device)
+    num_slots = min(settings.max_batch_size, settings.kv_cache_bytes // layout.bytes_per_slot)
+    if num_slots < 1:
+        raise ValueError(
+            f"--kv-cache-bytes={settings.kv_cache_bytes} cannot hold one row of {max_len} positions "
+            f"({layout.bytes_per_slot} bytes); raise it or lower --max-model-len"
+        )
+    return KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, max_len, loaded.dtype, loaded.device)
+
+
+async def _start_redis(settings: Settings, stack: AsyncExitStack) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    embedded = EmbeddedRedis(settings.data_dir)
+    url = await asyncio.to_thread(embedded.start)
+    stack.callback(embedded.stop)
+    log.info("embedded Redis at %s (data under %s)", url, settings.data_dir / "redis")
+    return url
+
+
+async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    admin_token = settings.resolve_admin_token()
+    redis_url = await _start_redis(settings, stack)
+    client = connect(redis_url)
+    stack.push_async_callback(client.aclose)
+    options = ModelOptions(settings.model, settings.device, settings.dtype, settings.data_dir, settings.max_model_len)
+    loaded = await asyncio.to_thread(load_model, options)
+    fingerprint = model_fingerprint(loaded.model, loaded.model.config)
+    layout = plan_kv(settings, loaded)
+    spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
+    prefixes = PrefixCache(RedisPrefixStore(client, fingerprint), spec, loaded.device, settings.cache_bytes)
+    metrics = Metrics()
+    engine = Engine(loaded, SlotKVCache(layout), settings.max_queue, on_step=metrics.observe_step)
+    metrics.bind(engine.stats, prefixes.stats)
+    engine.start(asyncio.get_running_loop())
+    stack.callback(engine.stop)
+    log.info("model %s fingerprint %s, %d KV slots of %d positions", loaded.name, fingerprint, layout.num_slots, layout.max_len)
+    print(f"prefix-serve: model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}", flush=True)
+    print(f"prefix-serve: listening on http://{settings.host}:{settings.port}", flush=True)
+    print(f"prefix-serve: admin token {admin_token}", flush=True)
+    return Services(engine, prefixes, metrics, admin_token, fingerprint, settings.max_new_tokens, settings.max_upload_bytes)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI app; the lifespan loads the model, starts Redis/engine, and stops them."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            app.state.services = await _build(settings, stack)
+            yield
+
+    app = FastAPI(title="prefix-server", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(routes_generate.router)
+    app.include_router(routes_admin.router)
+    app.include_router(routes_health.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")  # the template, so labels stay bounded
+        services: Services | None = getattr(app.state, "services", None)
+        if services is not None:
+            services.metrics.observe_request(endpoint, response.status_code, time.perf_counter() - started)
+        return response
+
+    return app

@@ -1,0 +1,54 @@
+"""Settings: the only place that reads flags and environment variables."""
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every flag of `prefix-serve`; each also comes from env `PREFIX_SERVE_<FLAG>`."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFIX_SERVE_", populate_by_name=True, extra="ignore")
+
+    model: str | None = Field(None, description="HF hub id or local dir; default: the built-in demo model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_url", "PREFIX_SERVE_REDIS_URL", "REDIS_URL"),
+        description="default: an embedded Redis under the data dir",
+    )
+    data_dir: Path = Path("./data")
+    admin_token: str | None = Field(
+        None,
+        validation_alias=AliasChoices("admin_token", "PREFIX_SERVE_ADMIN_TOKEN", "PREFIX_ADMIN_TOKEN"),
+        description="default: generated once, printed and saved under the data dir",
+    )
+    max_batch_size: int = Field(32, ge=1, description="rows decoded together at most")
+    max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429")
+    cache_bytes: int = Field(256 * MiB, ge=0, description="device prefix cache budget")
+    kv_cache_bytes: int = Field(1024 * MiB, ge=1, description="KV slot memory budget")
+    max_model_len: int | None = Field(None, ge=2, description="cap on prefix+prompt+output positions")
+    max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
+    max_upload_bytes: int = Field(512 * MiB, ge=1, description="largest prefix upload")
+    log_level: str = "info"
+
+    def resolve_admin_token(self) -> str:
+        """The configured token, else the one saved under the data dir, else a new one saved there."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.data_dir / "admin_token"
+        if path.exists():
+            return path.read_text().strip()
+        token = secrets.token_urlsafe(24)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+        return token

@@ -1,0 +1,248 @@
+"""The step loop: schedule -> prepare inputs -> run model -> sample -> postprocess.
+
+Model compute runs on one dedicated thread; callers on the asyncio loop submit requests
+and read `StepOutput`s from a per-request handle. The loop never touches Redis: a request
+arrives here with its prefix already resident.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from prefix_store.entry import PrefixEntry
+from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput, QueueFull
+from server.engine.kv_cache import SlotKVCache
+from server.engine.model_loader import LoadedModel
+from server.engine.model_runner import ForwardRow, ModelRunner
+from server.engine.postprocess import append_token
+from server.engine.request import Request, SamplingParams, StepOutput
+from server.engine.sampler import make_generator, sample
+from server.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for `/metrics` and `/ready`."""
+
+    num_running: int
+    num_waiting: int
+    num_slots: int
+    max_len: int
+    is_alive: bool
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did; fed to the metrics by whoever built the engine."""
+
+    num_decode_rows: int
+    num_prefill_rows: int
+    num_new_tokens: int
+    duration_s: float
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate its outputs; closing early aborts it."""
+
+    def __init__(self, engine: "Engine", request: Request) -> None:
+        self.request = request
+        self._engine = engine
+        self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def _deliver(self, output: StepOutput) -> None:
+        self._queue.put_nowait(output)
+
+    async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        try:
+            while True:
+                output = await self._queue.get()
+                yield output
+                if output.finish_reason is not None:
+                    return
+        finally:
+            self._engine.release(self)
+
+
+class Engine:
+    """Continuous batching over a slot KV cache; one prefix per row."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        kv: SlotKVCache,
+        max_queue: int,
+        on_step: Callable[[StepStats], None] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.kv = kv
+        self.max_len = kv.layout.max_len
+        self.runner = ModelRunner(loaded.model, kv, loaded.max_positions)
+        self.scheduler: Scheduler[Request] = Scheduler(kv.layout.num_slots, max_queue)
+        self._on_step = on_step
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._aborted: set[str] = set()
+        self._handles: dict[str, RequestHandle] = {}  # owned by the event loop thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._is_stopping = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._is_stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            num_running, num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        return EngineStats(num_running, num_waiting, self.kv.layout.num_slots, self.max_len, self.is_alive)
+
+    # ---- caller side (event loop thread) -----------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def submit(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Validate and queue a request. Raises InvalidInput, ContextTooLong, QueueFull, EngineStopped."""
+        self._validate(prefix, prompt_ids, params)
+        request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
+        request.generator = make_generator(params, self.kv.layout.device)
+        handle = RequestHandle(self, request)
+        with self._wakeup:
+            if self._is_stopping or not self.is_alive:
+                raise EngineStopped("the engine is not running")
+            if not self.scheduler.can_accept():
+                raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting")
+            self._handles[request.request_id] = handle
+            self.scheduler.add(request)
+            self._wakeup.notify()
+        return handle
+
+    def release(self, handle: RequestHandle) -> None:
+        """The caller stopped listening: abort the request if it is still going."""
+        self._handles.pop(handle.request_id, None)
+        if not handle.request.is_finished:
+            with self._wakeup:
+                self._aborted.add(handle.request_id)
+                self._wakeup.notify()
+
+    def _validate(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidInput("the prompt is empty: send at least one token")
+        vocab = self.loaded.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidInput(f"token ids must be in [0, {vocab}): got {bad[:5]}")
+        needed = prefix.meta.prefix_len + len(prompt_ids) + params.max_new_tokens
+        if needed > self.max_len:
+            raise ContextTooLong(
+                f"prefix ({prefix.meta.prefix_len}) + prompt ({len(prompt_ids)}) + max_new_tokens "
+                f"({params.max_new_tokens}) = {needed} exceeds the context of {self.max_len} positions"
+            )
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for output in outputs:
+            handle = self._handles.get(output.request_id)
+            if handle is not None:
+                handle._deliver(output)
+
+    # ---- engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while self.scheduler.is_idle and not self._is_stopping:
+                    self._wakeup.wait()
+                if self._is_stopping:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # the loop must survive anything one batch does
+                log.exception("engine step failed")
+                self._fail_running(f"engine error: {exc}")
+        self._fail_running("the server is shutting down")
+
+    def step(self) -> None:
+        """One iteration of continuous batching."""
+        started = time.perf_counter()
+        self._retire(self._take_aborted())
+        with self._lock:
+            batch = self.scheduler.schedule()
+        outputs: list[StepOutput] = []
+        if batch.decode:
+            rows = [ForwardRow(r.num_cached, [r.output_ids[-1]]) for r in batch.decode]
+            outputs += self._sample(batch.decode, self.runner.forward(0, rows))
+        if batch.prefill:
+            start = batch.prefill_slot_start
+            for offset, request in enumerate(batch.prefill):
+                self.kv.load_prefix(start + offset, request.prefix.kv)
+            rows = [ForwardRow(r.prefix_len, r.prompt_ids) for r in batch.prefill]
+            outputs += self._sample(batch.prefill, self.runner.forward(start, rows))
+        self._retire({r.request_id for r in batch.decode + batch.prefill if r.is_finished})
+        self._emit(outputs)
+        if self._on_step is not None and batch.num_rows:
+            duration = time.perf_counter() - started
+            self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration))
+
+    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        ids = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        decode = self.loaded.decode
+        eos = self.loaded.eos_ids
+        return [append_token(r, t, decode, eos) for r, t in zip(rows, ids, strict=True)]
+
+    def _retire(self, finished: set[str]) -> None:
+        if not finished:
+            return
+        with self._lock:
+            moves = self.scheduler.retire(finished)
+            lengths = {r.request_id: r.num_cached for r in self.scheduler.running}
+        for move in moves:
+            self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
+
+    def _take_aborted(self) -> set[str]:
+        """Drop aborted waiting requests; mark aborted running rows finished. Returns the latter."""
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            for request_id in aborted:
+                self.scheduler.remove_waiting(request_id)
+            running = {r.request_id for r in self.scheduler.running if r.request_id in aborted}
+        for request in self.scheduler.running:
+            if request.request_id in running:
+                request.finish_reason = "abort"
+        return running
+
+    def _fail_running(self, message: str) -> None:
+        with self._lock:
+            victims = list(self.scheduler.running) + list(self.scheduler.waiting)
+            self.scheduler.running.clear()
+            self.scheduler.waiting.clear()
+        outputs = []
+        for request in victims:
+            request.finish_reason = "error"
+            outputs.append(StepOutput(request.request_id, [], "", "error", error=message))
+        self._emit(outputs)
+
+    def _emit(self, outputs: list[StepOutput]) -> None:
+        if outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)

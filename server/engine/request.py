@@ -1,0 +1,71 @@
+"""Request state and the records the engine hands back."""
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from prefix_store.entry import PrefixEntry
+
+FinishReason = Literal["length", "stop", "eos", "abort", "error"]
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; `temperature == 0` is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # new ids this step (one, or none when the row only finished)
+    text_delta: str  # new text that is safe to show (stop strings are held back)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """A generation request as the engine tracks it (mutated only by the engine thread)."""
+
+    prefix: PrefixEntry
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    text: str = ""  # decoded output so far (truncated at a stop string)
+    num_sent_chars: int = 0  # how much of `text` was already handed out
+    finish_reason: FinishReason | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix.meta.prefix_len
+
+    @property
+    def num_cached(self) -> int:
+        """Positions this row has in its slot once its last sampled token is not yet fed."""
+        return self.prefix_len + len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,46 @@
+"""Turns logits into token ids: greedy rows by argmax, sampled rows with their own generator."""
+
+import torch
+
+from server.engine.request import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A per-request generator, so a seeded request samples the same ids in any batch."""
+    if params.is_greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on one row `[vocab]`; returns probabilities."""
+    scaled = logits / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly before each token
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """Pick one id per row of `logits` `[rows, vocab]` (float32)."""
+    chosen = logits.argmax(dim=-1)  # [rows]
+    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
+        if p.is_greedy:
+            continue
+        probs = filter_logits(logits[row], p)
+        chosen[row] = torch.multinomial(probs, 1, generator=generator)[0]
+    return [int(t) for t in chosen.tolist()]

@@ -1,0 +1,101 @@
+"""Continuous-batching bookkeeping: who waits, who runs, which slot each row owns.
+
+Pure Python on purpose (no torch): every decision here is unit-tested exactly.
+Running rows stay compact in slots `0..n-1`; a retired row's slot is filled by the last row.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+
+class HasId(Protocol):
+    @property
+    def request_id(self) -> str: ...
+
+
+R = TypeVar("R", bound=HasId)
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """Move the row in slot `src` to slot `dst` (compaction after a row retired)."""
+
+    request_id: str
+    src: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class ScheduledBatch(Generic[R]):
+    """One step's work: decode `decode` (slots 0..len-1), prefill `prefill` (the slots after)."""
+
+    decode: list[R]
+    prefill: list[R]
+
+    @property
+    def prefill_slot_start(self) -> int:
+        return len(self.decode)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.decode) + len(self.prefill)
+
+
+class Scheduler(Generic[R]):
+    """FIFO admission bounded by `max_rows` running rows and `max_queue` waiting ones."""
+
+    def __init__(self, max_rows: int, max_queue: int, max_prefill_rows: int | None = None) -> None:
+        self.max_rows = max_rows
+        self.max_queue = max_queue
+        self.max_prefill_rows = max_prefill_rows or max_rows
+        self.waiting: deque[R] = deque()
+        self.running: list[R] = []  # index == slot
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def can_accept(self) -> bool:
+        return len(self.waiting) < self.max_queue
+
+    def add(self, request: R) -> None:
+        """Queue a request; the caller checks `can_accept` first."""
+        self.waiting.append(request)
+
+    def schedule(self) -> ScheduledBatch[R]:
+        """Admit waiting requests into free slots; running rows decode as they are."""
+        decode = list(self.running)
+        prefill: list[R] = []
+        while self.waiting and len(self.running) < self.max_rows and len(prefill) < self.max_prefill_rows:
+            request = self.waiting.popleft()
+            self.running.append(request)
+            prefill.append(request)
+        return ScheduledBatch(decode=decode, prefill=prefill)
+
+    def slot_of(self, request: R) -> int:
+        return self.running.index(request)
+
+    def remove_waiting(self, request_id: str) -> R | None:
+        """Drop a waiting request (client went away); returns it if it was waiting."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return request
+        return None
+
+    def retire(self, finished: set[str]) -> list[SlotMove]:
+        """Remove finished rows; fill each hole with the current last row. Returns the moves to apply in order."""
+        moves: list[SlotMove] = []
+        slot = 0
+        while slot < len(self.running):
+            if self.running[slot].request_id not in finished:
+                slot += 1
+                continue
+            last = self.running.pop()
+            if slot < len(self.running):
+                self.running[slot] = last
+                if last.request_id not in finished:
+                    moves.append(SlotMove(last.request_id, src=len(self.running), dst=slot))
+                # re-check this slot: the row moved in may itself be finished
+        return moves

@@ -1,0 +1,80 @@
+"""Every Prometheus collector, fed from the engine's and the prefix cache's stats objects."""
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from prefix_store.device_cache import CacheStats
+from server.engine.engine import EngineStats, StepStats
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _LiveCollector(Collector):
+    """Gauges and counters read from stats objects at scrape time."""
+
+    def __init__(self, engine_stats: Callable[[], EngineStats], cache_stats: CacheStats) -> None:
+        self._engine_stats = engine_stats
+        self._cache = cache_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine_stats()
+        yield GaugeMetricFamily("prefix_server_running_requests", "Rows being decoded", value=stats.num_running)
+        yield GaugeMetricFamily("prefix_server_waiting_requests", "Requests waiting for a slot", stats.num_waiting)
+        yield GaugeMetricFamily("prefix_server_kv_slots", "KV cache slots (max concurrent rows)", stats.num_slots)
+        cache = self._cache
+        yield CounterMetricFamily("prefix_server_prefix_cache_hits", "Prefix lookups served from device", cache.hits)
+        yield CounterMetricFamily("prefix_server_prefix_cache_misses", "Prefix lookups that went to Redis", cache.misses)
+        yield CounterMetricFamily("prefix_server_prefix_cache_evictions", "Prefixes evicted for space", cache.evictions)
+        yield GaugeMetricFamily("prefix_server_prefix_cache_resident_bytes", "Device bytes", cache.resident_bytes)
+        yield GaugeMetricFamily("prefix_server_prefix_cache_resident_prefixes", "Prefixes", cache.resident_count)
+
+
+class Metrics:
+    """One registry per app, so several apps (tests) never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "prefix_server_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
+        )
+        self.request_duration = Histogram(
+            "prefix_server_request_duration_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "prefix_server_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "prefix_server_batch_size", "Rows per engine step", buckets=_BATCH_BUCKETS, registry=self.registry
+        )
+        self.generated_tokens = Counter(
+            "prefix_server_generated_tokens", "Tokens generated", registry=self.registry
+        )
+        self.step_duration = Histogram(
+            "prefix_server_engine_step_seconds", "Engine step latency", buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+
+    def bind(self, engine_stats: Callable[[], EngineStats], cache_stats: CacheStats) -> None:
+        self.registry.register(_LiveCollector(engine_stats, cache_stats))
+
+    def observe_step(self, stats: StepStats) -> None:
+        self.batch_size.observe(stats.num_decode_rows + stats.num_prefill_rows)
+        self.generated_tokens.inc(stats.num_new_tokens)
+        self.step_duration.observe(stats.duration_s)
+
+    def observe_request(self, endpoint: str, status: int, duration_s: float) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.request_duration.labels(endpoint=endpoint).observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

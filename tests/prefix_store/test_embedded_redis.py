@@ -1,0 +1,115 @@
+"""EmbeddedRedis: a real child redis-server that persists under the data dir."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from prefix_store.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from prefix_store.redis_store import RedisPrefixStore, connect
+
+
+def _put(url: str, data: bytes) -> None:
+    async def body() -> None:
+        async with connect(url) as client:
+            await RedisPrefixStore(client, "fp").put("acme:t", data, 3, "float32")
+
+    asyncio.run(body())
+
+
+def _get(url: str) -> bytes | None:
+    async def body() -> bytes | None:
+        async with connect(url) as client:
+            got = await RedisPrefixStore(client, "fp").get("acme:t")
+            return got[1] if got is not None else None
+
+    return asyncio.run(body())
+
+
+def _is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_value_survives_stop_and_start_on_same_data_dir(tmp_path: Path) -> None:
+    embedded = EmbeddedRedis(tmp_path)
+    url = embedded.start()
+    try:
+        match = re.fullmatch(r"redis://127\.0\.0\.1:(\d+)/0", url)
+        assert match is not None
+        port, pid = int(match.group(1)), embedded.pid
+        assert pid is not None and embedded.start() == url  # start() is idempotent
+        _put(url, b"kept across restarts")
+        embedded.stop()
+        assert _is_gone(pid)
+        assert not _accepts(port)
+        embedded.stop()  # idempotent
+
+        url = embedded.start()
+        assert embedded.pid != pid
+        assert _get(url) == b"kept across restarts"
+        assert (tmp_path / "redis" / "appendonly.aof").exists()
+    finally:
+        embedded.stop()
+
+
+def test_second_instance_on_same_data_dir_is_refused(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path)
+    first.start()
+    try:
+        with pytest.raises(RuntimeError, match="another process"):
+            EmbeddedRedis(tmp_path).start()
+    finally:
+        first.stop()
+    second = EmbeddedRedis(tmp_path)  # the lock is released once the first one stops
+    second.start()
+    second.stop()
+
+
+def test_busy_port_falls_back_to_a_free_one(tmp_path: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        embedded = EmbeddedRedis(tmp_path, port=port)
+        url = embedded.start()
+        try:
+            assert url != f"redis://127.0.0.1:{port}/0"
+            assert _get(url) is None
+        finally:
+            embedded.stop()
+
+
+def test_failed_start_reports_log_tail_and_releases_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    command = EmbeddedRedis._command
+    monkeypatch.setattr(
+        EmbeddedRedis, "_command", lambda self, binary, port: [*command(self, binary, port), "--bogus", "1"]
+    )
+    with pytest.raises(RuntimeError, match="(?i)bogus"):
+        EmbeddedRedis(tmp_path).start()
+    monkeypatch.undo()
+    embedded = EmbeddedRedis(tmp_path)
+    embedded.start()
+    embedded.stop()
+
+
+def test_helpers() -> None:
+    assert os.access(find_redis_server(), os.X_OK)
+    port = free_port()
+    assert 0 < port < 65536 and not _accepts(port)

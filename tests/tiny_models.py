@@ -101,3 +101,16 @@ def prompt_of_length(length: int, seed: int) -> list[int]:
     """Byte-token ids (3..258) of the given length."""
     generator = torch.Generator().manual_seed(seed)
     return [int(t) for t in torch.randint(3, 259, (length,), generator=generator)]
+
+
+def unambiguous_case(
+    oracle: Oracle, length: int, seed: int, max_new_tokens: int, min_margin: float
+) -> tuple[list[int], list[int]]:
+    """A prompt of `length` whose reference continuation has a top-2 margin above `min_margin`
+    at every step (so equality with it is not luck), with its expected ids."""
+    for attempt in range(50):
+        prompt = prompt_of_length(length, seed + attempt)
+        expected, margin = oracle.greedy(prompt, max_new_tokens)
+        if margin > min_margin:
+            return prompt, expected
+    raise AssertionError(f"no prompt of length {length} with a reference margin above {min_margin}")

@@ -25,16 +25,24 @@ _DTYPES: dict[str, torch.dtype] = {
 _PEFT_KEY = "prompt_embeddings"
 
 
-def parse_upload(spec: PrefixSpec, weights: bytes, config_json: bytes | None) -> torch.Tensor:
+def parse_upload(
+    spec: PrefixSpec, weights: bytes, config_json: bytes | None, fingerprint: str | None = None
+) -> torch.Tensor:
     """Validate an upload and return the canonical prefix for `spec`'s model.
 
     `weights` is a safetensors file: the canonical tensor `prefix` when `config_json` is None,
     else a PEFT `adapter_model.safetensors` described by `config_json` (`adapter_config.json`).
     Returns a contiguous CPU tensor `[num_layers, 2, num_kv_heads, prefix_len, head_dim]` in
     `spec.dtype`. Raises InvalidPrefix for malformed uploads, ModelMismatch for well-formed
-    prefixes whose shape belongs to another model.
+    prefixes whose shape belongs to another model, or whose safetensors metadata names
+    another model's `model_fingerprint` than `fingerprint`.
     """
     tensors = _load_safetensors(weights)
+    declared = _metadata(weights).get("model_fingerprint")
+    if fingerprint is not None and declared is not None and declared != fingerprint:
+        raise ModelMismatch(
+            f"prefix was made for model {declared!r}, but this server runs model {fingerprint!r}"
+        )
     if config_json is None:
         prefix = _canonical_from_tensors(spec, tensors)
     else:
@@ -47,6 +55,13 @@ def _load_safetensors(weights: bytes) -> dict[str, torch.Tensor]:
         return safetensors.torch.load(bytes(weights))
     except Exception as exc:  # the parser raises several types; all mean "not safetensors"
         raise InvalidPrefix(f"weights is not a safetensors file: {exc}") from exc
+
+
+def _metadata(weights: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header (already known to parse)."""
+    header_len = int.from_bytes(weights[:8], "little")
+    metadata = json.loads(weights[8 : 8 + header_len]).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()}
 
 
 def _expected(spec: PrefixSpec) -> str:

@@ -22,13 +22,13 @@ class Settings(BaseSettings):
     port: int = 8000
     redis_url: str | None = Field(
         None,
-        validation_alias=AliasChoices("redis_url", "PREFIX_SERVE_REDIS_URL", "REDIS_URL"),
+        validation_alias=AliasChoices("PREFIX_SERVE_REDIS_URL", "REDIS_URL"),
         description="default: an embedded Redis under the data dir",
     )
     data_dir: Path = Path("./data")
     admin_token: str | None = Field(
         None,
-        validation_alias=AliasChoices("admin_token", "PREFIX_SERVE_ADMIN_TOKEN", "PREFIX_ADMIN_TOKEN"),
+        validation_alias=AliasChoices("PREFIX_SERVE_ADMIN_TOKEN", "PREFIX_ADMIN_TOKEN"),
         description="default: generated once, printed and saved under the data dir",
     )
     max_batch_size: int = Field(32, ge=1, description="rows decoded together at most")

@@ -49,7 +49,7 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
     if weights is None:
         raise ApiError(422, "invalid_request", "missing form part `weights` (a safetensors file)")
     config = await _read_part(form.get("config"), "config", 1024 * 1024)
-    kv = await asyncio.to_thread(parse_upload, services.prefixes.spec, weights, config)
+    kv = await asyncio.to_thread(parse_upload, services.prefixes.spec, weights, config, services.model_fingerprint)
     meta = await services.prefixes.put(task_id, kv)
     return JSONResponse(meta_dict(meta), status_code=201)
 

@@ -331,3 +331,13 @@ def test_dtype_names() -> None:
     assert dtype_from_name("torch.bfloat16") == torch.bfloat16
     with pytest.raises(InvalidPrefix, match="unknown dtype 'int8'"):
         dtype_from_name("int8")
+
+
+def test_declared_fingerprint_of_another_model_is_model_mismatch() -> None:
+    spec = PrefixSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32, max_prefix_len=64)
+    tensor = torch.randn(2, 2, 2, 3, 4)
+    other = safetensors.torch.save({"prefix": tensor}, metadata={"model_fingerprint": "gpt2-other"})
+    with pytest.raises(ModelMismatch, match="gpt2-other"):
+        parse_upload(spec, other, None, fingerprint="gpt2-this")
+    same = safetensors.torch.save({"prefix": tensor}, metadata={"model_fingerprint": "gpt2-this"})
+    assert torch.equal(parse_upload(spec, same, None, fingerprint="gpt2-this"), tensor)

@@ -1,0 +1,171 @@
+"""The engine in-process over a tiny GPT-2: aborts, step failures, queue bound, slot reuse."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_store.entry import PrefixEntry, PrefixMeta
+from server.engine.engine import Engine, RequestHandle
+from server.engine.errors import ContextTooLong, InvalidInput, QueueFull
+from server.engine.kv_cache import KVLayout, SlotKVCache
+from server.engine.model_loader import LoadedModel, ModelOptions, load_model
+from server.engine.request import SamplingParams, StepOutput
+from tests.tiny_models import MAX_POSITIONS, save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    path = save_tiny_model("gpt2", tmp_path_factory.mktemp("m") / "model")
+    return load_model(ModelOptions(str(path), "cpu", "float32", Path(tmp_path_factory.mktemp("data"))))
+
+
+def _prefix(prefix_len: int, seed: int) -> PrefixEntry:
+    torch.manual_seed(seed)
+    meta = PrefixMeta(f"t{seed}", 1, prefix_len, 0, "float32", "fp", "now")
+    return PrefixEntry(meta, torch.randn(2, 2, 4, prefix_len, 8))
+
+
+def _engine(loaded: LoadedModel, num_slots: int = 4, max_queue: int = 16) -> Engine:
+    layout = KVLayout(2, 4, 8, num_slots, MAX_POSITIONS, torch.float32, torch.device("cpu"))
+    return Engine(loaded, SlotKVCache(layout), max_queue)
+
+
+@pytest.fixture
+def run_engine(loaded: LoadedModel) -> Iterator:  # type: ignore[type-arg]
+    """Runs `body(engine)` inside an event loop with a started engine."""
+    engines: list[Engine] = []
+
+    def run(body, **kwargs):  # type: ignore[no-untyped-def]
+        async def main():  # type: ignore[no-untyped-def]
+            engine = _engine(loaded, **kwargs)
+            engines.append(engine)
+            engine.start(asyncio.get_running_loop())
+            try:
+                return await asyncio.wait_for(body(engine), timeout=60)
+            finally:
+                engine.stop()
+
+        return asyncio.run(main())
+
+    yield run
+    assert all(not e.is_alive for e in engines)
+
+
+async def _collect(handle: RequestHandle) -> list[StepOutput]:
+    return [o async for o in handle]
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def test_abort_frees_the_slot_and_others_continue(run_engine) -> None:  # type: ignore[no-untyped-def]
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        long = engine.submit(_prefix(3, 1), [5, 6], _greedy(200))
+        other = engine.submit(_prefix(2, 2), [7], _greedy(30))
+        stream = long.__aiter__()
+        await stream.__anext__()
+        await stream.aclose()  # the caller went away
+        outputs = await _collect(other)
+        for _ in range(200):
+            if engine.stats().num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return long.request, outputs, engine.stats()
+
+    aborted, outputs, stats = run_engine(body)
+    assert aborted.finish_reason == "abort" and len(aborted.output_ids) < 200
+    assert len(outputs) == 30 and outputs[-1].finish_reason == "length"
+    assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_a_failing_step_fails_its_rows_but_not_the_loop(run_engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        real = engine.runner.forward
+        calls = {"n": 0}
+
+        def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected failure")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine.runner, "forward", flaky)
+        failed = await _collect(engine.submit(_prefix(3, 1), [5], _greedy(4)))
+        fine = await _collect(engine.submit(_prefix(3, 1), [5], _greedy(4)))
+        return failed, fine, engine.is_alive
+
+    failed, fine, is_alive = run_engine(body)
+    assert failed[-1].finish_reason == "error" and "injected failure" in (failed[-1].error or "")
+    assert [o.finish_reason for o in fine] == [None, None, None, "length"]
+    assert is_alive
+
+
+def test_queue_bound_and_validation(run_engine) -> None:  # type: ignore[no-untyped-def]
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        handles = [engine.submit(_prefix(2, i), [5], _greedy(50)) for i in range(3)]  # 1 slot + 2 queued...
+        errors = []
+        for prompt, params in (([], _greedy(1)), ([10**6], _greedy(1)), ([5] * 250, _greedy(10))):
+            try:
+                engine.submit(_prefix(2, 9), prompt, params)
+            except (InvalidInput, ContextTooLong) as exc:
+                errors.append(type(exc).__name__)
+        results = await asyncio.gather(*(_collect(h) for h in handles))
+        return errors, results
+
+    def overfill(engine: Engine) -> int:
+        accepted = 0
+        try:
+            for i in range(10):
+                engine.submit(_prefix(2, i), [5], _greedy(50))
+                accepted += 1
+        except QueueFull:
+            pass
+        return accepted
+
+    async def fill(engine: Engine):  # type: ignore[no-untyped-def]
+        return overfill(engine)
+
+    errors, results = run_engine(body, num_slots=1, max_queue=4)
+    assert errors == ["InvalidInput", "InvalidInput", "ContextTooLong"]
+    assert [len(r) for r in results] == [50, 50, 50]
+    # at most max_queue wait (plus the one the engine may already have moved into its slot)
+    assert run_engine(fill, num_slots=1, max_queue=4) in (4, 5)
+
+
+def test_many_rows_through_few_slots_match_solo_runs(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """Rows come and go (slot compaction moves K/V): every output equals the same row run alone."""
+    cases = [(_prefix(1 + i % 5, i), [5 + i] * (1 + 3 * i), 4 + (7 * i) % 13) for i in range(10)]
+
+    async def solo(engine: Engine):  # type: ignore[no-untyped-def]
+        return [[t for o in await _collect(engine.submit(p, ids, _greedy(n))) for t in o.token_ids] for p, ids, n in cases]
+
+    async def together(engine: Engine):  # type: ignore[no-untyped-def]
+        handles = [engine.submit(p, ids, _greedy(n)) for p, ids, n in cases]
+        outs = await asyncio.gather(*(_collect(h) for h in handles))
+        return [[t for o in out for t in o.token_ids] for out in outs]
+
+    assert run_engine(together, num_slots=3) == run_engine(solo, num_slots=3)
+
+
+def test_stop_string_truncates(run_engine) -> None:  # type: ignore[no-untyped-def]
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        for seed in range(50):  # a prefix whose greedy text is long enough to cut
+            prefix = _prefix(2, seed)
+            free = await _collect(engine.submit(prefix, [5, 6, 7], _greedy(40)))
+            text = "".join(o.text_delta for o in free)
+            if len(text) >= 8:
+                break
+        stop = text[5:7]
+        stopped = await _collect(engine.submit(prefix, [5, 6, 7], SamplingParams(max_new_tokens=40, stop=(stop,))))
+        return text, stop, stopped
+
+    text, stop, stopped = run_engine(body)
+    assert len(stop) == 2
+    assert stopped[-1].finish_reason == "stop"
+    assert "".join(o.text_delta for o in stopped) == text[: text.index(stop)]

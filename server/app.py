@@ -3,10 +3,12 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store.device_cache import PrefixCache
 from prefix_store.embedded_redis import EmbeddedRedis
@@ -72,6 +74,35 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
     return Services(engine, prefixes, metrics, admin_token, fingerprint, settings.max_new_tokens, settings.max_upload_bytes)
 
 
+class RequestMetricsMiddleware:
+    """Counts requests by route template and status (pure ASGI: keeps client disconnects visible)."""
+
+    def __init__(self, app: ASGIApp, app_state: Any) -> None:
+        self.app = app
+        self.app_state = app_state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            services: Services | None = getattr(self.app_state, "services", None)
+            endpoint = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded labels
+            if services is not None:
+                services.metrics.observe_request(endpoint, status, time.perf_counter() - started)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI app; the lifespan loads the model, starts Redis/engine, and stops them."""
 
@@ -87,15 +118,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_health.router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")  # the template, so labels stay bounded
-        services: Services | None = getattr(app.state, "services", None)
-        if services is not None:
-            services.metrics.observe_request(endpoint, response.status_code, time.perf_counter() - started)
-        return response
-
+    app.add_middleware(RequestMetricsMiddleware, app_state=app.state)
     return app

@@ -60,6 +60,9 @@ class Metrics:
         self.generated_tokens = Counter(
             "prefix_server_generated_tokens", "Tokens generated", registry=self.registry
         )
+        self.finished = Counter(
+            "prefix_server_finished_requests", "Generations ended, by reason", ["reason"], registry=self.registry
+        )
         self.step_duration = Histogram(
             "prefix_server_engine_step_seconds", "Engine step latency", buckets=_LATENCY_BUCKETS, registry=self.registry
         )
@@ -68,6 +71,10 @@ class Metrics:
         self.registry.register(_LiveCollector(engine_stats, cache_stats))
 
     def observe_step(self, stats: StepStats) -> None:
+        for reason in stats.finish_reasons:  # bounded: length|stop|eos|abort|error
+            self.finished.labels(reason=reason).inc()
+        if stats.num_decode_rows + stats.num_prefill_rows == 0:
+            return
         self.batch_size.observe(stats.num_decode_rows + stats.num_prefill_rows)
         self.generated_tokens.inc(stats.num_new_tokens)
         self.step_duration.observe(stats.duration_s)

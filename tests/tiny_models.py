@@ -18,25 +18,25 @@ VOCAB = 384  # ByT5Tokenizer's size: 3 specials + 256 bytes + 125 extra ids
 MAX_POSITIONS = 256
 
 
-def tiny_config(kind: str) -> PretrainedConfig:
+def tiny_config(kind: str, max_positions: int = MAX_POSITIONS) -> PretrainedConfig:
     if kind == "gpt2":
         return GPT2Config(
-            n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=MAX_POSITIONS, initializer_range=0.3,
+            n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=max_positions, initializer_range=0.3,
             bos_token_id=1, eos_token_id=1,
         )  # fmt: skip
     if kind == "llama":
         return LlamaConfig(
             hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-            intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS,
+            intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=max_positions,
             initializer_range=0.3, bos_token_id=1, eos_token_id=1,
         )  # fmt: skip
     raise ValueError(kind)
 
 
-def save_tiny_model(kind: str, path: Path, seed: int = 0) -> Path:
+def save_tiny_model(kind: str, path: Path, seed: int = 0, max_positions: int = MAX_POSITIONS) -> Path:
     """A tiny causal LM of `kind` with a byte-level tokenizer, saved with save_pretrained."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind))
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, max_positions))
     model.save_pretrained(path)
     ByT5Tokenizer().save_pretrained(path)
     return path

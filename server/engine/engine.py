@@ -46,6 +46,7 @@ class StepStats:
     num_prefill_rows: int
     num_new_tokens: int
     duration_s: float
+    finish_reasons: tuple[str, ...]  # of the rows that ended in this step (aborts included)
 
 
 class RequestHandle:
@@ -186,7 +187,8 @@ class Engine:
     def step(self) -> None:
         """One iteration of continuous batching."""
         started = time.perf_counter()
-        self._retire(self._take_aborted())
+        aborted = self._take_aborted()
+        self._retire(aborted)
         with self._lock:
             batch = self.scheduler.schedule()
         outputs: list[StepOutput] = []
@@ -199,11 +201,13 @@ class Engine:
                 self.kv.load_prefix(start + offset, request.prefix.kv)
             rows = [ForwardRow(r.prefix_len, r.prompt_ids) for r in batch.prefill]
             outputs += self._sample(batch.prefill, self.runner.forward(start, rows))
-        self._retire({r.request_id for r in batch.decode + batch.prefill if r.is_finished})
+        finished = [r for r in batch.decode + batch.prefill if r.is_finished]
+        self._retire({r.request_id for r in finished})
         self._emit(outputs)
-        if self._on_step is not None and batch.num_rows:
+        if self._on_step is not None and (batch.num_rows or aborted):
+            reasons = tuple(str(r.finish_reason) for r in finished) + ("abort",) * len(aborted)
             duration = time.perf_counter() - started
-            self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration))
+            self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration, reasons))
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         ids = sample(logits, [r.params for r in rows], [r.generator for r in rows])

@@ -19,8 +19,8 @@ def safe_end(text: str, stops: tuple[str, ...]) -> int:
     end = len(text)
     while end > 0 and text[end - 1] == _INCOMPLETE:
         end -= 1
-    holdback = max((len(s) for s in stops), default=1) - 1
-    return max(0, min(end, len(text) - holdback))
+    holdback = max((len(s) - 1 for s in stops if s), default=0)
+    return max(0, end - holdback)  # measured from `end`: placeholders must not eat the holdback
 
 
 def append_token(

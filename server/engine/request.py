@@ -41,7 +41,7 @@ class StepOutput:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never "equal" (and tensors don't compare)
 class Request:
     """A generation request as the engine tracks it (mutated only by the engine thread)."""
 

@@ -74,13 +74,14 @@ class Scheduler(Generic[R]):
         return ScheduledBatch(decode=decode, prefill=prefill)
 
     def slot_of(self, request: R) -> int:
-        return self.running.index(request)
+        """The slot of a running request (by identity)."""
+        return next(slot for slot, r in enumerate(self.running) if r is request)
 
     def remove_waiting(self, request_id: str) -> R | None:
         """Drop a waiting request (client went away); returns it if it was waiting."""
-        for request in self.waiting:
+        for index, request in enumerate(self.waiting):
             if request.request_id == request_id:
-                self.waiting.remove(request)
+                del self.waiting[index]
                 return request
         return None
 

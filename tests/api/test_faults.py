@@ -1,0 +1,147 @@
+"""Faults over real HTTP: Redis killed and restarted, a full queue, clients that go away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.redis_server import RedisProcess
+from tests.server_process import ServerProcess, metric_value, upload_adapter
+from tests.tiny_models import Adapter, save_adapter, save_tiny_model
+
+GOOD = {"task_id": "t:good", "input_ids": [5, 6, 7], "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def redis_proc() -> Iterator[RedisProcess]:
+    """Persistent (AOF), so data survives the restart this module does."""
+    with RedisProcess(persistent=True) as proc:
+        yield proc
+
+
+def _wait_for(predicate, timeout_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached in time")
+
+
+def test_redis_down_then_back(
+    server: ServerProcess, redis_proc: RedisProcess, client: httpx.Client, adapter: Adapter
+) -> None:
+    assert client.post(server.url + "/generate", json=GOOD).status_code == 200  # now resident
+    assert upload_adapter(client, server, "t:cold", adapter.weights, adapter.config).status_code == 201
+    expected_cold = None
+    redis_proc.stop(kill=True)
+    try:
+        for _ in range(3):  # resident tasks keep serving, no error
+            response = client.post(server.url + "/generate", json=GOOD)
+            assert response.status_code == 200, response.text
+        cold = client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"})
+        assert cold.status_code == 503 and cold.json()["error"]["code"] == "store_unavailable"
+        assert cold.headers["Retry-After"] == "1"
+        ready = client.get(server.url + "/ready")
+        assert ready.status_code == 503 and ready.json()["store"] is False
+        listing = client.get(server.url + "/admin/prefixes", headers=server.admin_headers)
+        assert listing.status_code == 503
+        assert client.get(server.url + "/health").status_code == 200
+    finally:
+        redis_proc.start()
+    _wait_for(lambda: client.get(server.url + "/ready").status_code == 200)
+    cold = client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"})
+    assert cold.status_code == 200, cold.text
+    expected_cold = cold.json()["token_ids"]
+    assert client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"}).json()["token_ids"] == expected_cold
+
+
+@pytest.fixture(scope="module")
+def tiny_server(
+    gpt2_dir: Path, adapter: Adapter, redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One row at a time, one waiting at most."""
+    data_dir = tmp_path_factory.mktemp("tiny") / "data"
+    flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url, "--max-batch-size", "1", "--max-queue", "1"]
+    with ServerProcess(data_dir, *flags) as proc, httpx.Client(timeout=30) as client:
+        assert upload_adapter(client, proc, "t:good", adapter.weights, adapter.config).status_code == 201
+        yield proc
+
+
+def test_full_queue_answers_429(tiny_server: ServerProcess, client: httpx.Client) -> None:
+    body = {**GOOD, "max_new_tokens": 200, "ignore_eos": True}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as ac:
+            return await asyncio.gather(*(ac.post(tiny_server.url + "/generate", json=body) for _ in range(8)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert 429 in statuses and 200 in statuses, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"] == "1"
+        else:
+            assert len(r.json()["token_ids"]) == 200
+    assert client.post(tiny_server.url + "/generate", json=GOOD).status_code == 200  # and it recovers
+
+
+def _abort_count(metrics: str) -> float:
+    try:
+        return metric_value(metrics, 'prefix_server_finished_requests_total{reason="abort"}')
+    except KeyError:
+        return 0.0
+
+
+@pytest.fixture(scope="module")
+def long_server(redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A tiny GPT-2 with 8192 positions, so one generation lasts long enough to walk away from."""
+    root = tmp_path_factory.mktemp("long")
+    model_dir = save_tiny_model("gpt2", root / "model", max_positions=8192)
+    adapter = save_adapter(model_dir, root / "adapter", 2, seed=5)
+    flags = ["--model", str(model_dir), "--redis-url", redis_proc.url, "--max-new-tokens", "8000"]
+    with ServerProcess(root / "data", *flags) as proc, httpx.Client(timeout=30) as client:
+        assert upload_adapter(client, proc, "t:long", adapter.weights, adapter.config).status_code == 201
+        yield proc
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_its_row(long_server: ServerProcess, client: httpx.Client, stream: bool) -> None:
+    """A client that leaves mid-generation frees its row at once; the server keeps serving."""
+    url = long_server.url
+    aborts_before = _abort_count(client.get(url + "/metrics").text)
+    body = {"task_id": "t:long", "input_ids": [5], "max_new_tokens": 8000, "ignore_eos": True, "stream": stream}
+    if stream:
+        with client.stream("POST", url + "/generate", json=body) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            next(line for line in response.iter_lines() if line.startswith("data:"))  # one event, then hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/generate", json=body, timeout=1.0)
+    _wait_for(lambda: _abort_count(client.get(url + "/metrics").text) == aborts_before + 1)
+    metrics = client.get(url + "/metrics").text
+    assert "prefix_server_running_requests 0.0" in metrics
+    assert metric_value(metrics, "prefix_server_generated_tokens_total") < 8000  # both runs together
+    response = client.post(url + "/generate", json={**body, "max_new_tokens": 3, "stream": False})
+    assert response.status_code == 200 and len(response.json()["token_ids"]) == 3
+
+
+def test_stream_events(server: ServerProcess, client: httpx.Client) -> None:
+    body = {**GOOD, "max_new_tokens": 5, "ignore_eos": True, "stream": True}
+    with client.stream("POST", server.url + "/generate", json=body) as response:
+        events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    import json
+
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert len(parsed) == 5 and all(len(e["token_ids"]) == 1 for e in parsed)
+    assert parsed[-1]["finish_reason"] == "length"
+    assert parsed[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "prefix_tokens": 4}
+    plain = client.post(server.url + "/generate", json={**body, "stream": False}).json()
+    assert [e["token_ids"][0] for e in parsed] == plain["token_ids"]
+    assert "".join(e["text"] for e in parsed) == plain["text"]

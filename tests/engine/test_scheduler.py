@@ -1,0 +1,306 @@
+"""Exact tests for the continuous-batching bookkeeping in `server.engine.scheduler`."""
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from prefix_store.entry import PrefixEntry, PrefixMeta
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import ScheduledBatch, Scheduler, SlotMove
+
+
+@dataclass
+class Req:
+    request_id: str
+
+
+def reqs(*ids: str) -> list[Req]:
+    return [Req(i) for i in ids]
+
+
+def ids(rows: list[Req]) -> list[str]:
+    return [r.request_id for r in rows]
+
+
+def running_scheduler(*request_ids: str) -> Scheduler[Req]:
+    """A scheduler whose running rows are exactly `request_ids`, in slot order."""
+    scheduler: Scheduler[Req] = Scheduler(max_rows=max(len(request_ids), 1), max_queue=100)
+    for r in reqs(*request_ids):
+        scheduler.add(r)
+    scheduler.schedule()
+    assert ids(scheduler.running) == list(request_ids)
+    return scheduler
+
+
+def apply_moves(slots: list[str], moves: list[SlotMove], num_rows: int) -> list[str]:
+    """Copy slot contents as the KV cache would; return the first `num_rows` slots."""
+    slots = list(slots)
+    for move in moves:
+        assert slots[move.src] == move.request_id
+        slots[move.dst] = slots[move.src]
+    return slots[:num_rows]
+
+
+# ---- admission ----------------------------------------------------------------------------
+
+
+def test_new_scheduler_is_idle() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=2)
+    assert scheduler.is_idle
+    batch = scheduler.schedule()
+    assert batch.decode == []
+    assert batch.prefill == []
+    assert batch.num_rows == 0
+    assert batch.prefill_slot_start == 0
+
+
+def test_fifo_admission() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=8, max_queue=8)
+    for r in reqs("a", "b", "c"):
+        scheduler.add(r)
+    assert not scheduler.is_idle
+    batch = scheduler.schedule()
+    assert ids(batch.decode) == []
+    assert ids(batch.prefill) == ["a", "b", "c"]
+    assert ids(scheduler.running) == ["a", "b", "c"]
+    assert list(scheduler.waiting) == []
+    for r in reqs("d", "e"):
+        scheduler.add(r)
+    batch = scheduler.schedule()
+    assert ids(batch.decode) == ["a", "b", "c"]
+    assert ids(batch.prefill) == ["d", "e"]
+    assert ids(scheduler.running) == ["a", "b", "c", "d", "e"]
+
+
+def test_max_rows_bounds_running() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=10)
+    for r in reqs("a", "b", "c", "d"):
+        scheduler.add(r)
+    batch = scheduler.schedule()
+    assert ids(batch.prefill) == ["a", "b"]
+    assert ids(scheduler.running) == ["a", "b"]
+    assert ids(list(scheduler.waiting)) == ["c", "d"]
+    # full: nothing admitted, running rows still decode
+    batch = scheduler.schedule()
+    assert ids(batch.decode) == ["a", "b"]
+    assert ids(batch.prefill) == []
+    # one slot frees up: exactly the next waiting request takes it
+    assert scheduler.retire({"a"}) == [SlotMove("b", src=1, dst=0)]
+    batch = scheduler.schedule()
+    assert ids(batch.decode) == ["b"]
+    assert ids(batch.prefill) == ["c"]
+    assert ids(scheduler.running) == ["b", "c"]
+    assert ids(list(scheduler.waiting)) == ["d"]
+
+
+def test_max_prefill_rows_bounds_admissions_per_step() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=10, max_queue=10, max_prefill_rows=2)
+    for r in reqs("a", "b", "c", "d", "e"):
+        scheduler.add(r)
+    assert ids(scheduler.schedule().prefill) == ["a", "b"]
+    batch = scheduler.schedule()
+    assert ids(batch.decode) == ["a", "b"]
+    assert ids(batch.prefill) == ["c", "d"]
+    batch = scheduler.schedule()
+    assert ids(batch.decode) == ["a", "b", "c", "d"]
+    assert ids(batch.prefill) == ["e"]
+    assert ids(scheduler.running) == ["a", "b", "c", "d", "e"]
+
+
+def test_max_prefill_rows_and_max_rows_together() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=3, max_queue=10, max_prefill_rows=2)
+    for r in reqs("a", "b", "c", "d"):
+        scheduler.add(r)
+    assert ids(scheduler.schedule().prefill) == ["a", "b"]
+    assert ids(scheduler.schedule().prefill) == ["c"]  # max_rows, not max_prefill_rows, binds
+    assert ids(scheduler.schedule().prefill) == []
+    assert ids(list(scheduler.waiting)) == ["d"]
+
+
+def test_max_prefill_rows_defaults_to_max_rows() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=3, max_queue=10)
+    assert scheduler.max_prefill_rows == 3
+
+
+def test_can_accept_counts_waiting_only() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
+    assert scheduler.can_accept()
+    scheduler.add(Req("a"))
+    assert scheduler.can_accept()
+    scheduler.add(Req("b"))
+    assert not scheduler.can_accept()  # 2 waiting == max_queue
+    scheduler.schedule()  # "a" runs, "b" waits
+    assert ids(scheduler.running) == ["a"]
+    assert scheduler.can_accept()  # running rows do not count against the queue
+    scheduler.add(Req("c"))
+    assert not scheduler.can_accept()
+
+
+def test_slots_are_list_indices() -> None:
+    scheduler = running_scheduler("a", "b", "c")
+    a, b, c = scheduler.running
+    assert [scheduler.slot_of(a), scheduler.slot_of(b), scheduler.slot_of(c)] == [0, 1, 2]
+    scheduler.retire({"a"})
+    assert scheduler.slot_of(c) == 0
+    assert scheduler.slot_of(b) == 1
+
+
+# ---- ScheduledBatch -------------------------------------------------------------------------
+
+
+def test_prefill_slot_start_is_number_of_decode_rows() -> None:
+    batch = ScheduledBatch(decode=reqs("a", "b", "c"), prefill=reqs("d", "e"))
+    assert batch.prefill_slot_start == 3
+    assert batch.num_rows == 5
+    assert ScheduledBatch(decode=[], prefill=reqs("x")).prefill_slot_start == 0
+
+
+def test_prefill_rows_land_in_slots_after_decode_rows() -> None:
+    scheduler = running_scheduler("a", "b")
+    scheduler.max_rows = 4
+    for r in reqs("c", "d"):
+        scheduler.add(r)
+    batch = scheduler.schedule()
+    assert batch.prefill_slot_start == 2
+    for offset, request in enumerate(batch.prefill):
+        assert scheduler.slot_of(request) == batch.prefill_slot_start + offset
+
+
+# ---- remove_waiting -------------------------------------------------------------------------
+
+
+def test_remove_waiting() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=10)
+    for r in reqs("a", "b", "c", "d"):
+        scheduler.add(r)
+    scheduler.schedule()  # "a" runs
+    removed = scheduler.remove_waiting("c")
+    assert removed == Req("c")
+    assert ids(list(scheduler.waiting)) == ["b", "d"]
+    assert scheduler.remove_waiting("c") is None  # already gone
+    assert scheduler.remove_waiting("a") is None  # running, not waiting
+    assert scheduler.remove_waiting("zzz") is None
+    assert ids(scheduler.running) == ["a"]
+    assert ids(list(scheduler.waiting)) == ["b", "d"]
+
+
+def test_remove_waiting_returns_the_same_object() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=10)
+    r = Req("x")
+    scheduler.add(r)
+    assert scheduler.remove_waiting("x") is r
+    assert scheduler.is_idle
+
+
+def _request(kv: torch.Tensor) -> Request:
+    meta = PrefixMeta("task", 1, 2, 0, "float32", "fp", "2024-01-01T00:00:00Z")
+    return Request(PrefixEntry(meta=meta, kv=kv), [1, 2], SamplingParams())
+
+
+def test_remove_waiting_real_requests_with_reloaded_prefix() -> None:
+    """Two waiting requests of one task whose prefix entry was reloaded (equal meta, new tensor).
+
+    BUG: `remove_waiting` removes by value equality (`deque.remove`), so it runs the dataclass
+    `Request.__eq__`, which compares the `PrefixEntry` kv tensors and raises
+    "Boolean value of Tensor with more than one value is ambiguous".
+    """
+    first = _request(torch.zeros(1, 2, 1, 2, 1))
+    second = _request(torch.zeros(1, 2, 1, 2, 1))  # same task/version, reloaded after eviction
+    scheduler: Scheduler[Request] = Scheduler(max_rows=1, max_queue=10)
+    scheduler.add(first)
+    scheduler.add(second)
+    assert scheduler.remove_waiting(second.request_id) is second
+    assert list(scheduler.waiting) == [first] and scheduler.waiting[0] is first
+
+
+# ---- retire -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("finished", "expected_moves", "expected_running"),
+    [
+        (set(), [], ["a", "b", "c", "d", "e"]),
+        ({"zzz"}, [], ["a", "b", "c", "d", "e"]),
+        ({"a"}, [SlotMove("e", src=4, dst=0)], ["e", "b", "c", "d"]),
+        ({"c"}, [SlotMove("e", src=4, dst=2)], ["a", "b", "e", "d"]),
+        ({"e"}, [], ["a", "b", "c", "d"]),
+        (
+            {"a", "c"},
+            [SlotMove("e", src=4, dst=0), SlotMove("d", src=3, dst=2)],
+            ["e", "b", "d"],
+        ),
+        ({"b", "e"}, [SlotMove("d", src=3, dst=1)], ["a", "d", "c"]),  # last finished with a middle one
+        ({"a", "d", "e"}, [SlotMove("c", src=2, dst=0)], ["c", "b"]),
+        ({"b", "c"}, [SlotMove("e", src=4, dst=1), SlotMove("d", src=3, dst=2)], ["a", "e", "d"]),
+        ({"a", "b"}, [SlotMove("e", src=4, dst=0), SlotMove("d", src=3, dst=1)], ["e", "d", "c"]),
+        ({"b", "c", "d"}, [SlotMove("e", src=4, dst=1)], ["a", "e"]),
+        ({"c", "d", "e"}, [], ["a", "b"]),
+        ({"a", "b", "c", "d"}, [SlotMove("e", src=4, dst=0)], ["e"]),
+        ({"b", "c", "d", "e"}, [], ["a"]),
+        ({"a", "b", "c", "d", "e"}, [], []),
+    ],
+)
+def test_retire_exact_moves(
+    finished: set[str], expected_moves: list[SlotMove], expected_running: list[str]
+) -> None:
+    scheduler = running_scheduler("a", "b", "c", "d", "e")
+    moves = scheduler.retire(finished)
+    assert moves == expected_moves
+    assert ids(scheduler.running) == expected_running
+    assert apply_moves(["a", "b", "c", "d", "e"], moves, len(expected_running)) == expected_running
+
+
+def test_retire_single_row() -> None:
+    scheduler = running_scheduler("a")
+    assert scheduler.retire({"a"}) == []
+    assert scheduler.running == []
+    assert scheduler.is_idle
+
+
+def test_retire_on_empty_scheduler() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=4)
+    assert scheduler.retire({"a"}) == []
+    assert scheduler.running == []
+
+
+def test_retire_leaves_waiting_alone() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=10)
+    for r in reqs("a", "b", "c"):
+        scheduler.add(r)
+    scheduler.schedule()
+    assert scheduler.retire({"a", "c"}) == [SlotMove("b", src=1, dst=0)]  # "c" waits: not retired
+    assert ids(scheduler.running) == ["b"]
+    assert ids(list(scheduler.waiting)) == ["c"]
+
+
+def test_retire_random_finished_sets_match_simulated_slots() -> None:
+    rng = random.Random(1234)
+    for _ in range(2000):
+        num_rows = rng.randint(0, 12)
+        names = [f"r{i}" for i in range(num_rows)]
+        scheduler = running_scheduler(*names)
+        finished = {n for n in names if rng.random() < rng.random()}
+        if rng.random() < 0.1:
+            finished.add("not-running")
+        moves = scheduler.retire(finished)
+        survivors = [n for n in names if n not in finished]
+        final = ids(scheduler.running)
+        # same survivors, compact in slots 0..n-1
+        assert sorted(final) == sorted(survivors)
+        assert len(final) == len(survivors)
+        # every move takes a live row from beyond the end into a hole, and each row moves at most once
+        assert all(m.request_id not in finished and m.dst < m.src for m in moves)
+        assert all(m.dst < len(final) <= m.src for m in moves)
+        assert len({m.request_id for m in moves}) == len(moves)
+        # rows that were not moved kept their slot
+        moved = {m.request_id for m in moves}
+        for slot, name in enumerate(final):
+            if name not in moved:
+                assert names[slot] == name
+        # applying the moves in order to a slot array yields exactly the running order
+        assert apply_moves(names, moves, len(final)) == final
+        # slot_of agrees with the list index
+        for slot, request in enumerate(scheduler.running):
+            assert scheduler.slot_of(request) == slot

@@ -30,14 +30,18 @@ def plan_kv(settings: Settings, loaded: LoadedModel) -> KVLayout:
     """Slots = min(max batch size, what the KV budget holds at full context length)."""
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
     max_len = min(loaded.max_positions, settings.max_model_len or loaded.max_positions)
-    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 1, max_len, loaded.dtype, loaded.device)
+    layout = KVLayout(
+        spec.num_layers, spec.num_kv_heads, spec.head_dim, 1, max_len, loaded.dtype, loaded.device
+    )
     num_slots = min(settings.max_batch_size, settings.kv_cache_bytes // layout.bytes_per_slot)
     if num_slots < 1:
         raise ValueError(
             f"--kv-cache-bytes={settings.kv_cache_bytes} cannot hold one row of {max_len} positions "
             f"({layout.bytes_per_slot} bytes); raise it or lower --max-model-len"
         )
-    return KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, max_len, loaded.dtype, loaded.device)
+    return KVLayout(
+        spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, max_len, loaded.dtype, loaded.device
+    )
 
 
 async def _start_redis(settings: Settings, stack: AsyncExitStack) -> str:
@@ -56,7 +60,9 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
     redis_url = await _start_redis(settings, stack)
     client = connect(redis_url)
     stack.push_async_callback(client.aclose)
-    options = ModelOptions(settings.model, settings.device, settings.dtype, settings.data_dir, settings.max_model_len)
+    options = ModelOptions(
+        settings.model, settings.device, settings.dtype, settings.data_dir, settings.max_model_len
+    )
     loaded = await asyncio.to_thread(load_model, options)
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)
     layout = plan_kv(settings, loaded)
@@ -67,11 +73,28 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
     metrics.bind(engine.stats, prefixes.stats)
     engine.start(asyncio.get_running_loop())
     stack.callback(engine.stop)
-    log.info("model %s fingerprint %s, %d KV slots of %d positions", loaded.name, fingerprint, layout.num_slots, layout.max_len)
-    print(f"prefix-serve: model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}", flush=True)
+    log.info(
+        "model %s fingerprint %s, %d KV slots of %d positions",
+        loaded.name,
+        fingerprint,
+        layout.num_slots,
+        layout.max_len,
+    )
+    print(
+        f"prefix-serve: model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}",
+        flush=True,
+    )
     print(f"prefix-serve: listening on http://{settings.host}:{settings.port}", flush=True)
     print(f"prefix-serve: admin token {admin_token}", flush=True)
-    return Services(engine, prefixes, metrics, admin_token, fingerprint, settings.max_new_tokens, settings.max_upload_bytes)
+    return Services(
+        engine,
+        prefixes,
+        metrics,
+        admin_token,
+        fingerprint,
+        settings.max_new_tokens,
+        settings.max_upload_bytes,
+    )
 
 
 class RequestMetricsMiddleware:

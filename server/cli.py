@@ -12,7 +12,9 @@ from server.config import Settings
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     """Flags override env `PREFIX_SERVE_*`, which overrides the defaults."""
-    parser = argparse.ArgumentParser(prog="prefix-serve", description="Serve one frozen LM with per-task prefixes.")
+    parser = argparse.ArgumentParser(
+        prog="prefix-serve", description="Serve one frozen LM with per-task prefixes."
+    )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, default=None, help=field.description)
@@ -22,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -22,15 +22,31 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine_stats()
-        yield GaugeMetricFamily("prefix_server_running_requests", "Rows being decoded", value=stats.num_running)
-        yield GaugeMetricFamily("prefix_server_waiting_requests", "Requests waiting for a slot", stats.num_waiting)
-        yield GaugeMetricFamily("prefix_server_kv_slots", "KV cache slots (max concurrent rows)", stats.num_slots)
+        yield GaugeMetricFamily(
+            "prefix_server_running_requests", "Rows being decoded", value=stats.num_running
+        )
+        yield GaugeMetricFamily(
+            "prefix_server_waiting_requests", "Requests waiting for a slot", stats.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "prefix_server_kv_slots", "KV cache slots (max concurrent rows)", stats.num_slots
+        )
         cache = self._cache
-        yield CounterMetricFamily("prefix_server_prefix_cache_hits", "Prefix lookups served from device", cache.hits)
-        yield CounterMetricFamily("prefix_server_prefix_cache_misses", "Prefix lookups that went to Redis", cache.misses)
-        yield CounterMetricFamily("prefix_server_prefix_cache_evictions", "Prefixes evicted for space", cache.evictions)
-        yield GaugeMetricFamily("prefix_server_prefix_cache_resident_bytes", "Device bytes", cache.resident_bytes)
-        yield GaugeMetricFamily("prefix_server_prefix_cache_resident_prefixes", "Prefixes", cache.resident_count)
+        yield CounterMetricFamily(
+            "prefix_server_prefix_cache_hits", "Prefix lookups served from device", cache.hits
+        )
+        yield CounterMetricFamily(
+            "prefix_server_prefix_cache_misses", "Prefix lookups that went to Redis", cache.misses
+        )
+        yield CounterMetricFamily(
+            "prefix_server_prefix_cache_evictions", "Prefixes evicted for space", cache.evictions
+        )
+        yield GaugeMetricFamily(
+            "prefix_server_prefix_cache_resident_bytes", "Device bytes", cache.resident_bytes
+        )
+        yield GaugeMetricFamily(
+            "prefix_server_prefix_cache_resident_prefixes", "Prefixes", cache.resident_count
+        )
 
 
 class Metrics:
@@ -61,10 +77,16 @@ class Metrics:
             "prefix_server_generated_tokens", "Tokens generated", registry=self.registry
         )
         self.finished = Counter(
-            "prefix_server_finished_requests", "Generations ended, by reason", ["reason"], registry=self.registry
+            "prefix_server_finished_requests",
+            "Generations ended, by reason",
+            ["reason"],
+            registry=self.registry,
         )
         self.step_duration = Histogram(
-            "prefix_server_engine_step_seconds", "Engine step latency", buckets=_LATENCY_BUCKETS, registry=self.registry
+            "prefix_server_engine_step_seconds",
+            "Engine step latency",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
 
     def bind(self, engine_stats: Callable[[], EngineStats], cache_stats: CacheStats) -> None:

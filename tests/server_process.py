@@ -83,7 +83,9 @@ class ServerProcess:
         self.stop()
 
 
-def upload_adapter(client: httpx.Client, server: ServerProcess, task_id: str, weights: bytes, config: bytes | None):  # type: ignore[no-untyped-def]
+def upload_adapter(
+    client: httpx.Client, server: ServerProcess, task_id: str, weights: bytes, config: bytes | None
+):  # type: ignore[no-untyped-def]
     """PUT a prefix through the admin API (multipart); returns the response."""
     files = {"weights": ("adapter_model.safetensors", weights, "application/octet-stream")}
     if config is not None:

@@ -21,8 +21,8 @@ MAX_POSITIONS = 256
 def tiny_config(kind: str, max_positions: int = MAX_POSITIONS) -> PretrainedConfig:
     if kind == "gpt2":
         return GPT2Config(
-            n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=max_positions, initializer_range=0.3,
-            bos_token_id=1, eos_token_id=1,
+            n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=max_positions,
+            initializer_range=0.3, bos_token_id=1, eos_token_id=1,
         )  # fmt: skip
     if kind == "llama":
         return LlamaConfig(
@@ -58,7 +58,9 @@ class Adapter:
         return (self.path / "adapter_config.json").read_bytes()
 
 
-def save_adapter(model_dir: Path, out: Path, num_virtual_tokens: int, seed: int, projection: bool = False) -> Adapter:
+def save_adapter(
+    model_dir: Path, out: Path, num_virtual_tokens: int, seed: int, projection: bool = False
+) -> Adapter:
     """Create a PEFT prefix-tuning adapter with random (trained-looking) weights; save_pretrained it."""
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     config = PrefixTuningConfig(

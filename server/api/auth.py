@@ -15,7 +15,9 @@ def require_admin(
 ) -> None:
     """401 without a bearer token, 403 with a wrong one."""
     if not authorization or not authorization.lower().startswith("bearer "):
-        raise ApiError(401, "unauthorized", "send `Authorization: Bearer <admin token>`", {"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "unauthorized", "send `Authorization: Bearer <admin token>`", {"WWW-Authenticate": "Bearer"}
+        )
     token = authorization[len("bearer ") :].strip()
     if not secrets.compare_digest(token.encode(), services.admin_token.encode()):
         raise ApiError(403, "forbidden", "the admin token is not valid")

@@ -31,7 +31,9 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ModelMismatch):
         return ApiError(422, "model_mismatch", str(exc))
     if isinstance(exc, StoreUnavailable):
-        return ApiError(503, "store_unavailable", f"prefix store unavailable: {exc}", {"Retry-After": RETRY_AFTER_S})
+        return ApiError(
+            503, "store_unavailable", f"prefix store unavailable: {exc}", {"Retry-After": RETRY_AFTER_S}
+        )
     if isinstance(exc, ContextTooLong):
         return ApiError(422, "context_too_long", str(exc))
     if isinstance(exc, InvalidInput):

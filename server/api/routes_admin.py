@@ -5,8 +5,8 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from starlette.datastructures import UploadFile
 from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 from prefix_store.format import parse_upload
 from server.api.auth import require_admin
@@ -35,21 +35,27 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
     """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)]."""
     length = int(request.headers.get("content-length") or 0)
     if length > services.max_upload_bytes + 1024 * 1024:
-        raise ApiError(413, "too_large", f"upload is {length} bytes; at most {services.max_upload_bytes} allowed")
+        raise ApiError(
+            413, "too_large", f"upload is {length} bytes; at most {services.max_upload_bytes} allowed"
+        )
     try:
         form = await request.form(max_part_size=services.max_upload_bytes + 1)
     except Exception as exc:
         raise ApiError(422, "invalid_request", f"expected a multipart/form-data body: {exc}") from exc
     unknown = sorted(set(form.keys()) - {"weights", "config", "text"})
     if unknown:
-        raise ApiError(422, "invalid_request", f"unknown form parts {unknown}; expected `weights` [+ `config`]")
+        raise ApiError(
+            422, "invalid_request", f"unknown form parts {unknown}; expected `weights` [+ `config`]"
+        )
     if form.get("text") is not None:
         raise ApiError(422, "invalid_request", "text prefixes are not supported yet; upload `weights`")
     weights = await _read_part(form.get("weights"), "weights", services.max_upload_bytes)
     if weights is None:
         raise ApiError(422, "invalid_request", "missing form part `weights` (a safetensors file)")
     config = await _read_part(form.get("config"), "config", 1024 * 1024)
-    kv = await asyncio.to_thread(parse_upload, services.prefixes.spec, weights, config, services.model_fingerprint)
+    kv = await asyncio.to_thread(
+        parse_upload, services.prefixes.spec, weights, config, services.model_fingerprint
+    )
     meta = await services.prefixes.put(task_id, kv)
     return JSONResponse(meta_dict(meta), status_code=201)
 

@@ -32,13 +32,19 @@ def _params(body: GenerateRequest, max_new_tokens: int) -> SamplingParams:
     )
 
 
-async def _submit(body: GenerateRequest, services: Services) -> tuple[PrefixEntry, list[int], RequestHandleProtocol]:
+async def _submit(
+    body: GenerateRequest, services: Services
+) -> tuple[PrefixEntry, list[int], RequestHandleProtocol]:
     params = _params(body, services.max_new_tokens)
     prefix = await services.prefixes.get(body.task_id)
     if prefix is None:
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {body.task_id!r}")
     engine = services.engine
-    prompt_ids = body.input_ids if body.input_ids is not None else engine.encode(body.prompt or "", body.add_special_tokens)
+    prompt_ids = (
+        body.input_ids
+        if body.input_ids is not None
+        else engine.encode(body.prompt or "", body.add_special_tokens)
+    )
     return prefix, prompt_ids, engine.submit(prefix, prompt_ids, params)
 
 
@@ -51,7 +57,7 @@ async def _watch_disconnect(request: Request, task: "asyncio.Task[object]") -> N
 
 
 async def _collect(handle: RequestHandleProtocol, services: Services, arrival: float) -> list[StepOutput]:
-    outputs = []
+    outputs: list[StepOutput] = []
     async for output in handle:
         if not outputs:
             services.metrics.ttft.observe(time.monotonic() - arrival)
@@ -66,7 +72,9 @@ async def generate(
     arrival = time.monotonic()
     prefix, prompt_ids, handle = await _submit(body, services)
     if body.stream:
-        return StreamingResponse(_sse(handle, prefix, prompt_ids, services, arrival), media_type="text/event-stream")
+        return StreamingResponse(
+            _sse(handle, prefix, prompt_ids, services, arrival), media_type="text/event-stream"
+        )
     collecting = asyncio.ensure_future(_collect(handle, services, arrival))
     watcher = asyncio.ensure_future(_watch_disconnect(request, collecting))  # type: ignore[arg-type]
     try:
@@ -84,12 +92,20 @@ async def generate(
         text="".join(o.text_delta for o in outputs),
         token_ids=token_ids,
         finish_reason=last.finish_reason,
-        usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(token_ids), prefix_tokens=prefix.meta.prefix_len),
+        usage=Usage(
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(token_ids),
+            prefix_tokens=prefix.meta.prefix_len,
+        ),
     )
 
 
 async def _sse(
-    handle: RequestHandleProtocol, prefix: PrefixEntry, prompt_ids: list[int], services: Services, arrival: float
+    handle: RequestHandleProtocol,
+    prefix: PrefixEntry,
+    prompt_ids: list[int],
+    services: Services,
+    arrival: float,
 ) -> AsyncIterator[str]:
     """One `data:` event per token, a final one with finish_reason and usage, then `[DONE]`."""
     num_tokens = 0
@@ -97,7 +113,11 @@ async def _sse(
         if num_tokens == 0:
             services.metrics.ttft.observe(time.monotonic() - arrival)
         num_tokens += len(output.token_ids)
-        event: dict[str, object] = {"id": handle.request_id, "token_ids": output.token_ids, "text": output.text_delta}
+        event: dict[str, object] = {
+            "id": handle.request_id,
+            "token_ids": output.token_ids,
+            "text": output.text_delta,
+        }
         if output.finish_reason is not None:
             event["finish_reason"] = output.finish_reason
             event["prefix_version"] = prefix.meta.version

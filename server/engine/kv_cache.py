@@ -37,8 +37,12 @@ class SlotKVCache:
         self.layout = layout
         shape = (layout.num_slots, layout.num_kv_heads, layout.max_len, layout.head_dim)
         # zeros, not empty: stale or never-written positions must stay finite under the mask
-        self.keys = [torch.zeros(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
-        self.values = [torch.zeros(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)]
+        self.keys = [
+            torch.zeros(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)
+        ]
+        self.values = [
+            torch.zeros(shape, dtype=layout.dtype, device=layout.device) for _ in range(layout.num_layers)
+        ]
 
     def load_prefix(self, slot: int, kv: torch.Tensor) -> None:
         """Copy a prefix `[num_layers, 2, kv_heads, P, head_dim]` into positions `0..P-1` of `slot`."""

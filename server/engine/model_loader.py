@@ -80,7 +80,7 @@ def load_model(options: ModelOptions) -> LoadedModel:
     log.info("loading model %s on %s as %s", source, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
-    model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     return LoadedModel(
         name=options.model or "demo",
         model=model,
@@ -88,6 +88,6 @@ def load_model(options: ModelOptions) -> LoadedModel:
         device=device,
         dtype=dtype,
         max_positions=_max_positions(model.config),
-        vocab_size=model.get_input_embeddings().num_embeddings,
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
         eos_ids=_eos_ids(model, tokenizer),
     )

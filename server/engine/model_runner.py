@@ -27,7 +27,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, slot_start: int, rows: list[ForwardRow]) -> torch.Tensor:
-        """Run rows in slots `slot_start..`; return float32 logits of each row's last new token `[rows, vocab]`."""
+        """Run rows in slots `slot_start..`; return float32 logits `[rows, vocab]` of their last tokens."""
         num_rows = len(rows)
         q_len = max(len(r.token_ids) for r in rows)
         lengths = torch.tensor([len(r.token_ids) for r in rows], dtype=torch.long)

@@ -86,7 +86,10 @@ class Scheduler(Generic[R]):
         return None
 
     def retire(self, finished: set[str]) -> list[SlotMove]:
-        """Remove finished rows; fill each hole with the current last row. Returns the moves to apply in order."""
+        """Remove finished rows; fill each hole with the current last row.
+
+        Returns the moves to apply, in order.
+        """
         moves: list[SlotMove] = []
         slot = 0
         while slot < len(self.running):

@@ -35,7 +35,14 @@ def server(
 ) -> Iterator[ServerProcess]:
     """Task `t:good` is uploaded; uploads above 2 MiB are refused."""
     data_dir = tmp_path_factory.mktemp("server") / "data"
-    flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url, "--max-upload-bytes", str(2 * 1024 * 1024)]
+    flags = [
+        "--model",
+        str(gpt2_dir),
+        "--redis-url",
+        redis_proc.url,
+        "--max-upload-bytes",
+        str(2 * 1024 * 1024),
+    ]
     with ServerProcess(data_dir, *flags) as proc, httpx.Client(timeout=30) as client:
         assert upload_adapter(client, proc, "t:good", adapter.weights, adapter.config).status_code == 201
         yield proc

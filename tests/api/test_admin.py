@@ -46,21 +46,33 @@ def test_upload_versions_get_list_delete(server: ServerProcess, client: httpx.Cl
     first = _put(client, server, "acme:v", files)
     assert first.status_code == 201, first.text
     info = first.json()
-    assert (info["prefix_len"], info["dtype"], info["num_bytes"]) == (3, "float32", LAYERS * 2 * HEADS * 3 * HEAD_DIM * 4)
-    second = _put(client, server, "acme:v", {"weights": ("p", _canonical(5), "application/octet-stream")}).json()
+    assert (info["prefix_len"], info["dtype"], info["num_bytes"]) == (
+        3,
+        "float32",
+        LAYERS * 2 * HEADS * 3 * HEAD_DIM * 4,
+    )
+    second = _put(
+        client, server, "acme:v", {"weights": ("p", _canonical(5), "application/octet-stream")}
+    ).json()
     assert second["version"] == info["version"] + 1 and second["prefix_len"] == 5
     got = client.get(f"{server.url}/admin/prefixes/acme:v", headers=server.admin_headers).json()
     assert got == second
-    generated = client.post(server.url + "/generate", json={"task_id": "acme:v", "input_ids": [5], "max_new_tokens": 2})
+    generated = client.post(
+        server.url + "/generate", json={"task_id": "acme:v", "input_ids": [5], "max_new_tokens": 2}
+    )
     assert generated.json()["prefix_version"] == second["version"]
     assert generated.json()["usage"]["prefix_tokens"] == 5
     listed = client.get(server.url + "/admin/prefixes?limit=1", headers=server.admin_headers).json()
     assert len(listed["items"]) == 1 and listed["next_cursor"] is not None
-    assert client.delete(f"{server.url}/admin/prefixes/acme:v", headers=server.admin_headers).status_code == 204
+    assert (
+        client.delete(f"{server.url}/admin/prefixes/acme:v", headers=server.admin_headers).status_code == 204
+    )
     _assert_absent(client, server, "acme:v")
     gone = client.post(server.url + "/generate", json={"task_id": "acme:v", "input_ids": [5]})
     assert gone.status_code == 404
-    assert client.delete(f"{server.url}/admin/prefixes/acme:v", headers=server.admin_headers).status_code == 404
+    assert (
+        client.delete(f"{server.url}/admin/prefixes/acme:v", headers=server.admin_headers).status_code == 404
+    )
 
 
 def _torch_save_bytes() -> bytes:
@@ -81,14 +93,62 @@ class _Boom:
         ("empty", b"", None, 422, "invalid_prefix"),
         ("pickle", pickle.dumps(_Boom()), None, 422, "invalid_prefix"),
         ("torch_save", _torch_save_bytes(), None, 422, "invalid_prefix"),
-        ("wrong_key", safetensors.torch.save({"kv": torch.randn(LAYERS, 2, HEADS, 3, HEAD_DIM)}), None, 422, "invalid_prefix"),
-        ("wrong_layers", safetensors.torch.save({"prefix": torch.randn(LAYERS + 1, 2, HEADS, 3, HEAD_DIM)}), None, 422, "model_mismatch"),
-        ("wrong_head_dim", safetensors.torch.save({"prefix": torch.randn(LAYERS, 2, HEADS, 3, HEAD_DIM * 2)}), None, 422, "model_mismatch"),
-        ("nan", safetensors.torch.save({"prefix": torch.full((LAYERS, 2, HEADS, 3, HEAD_DIM), float("nan"))}), None, 422, "invalid_prefix"),
-        ("inf", safetensors.torch.save({"prefix": torch.full((LAYERS, 2, HEADS, 3, HEAD_DIM), float("inf"))}), None, 422, "invalid_prefix"),
-        ("int", safetensors.torch.save({"prefix": torch.ones(LAYERS, 2, HEADS, 3, HEAD_DIM, dtype=torch.int32)}), None, 422, "invalid_prefix"),
-        ("too_long", safetensors.torch.save({"prefix": torch.randn(LAYERS, 2, HEADS, 400, HEAD_DIM)}), None, 422, "invalid_prefix"),
-        ("other_model", _canonical(model_fingerprint="llama-L2-H4-KV2-D8-0000000000000000"), None, 422, "model_mismatch"),
+        (
+            "wrong_key",
+            safetensors.torch.save({"kv": torch.randn(LAYERS, 2, HEADS, 3, HEAD_DIM)}),
+            None,
+            422,
+            "invalid_prefix",
+        ),
+        (
+            "wrong_layers",
+            safetensors.torch.save({"prefix": torch.randn(LAYERS + 1, 2, HEADS, 3, HEAD_DIM)}),
+            None,
+            422,
+            "model_mismatch",
+        ),
+        (
+            "wrong_head_dim",
+            safetensors.torch.save({"prefix": torch.randn(LAYERS, 2, HEADS, 3, HEAD_DIM * 2)}),
+            None,
+            422,
+            "model_mismatch",
+        ),
+        (
+            "nan",
+            safetensors.torch.save({"prefix": torch.full((LAYERS, 2, HEADS, 3, HEAD_DIM), float("nan"))}),
+            None,
+            422,
+            "invalid_prefix",
+        ),
+        (
+            "inf",
+            safetensors.torch.save({"prefix": torch.full((LAYERS, 2, HEADS, 3, HEAD_DIM), float("inf"))}),
+            None,
+            422,
+            "invalid_prefix",
+        ),
+        (
+            "int",
+            safetensors.torch.save({"prefix": torch.ones(LAYERS, 2, HEADS, 3, HEAD_DIM, dtype=torch.int32)}),
+            None,
+            422,
+            "invalid_prefix",
+        ),
+        (
+            "too_long",
+            safetensors.torch.save({"prefix": torch.randn(LAYERS, 2, HEADS, 400, HEAD_DIM)}),
+            None,
+            422,
+            "invalid_prefix",
+        ),
+        (
+            "other_model",
+            _canonical(model_fingerprint="llama-L2-H4-KV2-D8-0000000000000000"),
+            None,
+            422,
+            "model_mismatch",
+        ),
         ("too_large", b"\x00" * (3 * 1024 * 1024), None, 413, "too_large"),
         ("bad_config", None, b"{not json", 422, "invalid_prefix"),
         ("lora_config", None, json.dumps({"peft_type": "LORA"}).encode(), 422, "invalid_prefix"),
@@ -108,7 +168,9 @@ def test_bad_upload_stores_nothing(
     _assert_absent(client, server, task_id)
 
 
-def test_peft_config_disagreeing_with_tensor(server: ServerProcess, client: httpx.Client, adapter: Adapter) -> None:
+def test_peft_config_disagreeing_with_tensor(
+    server: ServerProcess, client: httpx.Client, adapter: Adapter
+) -> None:
     config = json.loads(adapter.config)
     config["num_virtual_tokens"] += 1
     response = upload_adapter(client, server, "bad:peft", adapter.weights, json.dumps(config).encode())
@@ -119,12 +181,20 @@ def test_peft_config_disagreeing_with_tensor(server: ServerProcess, client: http
 
 def test_malformed_multipart(server: ServerProcess, client: httpx.Client) -> None:
     url = f"{server.url}/admin/prefixes/bad:form"
-    no_form = client.put(url, content=b"raw bytes", headers={**server.admin_headers, "content-type": "application/octet-stream"})
+    no_form = client.put(
+        url,
+        content=b"raw bytes",
+        headers={**server.admin_headers, "content-type": "application/octet-stream"},
+    )
     assert no_form.status_code == 422
     missing = _put(client, server, "bad:form", {"config": ("c", b"{}", "application/json")})
     assert missing.status_code == 422 and "weights" in missing.json()["error"]["message"]
     extra = _put(client, server, "bad:form", {"weights": ("w", _canonical(), "x"), "junk": ("j", b"1", "x")})
     assert extra.status_code == 422 and "junk" in extra.json()["error"]["message"]
-    bad_id = client.put(f"{server.url}/admin/prefixes/bad id", files={"weights": ("w", _canonical(), "x")}, headers=server.admin_headers)
+    bad_id = client.put(
+        f"{server.url}/admin/prefixes/bad id",
+        files={"weights": ("w", _canonical(), "x")},
+        headers=server.admin_headers,
+    )
     assert bad_id.status_code == 422
     _assert_absent(client, server, "bad:form")

@@ -58,7 +58,10 @@ def test_redis_down_then_back(
     cold = client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"})
     assert cold.status_code == 200, cold.text
     expected_cold = cold.json()["token_ids"]
-    assert client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"}).json()["token_ids"] == expected_cold
+    assert (
+        client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"}).json()["token_ids"]
+        == expected_cold
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,16 @@ def tiny_server(
 ) -> Iterator[ServerProcess]:
     """One row at a time, one waiting at most."""
     data_dir = tmp_path_factory.mktemp("tiny") / "data"
-    flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url, "--max-batch-size", "1", "--max-queue", "1"]
+    flags = [
+        "--model",
+        str(gpt2_dir),
+        "--redis-url",
+        redis_proc.url,
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        "1",
+    ]
     with ServerProcess(data_dir, *flags) as proc, httpx.Client(timeout=30) as client:
         assert upload_adapter(client, proc, "t:good", adapter.weights, adapter.config).status_code == 201
         yield proc
@@ -78,7 +90,9 @@ def test_full_queue_answers_429(tiny_server: ServerProcess, client: httpx.Client
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as ac:
-            return await asyncio.gather(*(ac.post(tiny_server.url + "/generate", json=body) for _ in range(8)))
+            return await asyncio.gather(
+                *(ac.post(tiny_server.url + "/generate", json=body) for _ in range(8))
+            )
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
@@ -99,7 +113,9 @@ def _abort_count(metrics: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def long_server(redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def long_server(
+    redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """A tiny GPT-2 with 8192 positions, so one generation lasts long enough to walk away from."""
     root = tmp_path_factory.mktemp("long")
     model_dir = save_tiny_model("gpt2", root / "model", max_positions=8192)
@@ -111,15 +127,25 @@ def long_server(redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_aborts_its_row(long_server: ServerProcess, client: httpx.Client, stream: bool) -> None:
+def test_client_disconnect_aborts_its_row(
+    long_server: ServerProcess, client: httpx.Client, stream: bool
+) -> None:
     """A client that leaves mid-generation frees its row at once; the server keeps serving."""
     url = long_server.url
     aborts_before = _abort_count(client.get(url + "/metrics").text)
-    body = {"task_id": "t:long", "input_ids": [5], "max_new_tokens": 8000, "ignore_eos": True, "stream": stream}
+    body = {
+        "task_id": "t:long",
+        "input_ids": [5],
+        "max_new_tokens": 8000,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     if stream:
         with client.stream("POST", url + "/generate", json=body) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
-            next(line for line in response.iter_lines() if line.startswith("data:"))  # one event, then hang up
+            next(
+                line for line in response.iter_lines() if line.startswith("data:")
+            )  # one event, then hang up
     else:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/generate", json=body, timeout=1.0)

@@ -53,13 +53,21 @@ def test_invalid_request(server: ServerProcess, client: httpx.Client, patch: dic
 
 def test_malformed_json_and_nan(server: ServerProcess, client: httpx.Client) -> None:
     headers = {"content-type": "application/json"}
-    _error(client.post(server.url + "/generate", content=b'{"task_id": "t:good",', headers=headers), 422, "invalid_request")
+    _error(
+        client.post(server.url + "/generate", content=b'{"task_id": "t:good",', headers=headers),
+        422,
+        "invalid_request",
+    )
     raw = b'{"task_id": "t:good", "input_ids": [5], "temperature": NaN}'
-    assert "temperature" in _error(client.post(server.url + "/generate", content=raw, headers=headers), 422, "invalid_request")
+    assert "temperature" in _error(
+        client.post(server.url + "/generate", content=raw, headers=headers), 422, "invalid_request"
+    )
 
 
 def test_unknown_task(server: ServerProcess, client: httpx.Client) -> None:
-    message = _error(client.post(server.url + "/generate", json={**GOOD, "task_id": "t:nobody"}), 404, "unknown_task")
+    message = _error(
+        client.post(server.url + "/generate", json={**GOOD, "task_id": "t:nobody"}), 404, "unknown_task"
+    )
     assert "t:nobody" in message
 
 

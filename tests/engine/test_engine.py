@@ -143,7 +143,10 @@ def test_many_rows_through_few_slots_match_solo_runs(run_engine) -> None:  # typ
     cases = [(_prefix(1 + i % 5, i), [5 + i] * (1 + 3 * i), 4 + (7 * i) % 13) for i in range(10)]
 
     async def solo(engine: Engine):  # type: ignore[no-untyped-def]
-        return [[t for o in await _collect(engine.submit(p, ids, _greedy(n))) for t in o.token_ids] for p, ids, n in cases]
+        return [
+            [t for o in await _collect(engine.submit(p, ids, _greedy(n))) for t in o.token_ids]
+            for p, ids, n in cases
+        ]
 
     async def together(engine: Engine):  # type: ignore[no-untyped-def]
         handles = [engine.submit(p, ids, _greedy(n)) for p, ids, n in cases]
@@ -162,7 +165,9 @@ def test_stop_string_truncates(run_engine) -> None:  # type: ignore[no-untyped-d
             if len(text) >= 8:
                 break
         stop = text[5:7]
-        stopped = await _collect(engine.submit(prefix, [5, 6, 7], SamplingParams(max_new_tokens=40, stop=(stop,))))
+        stopped = await _collect(
+            engine.submit(prefix, [5, 6, 7], SamplingParams(max_new_tokens=40, stop=(stop,)))
+        )
         return text, stop, stopped
 
     text, stop, stopped = run_engine(body)

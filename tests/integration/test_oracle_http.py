@@ -8,20 +8,26 @@ Then the server restarts on the same data dir and serves the same outputs.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.server_process import ServerProcess, metric_value, upload_adapter
-from tests.tiny_models import Adapter, Oracle, prompt_of_length, save_adapter, save_tiny_model, unambiguous_case
+from tests.tiny_models import (
+    Adapter,
+    Oracle,
+    prompt_of_length,
+    save_adapter,
+    save_tiny_model,
+    unambiguous_case,
+)
 
 # (num_virtual_tokens, prefix_projection): includes 1, >= 32, and a projected one
 ADAPTERS = [(1, False), (4, False), (9, True), (17, False), (32, False)]
 PROMPT_LENGTHS = [1, 2, 3, 5, 8, 11, 13, 17, 20, 24, 29, 31, 36, 40, 44, 47, 50, 53, 57, 60, 6, 15, 33, 60]
 MAX_NEW_TOKENS = 12
-MIN_MARGIN = 1e-3
-EOS = 1  # the tiny models' eos_token_id (ByT5's </s>)  # reference top-1/top-2 logit gap: equality must not be luck
+MIN_MARGIN = 1e-3  # reference top-1/top-2 logit gap: equality must not be luck
+EOS = 1  # the tiny models' eos_token_id (ByT5's </s>)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -54,7 +60,9 @@ async def _generate_all(url: str, kind: str, cases: list[tuple[int, list[int], l
         return await asyncio.gather(*(one(task, prompt) for task, prompt, _ in cases))
 
 
-def _check(results: list[dict], adapters: list[Adapter], cases: list[tuple[int, list[int], list[int]]]) -> None:
+def _check(
+    results: list[dict], adapters: list[Adapter], cases: list[tuple[int, list[int], list[int]]]
+) -> None:
     for result, (task, prompt, expected) in zip(results, cases, strict=True):
         if EOS in expected:  # the server stops at EOS (and returns it); the reference ran on
             expected = expected[: expected.index(EOS) + 1]
@@ -102,9 +110,15 @@ def test_text_prompt_alone_equals_in_batch(setup) -> None:  # type: ignore[no-un
          "temperature": 0.7 * (i % 2), "seed": i}
         for i in range(10)
     ]  # fmt: skip
-    with ServerProcess(root / "data2", "--model", str(model_dir)) as server, httpx.Client(timeout=60) as client:
+    with (
+        ServerProcess(root / "data2", "--model", str(model_dir)) as server,
+        httpx.Client(timeout=60) as client,
+    ):
         for i, adapter in enumerate(adapters[:5]):
-            assert upload_adapter(client, server, f"{kind}:task{i}", adapter.weights, adapter.config).status_code == 201
+            assert (
+                upload_adapter(client, server, f"{kind}:task{i}", adapter.weights, adapter.config).status_code
+                == 201
+            )
 
         async def run(bodies: list[dict]) -> list[dict]:
             async with httpx.AsyncClient(timeout=120) as ac:

@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/mypy server prefix_store clients
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/engine_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSpec
-from prefix_store.format import dtype_name, tensor_from_bytes, tensor_to_bytes
+from prefix_store.format import dtype_name, parse_upload, tensor_from_bytes, tensor_to_bytes
 from prefix_store.redis_store import RedisPrefixStore
 
 
@@ -40,6 +40,7 @@ class PrefixCache:
         self.stats = CacheStats()
         self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()
         self._loading: dict[str, asyncio.Future[PrefixEntry | None]] = {}
+        self._generations: dict[str, int] = {}  # bumped by invalidate; guards racing loads
 
     async def get(self, task_id: str) -> PrefixEntry | None:
         """The task's current prefix on the device, or None if the task has none."""
@@ -50,23 +51,20 @@ class PrefixCache:
             return entry
         self.stats.misses += 1
         pending = self._loading.get(task_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[PrefixEntry | None] = asyncio.get_running_loop().create_future()
-        self._loading[task_id] = future
-        try:
-            entry = await self._load(task_id)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, get it from await
-            raise
-        else:
-            future.set_result(entry)
-            return entry
-        finally:
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(task_id))
+            self._loading[task_id] = pending
+            pending.add_done_callback(lambda done: self._forget_load(task_id, done))
+        return await asyncio.shield(pending)  # a caller that gives up does not cancel the others' load
+
+    def _forget_load(self, task_id: str, done: "asyncio.Future[PrefixEntry | None]") -> None:
+        if self._loading.get(task_id) is done:
             del self._loading[task_id]
+        if not done.cancelled():
+            done.exception()  # retrieved here, so an error nobody awaited is not logged as lost
 
     async def _load(self, task_id: str) -> PrefixEntry | None:
+        generation = self._generations.get(task_id, 0)
         found = await self.store.get(task_id)
         if found is None:
             return None
@@ -74,8 +72,15 @@ class PrefixCache:
         kv = tensor_from_bytes(data, meta.dtype, self.spec.shape(meta.prefix_len))
         entry = PrefixEntry(meta, kv.to(device=self.device, dtype=self.spec.dtype))
         self.stats.loads += 1
-        self._insert(task_id, entry)
+        if self._generations.get(task_id, 0) == generation:  # else an upload/delete raced this read
+            self._insert(task_id, entry)
         return entry
+
+    async def upload(self, task_id: str, weights: bytes, config_json: bytes | None) -> PrefixMeta:
+        """Validate an upload (off the event loop) and store it as the task's new version."""
+        fingerprint = self.store.fingerprint
+        kv = await asyncio.to_thread(parse_upload, self.spec, weights, config_json, fingerprint)
+        return await self.put(task_id, kv)
 
     async def put(self, task_id: str, kv: torch.Tensor) -> PrefixMeta:
         """Store a new version in Redis (the source of truth), then drop the stale local copy."""
@@ -99,6 +104,9 @@ class PrefixCache:
         return await self.store.ping()
 
     def invalidate(self, task_id: str) -> None:
+        """Forget the local copy and any load in flight: the next `get` reads Redis again."""
+        self._generations[task_id] = self._generations.get(task_id, 0) + 1
+        self._loading.pop(task_id, None)
         entry = self._entries.pop(task_id, None)
         if entry is not None:
             self._account(entry, -1)

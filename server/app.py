@@ -91,7 +91,6 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
         prefixes,
         metrics,
         admin_token,
-        fingerprint,
         settings.max_new_tokens,
         settings.max_upload_bytes,
     )

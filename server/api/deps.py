@@ -2,11 +2,11 @@
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from fastapi import Request
 
-from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSpec
+from prefix_store.entry import PrefixEntry, PrefixMeta
 from server.engine.engine import EngineStats
 from server.engine.request import SamplingParams, StepOutput
 from server.metrics import Metrics
@@ -34,11 +34,9 @@ class EngineProtocol(Protocol):
 class PrefixesProtocol(Protocol):
     """The device cache in front of the Redis store."""
 
-    spec: PrefixSpec
-
     async def get(self, task_id: str) -> PrefixEntry | None: ...
 
-    async def put(self, task_id: str, kv: Any) -> PrefixMeta: ...
+    async def upload(self, task_id: str, weights: bytes, config_json: bytes | None) -> PrefixMeta: ...
 
     async def delete(self, task_id: str) -> bool: ...
 
@@ -57,7 +55,6 @@ class Services:
     prefixes: PrefixesProtocol
     metrics: Metrics
     admin_token: str
-    model_fingerprint: str
     max_new_tokens: int
     max_upload_bytes: int
 

@@ -1,6 +1,5 @@
 """Admin prefix routes, behind the bearer token."""
 
-import asyncio
 import re
 from typing import Annotated
 
@@ -8,7 +7,6 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from prefix_store.format import parse_upload
 from server.api.auth import require_admin
 from server.api.deps import Services, get_services, meta_dict
 from server.api.errors import ApiError
@@ -53,10 +51,7 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
     if weights is None:
         raise ApiError(422, "invalid_request", "missing form part `weights` (a safetensors file)")
     config = await _read_part(form.get("config"), "config", 1024 * 1024)
-    kv = await asyncio.to_thread(
-        parse_upload, services.prefixes.spec, weights, config, services.model_fingerprint
-    )
-    meta = await services.prefixes.put(task_id, kv)
+    meta = await services.prefixes.upload(task_id, weights, config)
     return JSONResponse(meta_dict(meta), status_code=201)
 
 

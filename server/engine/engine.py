@@ -168,6 +168,8 @@ class Engine:
             handle = self._handles.get(output.request_id)
             if handle is not None:
                 handle._deliver(output)
+                if output.finish_reason is not None:  # even if nobody ever iterates the handle
+                    del self._handles[output.request_id]
 
     # ---- engine thread ------------------------------------------------------------------
     def _run(self) -> None:
@@ -181,8 +183,8 @@ class Engine:
                 self.step()
             except Exception as exc:  # the loop must survive anything one batch does
                 log.exception("engine step failed")
-                self._fail_running(f"engine error: {exc}")
-        self._fail_running("the server is shutting down")
+                self._fail(f"engine error: {exc}", include_waiting=False)
+        self._fail("the server is shutting down", include_waiting=True)
 
     def step(self) -> None:
         """One iteration of continuous batching."""
@@ -236,11 +238,14 @@ class Engine:
                 request.finish_reason = "abort"
         return running
 
-    def _fail_running(self, message: str) -> None:
+    def _fail(self, message: str, include_waiting: bool) -> None:
+        """End the running rows (and the waiting ones when shutting down) with an error."""
         with self._lock:
-            victims = list(self.scheduler.running) + list(self.scheduler.waiting)
+            victims = list(self.scheduler.running)
             self.scheduler.running.clear()
-            self.scheduler.waiting.clear()
+            if include_waiting:
+                victims += self.scheduler.waiting
+                self.scheduler.waiting.clear()
         outputs = []
         for request in victims:
             request.finish_reason = "error"

@@ -174,3 +174,28 @@ def test_stop_string_truncates(run_engine) -> None:  # type: ignore[no-untyped-d
     assert len(stop) == 2
     assert stopped[-1].finish_reason == "stop"
     assert "".join(o.text_delta for o in stopped) == text[: text.index(stop)]
+
+
+def test_bfloat16_model_serves_mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`--dtype bfloat16`: model, slots and prefixes in bf16; logits still sampled in float32."""
+    path = save_tiny_model("llama", tmp_path_factory.mktemp("bf16") / "model")
+    loaded = load_model(ModelOptions(str(path), "cpu", "bfloat16", Path(tmp_path_factory.mktemp("d"))))
+    assert loaded.dtype == torch.bfloat16 and next(loaded.model.parameters()).dtype == torch.bfloat16
+    layout = KVLayout(2, 2, 8, 4, MAX_POSITIONS, torch.bfloat16, torch.device("cpu"))
+
+    def prefix(prefix_len: int, seed: int) -> PrefixEntry:
+        torch.manual_seed(seed)
+        meta = PrefixMeta(f"b{seed}", 1, prefix_len, 0, "bfloat16", "fp", "now")
+        return PrefixEntry(meta, torch.randn(2, 2, 2, prefix_len, 8).to(torch.bfloat16))
+
+    async def main():  # type: ignore[no-untyped-def]
+        engine = Engine(loaded, SlotKVCache(layout), 8)
+        engine.start(asyncio.get_running_loop())
+        try:
+            handles = [engine.submit(prefix(1 + i, i), [5 + i] * (2 + i), _greedy(6)) for i in range(4)]
+            return await asyncio.gather(*(_collect(h) for h in handles))
+        finally:
+            engine.stop()
+
+    for outputs in asyncio.run(main()):
+        assert len(outputs) == 6 and outputs[-1].finish_reason == "length"

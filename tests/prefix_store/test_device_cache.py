@@ -89,7 +89,9 @@ def test_concurrent_misses_read_redis_once(redis_proc: RedisProcess, fingerprint
     assert num_gets == 1 and all(e is entries[0] for e in entries)
 
 
-def test_upload_racing_a_load_never_leaves_the_old_version_cached(redis_proc: RedisProcess, fingerprint: str) -> None:
+def test_upload_racing_a_load_never_leaves_the_old_version_cached(
+    redis_proc: RedisProcess, fingerprint: str
+) -> None:
     async def body(cache: PrefixCache, store: CountingStore):  # type: ignore[no-untyped-def]
         await cache.put("t", _kv(3, 1.0))
         store.gate = asyncio.Event()

@@ -152,6 +152,10 @@ class EmbeddedRedis:
         return self._proc.pid if self._proc is not None else None
 
     @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
     def log_path(self) -> Path:
         return self._dir / "redis.log"
 

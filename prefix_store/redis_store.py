@@ -14,8 +14,10 @@ old version or the new one, never a mix.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
@@ -35,12 +37,14 @@ redis.call('HSET', KEYS[1],
   'task_id', ARGV[1], 'version', version, 'prefix_len', ARGV[2], 'num_bytes', ARGV[3],
   'dtype', ARGV[4], 'model_fingerprint', ARGV[5], 'created_at', ARGV[6], 'data', ARGV[7])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
+redis.call('PUBLISH', KEYS[4], ARGV[1])
 return version
 """
 
 _DELETE_SCRIPT = """
 local removed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', KEYS[3], ARGV[1])
 return removed
 """
 
@@ -79,15 +83,6 @@ def connect(url: str, max_connections: int = 64) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_pool(pool)
 
 
-@asynccontextmanager
-async def _unavailable(action: str) -> AsyncIterator[None]:
-    """Turn every Redis/socket error into `StoreUnavailable`, naming what failed."""
-    try:
-        yield
-    except _REDIS_ERRORS as exc:
-        raise StoreUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
-
-
 class RedisPrefixStore:
     """Prefix versions of one model (fingerprint) in Redis."""
 
@@ -100,8 +95,19 @@ class RedisPrefixStore:
         self._fingerprint = fingerprint
         self._prefix = f"pfx:{{{fingerprint}}}:"
         self._index_key = self._prefix + "index"
+        self._events_channel = self._prefix + "events"
         self._put_script = client.register_script(_PUT_SCRIPT)
         self._delete_script = client.register_script(_DELETE_SCRIPT)
+        self.num_errors = 0  # failed Redis calls, for metrics
+
+    @asynccontextmanager
+    async def _unavailable(self, action: str) -> AsyncIterator[None]:
+        """Turn every Redis/socket error into `StoreUnavailable`, naming what failed."""
+        try:
+            yield
+        except _REDIS_ERRORS as exc:
+            self.num_errors += 1
+            raise StoreUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
 
     @property
     def fingerprint(self) -> str:
@@ -117,7 +123,7 @@ class RedisPrefixStore:
         """Store `data` as the next version of `task_id` atomically; return its metadata."""
         _check_task_id(task_id)
         created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        keys = [self._task_key(task_id), self._version_key(task_id), self._index_key]
+        keys = [self._task_key(task_id), self._version_key(task_id), self._index_key, self._events_channel]
         args: builtins.list[bytes | str | int] = [
             task_id,
             prefix_len,
@@ -127,7 +133,7 @@ class RedisPrefixStore:
             created_at,
             data,
         ]
-        async with _unavailable(f"put {task_id!r}"):
+        async with self._unavailable(f"put {task_id!r}"):
             version = await self._put_script(keys=keys, args=args)
         return PrefixMeta(
             task_id=task_id,
@@ -141,7 +147,7 @@ class RedisPrefixStore:
 
     async def get(self, task_id: str) -> tuple[PrefixMeta, bytes] | None:
         """Metadata and bytes of the current version (one consistent snapshot), or None."""
-        async with _unavailable(f"get {task_id!r}"):
+        async with self._unavailable(f"get {task_id!r}"):
             raw = await self._client.hgetall(self._task_key(task_id))
         if not raw:
             return None
@@ -153,7 +159,7 @@ class RedisPrefixStore:
 
     async def get_meta(self, task_id: str) -> PrefixMeta | None:
         """Metadata of the current version without transferring its bytes, or None."""
-        async with _unavailable(f"get_meta {task_id!r}"):
+        async with self._unavailable(f"get_meta {task_id!r}"):
             values = await self._client.hmget(self._task_key(task_id), list(_META_FIELDS))
         if all(value is None for value in values):
             return None
@@ -164,9 +170,9 @@ class RedisPrefixStore:
 
         The version counter stays, so a later upload continues after the deleted version.
         """
-        async with _unavailable(f"delete {task_id!r}"):
+        async with self._unavailable(f"delete {task_id!r}"):
             removed = await self._delete_script(
-                keys=[self._task_key(task_id), self._index_key], args=[task_id]
+                keys=[self._task_key(task_id), self._index_key, self._events_channel], args=[task_id]
             )
         return bool(removed)
 
@@ -181,7 +187,7 @@ class RedisPrefixStore:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         start = b"(" + cursor.encode() if cursor else b"-"
-        async with _unavailable("list"):
+        async with self._unavailable("list"):
             raw_ids = await self._client.zrangebylex(self._index_key, start, b"+", start=0, num=limit + 1)
             page_ids = [_text(raw) for raw in raw_ids[:limit]]
             pipe = self._client.pipeline(transaction=False)
@@ -196,6 +202,41 @@ class RedisPrefixStore:
         # The page's last id, even if its hash vanished, so the next page starts after it.
         next_cursor = page_ids[-1] if len(raw_ids) > limit else None
         return items, next_cursor
+
+    async def versions(self, task_ids: Sequence[str]) -> dict[str, int | None]:
+        """Current version of each task (None when deleted), in one round trip."""
+        if not task_ids:
+            return {}
+        async with self._unavailable("versions"):
+            pipe = self._client.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.hget(self._task_key(task_id), "version")
+            raw = await pipe.execute()
+        return {t: (int(v) if v is not None else None) for t, v in zip(task_ids, raw, strict=True)}
+
+    async def listen(
+        self, on_event: Callable[[str], None], on_subscribed: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Forever: follow this model's change events (task ids), resubscribing after outages.
+
+        `on_subscribed` runs after every (re)subscription: messages published while the
+        subscription was down are lost, so the caller reconciles there.
+        """
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._events_channel)
+                await on_subscribed()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        on_event(_text(message["data"]))
+            except (*_REDIS_ERRORS, StoreUnavailable):
+                self.num_errors += 1
+                await asyncio.sleep(0.2)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def ping(self) -> bool:
         """True when Redis answers; never raises."""

@@ -1,18 +1,19 @@
 """`create_app(settings)`: the one place that builds and connects the parts."""
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from prefix_store.device_cache import PrefixCache
 from prefix_store.embedded_redis import EmbeddedRedis
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
+from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore, connect
 from server.api import routes_admin, routes_generate, routes_health
 from server.api.deps import Services
@@ -44,12 +45,37 @@ def plan_kv(settings: Settings, loaded: LoadedModel) -> KVLayout:
     )
 
 
+def _background(stack: AsyncExitStack, coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a forever-task for the app's lifetime; cancelled at shutdown."""
+    task = asyncio.ensure_future(coroutine)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
+
+
+async def _supervise(embedded: EmbeddedRedis, interval_s: float = 0.5) -> None:
+    """Restart the embedded Redis if it dies (same port, same append-only file)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if not embedded.is_running:
+            log.warning("embedded Redis exited; restarting it")
+            try:
+                embedded.start()  # on the main thread, like the first start (see EmbeddedRedis)
+            except Exception:
+                log.exception("embedded Redis restart failed; retrying")
+
+
 async def _start_redis(settings: Settings, stack: AsyncExitStack) -> str:
     if settings.redis_url:
         return settings.redis_url
     embedded = EmbeddedRedis(settings.data_dir)
     url = embedded.start()  # on this thread: the child is tied to it (dies with the server)
     stack.callback(embedded.stop)
+    _background(stack, _supervise(embedded))
     log.info("embedded Redis at %s (data under %s)", url, settings.data_dir / "redis")
     return url
 
@@ -67,10 +93,19 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)
     layout = plan_kv(settings, loaded)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
-    prefixes = PrefixCache(RedisPrefixStore(client, fingerprint), spec, loaded.device, settings.cache_bytes)
     metrics = Metrics()
+    store = RedisPrefixStore(client, fingerprint)
+    prefixes = PrefixCache(
+        store,
+        spec,
+        loaded.device,
+        settings.cache_bytes,
+        settings.host_cache_bytes,
+        metrics.prefix_load.observe,
+    )
+    _background(stack, prefixes.keep_coherent(settings.coherence_interval_s))
     engine = Engine(loaded, SlotKVCache(layout), settings.max_queue, on_step=metrics.observe_step)
-    metrics.bind(engine.stats, prefixes.stats)
+    metrics.bind(engine.stats, prefixes)
     engine.start(asyncio.get_running_loop())
     stack.callback(engine.stop)
     log.info(

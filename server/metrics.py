@@ -6,19 +6,20 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from prefix_store.device_cache import CacheStats
+from prefix_store.prefix_cache import PrefixCache
 from server.engine.engine import EngineStats, StepStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class _LiveCollector(Collector):
     """Gauges and counters read from stats objects at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats], cache_stats: CacheStats) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache) -> None:
         self._engine_stats = engine_stats
-        self._cache = cache_stats
+        self._prefixes = prefixes
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine_stats()
@@ -31,22 +32,42 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "prefix_server_kv_slots", "KV cache slots (max concurrent rows)", stats.num_slots
         )
-        cache = self._cache
+        yield from self._tier_metrics()
+        prefixes = self._prefixes
         yield CounterMetricFamily(
-            "prefix_server_prefix_cache_hits", "Prefix lookups served from device", cache.hits
-        )
-        yield CounterMetricFamily(
-            "prefix_server_prefix_cache_misses", "Prefix lookups that went to Redis", cache.misses
+            "prefix_server_prefix_loads", "Prefix loads from Redis", prefixes.load_stats.loads
         )
         yield CounterMetricFamily(
-            "prefix_server_prefix_cache_evictions", "Prefixes evicted for space", cache.evictions
+            "prefix_server_prefix_invalidations",
+            "Resident prefixes dropped as stale",
+            prefixes.load_stats.stale_dropped,
         )
-        yield GaugeMetricFamily(
-            "prefix_server_prefix_cache_resident_bytes", "Device bytes", cache.resident_bytes
+        yield CounterMetricFamily(
+            "prefix_server_redis_errors", "Failed Redis calls", prefixes.store.num_errors
         )
-        yield GaugeMetricFamily(
-            "prefix_server_prefix_cache_resident_prefixes", "Prefixes", cache.resident_count
-        )
+
+    def _tier_metrics(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "hits": CounterMetricFamily(
+                "prefix_server_prefix_cache_hits", "Prefix lookups hit", labels=["tier"]
+            ),
+            "misses": CounterMetricFamily(
+                "prefix_server_prefix_cache_misses", "Prefix lookups missed", labels=["tier"]
+            ),
+            "evictions": CounterMetricFamily(
+                "prefix_server_prefix_cache_evictions", "Prefixes evicted for space", labels=["tier"]
+            ),
+            "resident_bytes": GaugeMetricFamily(
+                "prefix_server_prefix_cache_resident_bytes", "Bytes of resident prefixes", labels=["tier"]
+            ),
+            "resident_count": GaugeMetricFamily(
+                "prefix_server_prefix_cache_resident_prefixes", "Resident prefixes", labels=["tier"]
+            ),
+        }
+        for tier in self._prefixes.tiers:
+            for field, family in families.items():
+                family.add_metric([tier.name], getattr(tier.stats, field))
+        yield from families.values()
 
 
 class Metrics:
@@ -76,6 +97,12 @@ class Metrics:
         self.generated_tokens = Counter(
             "prefix_server_generated_tokens", "Tokens generated", registry=self.registry
         )
+        self.prefix_load = Histogram(
+            "prefix_server_prefix_load_seconds",
+            "Prefix load from Redis to the device (cold miss)",
+            buckets=_LOAD_BUCKETS,
+            registry=self.registry,
+        )
         self.finished = Counter(
             "prefix_server_finished_requests",
             "Generations ended, by reason",
@@ -89,8 +116,8 @@ class Metrics:
             registry=self.registry,
         )
 
-    def bind(self, engine_stats: Callable[[], EngineStats], cache_stats: CacheStats) -> None:
-        self.registry.register(_LiveCollector(engine_stats, cache_stats))
+    def bind(self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache) -> None:
+        self.registry.register(_LiveCollector(engine_stats, prefixes))
 
     def observe_step(self, stats: StepStats) -> None:
         for reason in stats.finish_reasons:  # bounded: length|stop|eos|abort|error

@@ -14,7 +14,12 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
-from prefix_store.device_cache import CacheStats
+import redis.asyncio
+import torch
+
+from prefix_store.entry import PrefixSpec
+from prefix_store.prefix_cache import PrefixCache
+from prefix_store.redis_store import RedisPrefixStore
 from server.config import Settings
 from server.engine.engine import EngineStats
 from server.metrics import Metrics
@@ -143,7 +148,9 @@ def _dockerfile_env() -> dict[str, str]:
 def _exported_metric_names() -> set[str]:
     """Every sample name `/metrics` can expose, including the live collector's."""
     metrics = Metrics()
-    metrics.bind(lambda: EngineStats(0, 0, 1, 1, True), CacheStats())
+    spec = PrefixSpec(1, 1, 1, torch.float32, 1)
+    store = RedisPrefixStore(redis.asyncio.Redis(), "fp")  # never connects: only its counters are read
+    metrics.bind(lambda: EngineStats(0, 0, 1, 1, True), PrefixCache(store, spec, torch.device("cpu"), 0, 0))
     names: set[str] = set()
     for family in metrics.registry.collect():
         names |= {family.name + suffix for suffix in SAMPLE_SUFFIXES.get(family.type, ("",))}

@@ -7,6 +7,7 @@ from typing import Protocol
 from fastapi import Request
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
+from prefix_store.prefix_cache import ResidentPrefix
 from server.engine.engine import EngineStats
 from server.engine.request import SamplingParams, StepOutput
 from server.metrics import Metrics
@@ -35,6 +36,16 @@ class PrefixesProtocol(Protocol):
     """The device cache in front of the Redis store."""
 
     async def get(self, task_id: str) -> PrefixEntry | None: ...
+
+    async def warm(self, task_id: str) -> PrefixEntry | None: ...
+
+    def pin(self, task_id: str) -> None: ...
+
+    def unpin(self, task_id: str) -> None: ...
+
+    def resident(self) -> list[ResidentPrefix]: ...
+
+    def usage(self) -> dict[str, dict[str, int]]: ...
 
     async def upload(self, task_id: str, weights: bytes, config_json: bytes | None) -> PrefixMeta: ...
 

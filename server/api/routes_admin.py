@@ -1,5 +1,6 @@
 """Admin prefix routes, behind the bearer token."""
 
+import dataclasses
 import re
 from typing import Annotated
 
@@ -73,6 +74,23 @@ async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
     if meta is None:
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
     return meta_dict(meta)
+
+
+@router.post("/prefixes/{task_id}/warm")
+async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
+    """Prefetch a task into the host and device caches ahead of its traffic."""
+    entry = await services.prefixes.warm(task_id)
+    if entry is None:
+        raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+    tiers = sorted({r.tier for r in services.prefixes.resident() if r.task_id == task_id})
+    return {**meta_dict(entry.meta), "tiers": tiers}
+
+
+@router.get("/cache")
+async def cache_contents(services: ServicesDep) -> object:
+    """What is resident in which tier (device, host), least recently used first."""
+    resident = services.prefixes.resident()
+    return {"tiers": services.prefixes.usage(), "items": [dataclasses.asdict(r) for r in resident]}
 
 
 @router.delete("/prefixes/{task_id}", status_code=204)

@@ -52,10 +52,17 @@ class StepStats:
 class RequestHandle:
     """The caller's side of one request: iterate its outputs; closing early aborts it."""
 
-    def __init__(self, engine: "Engine", request: Request) -> None:
+    def __init__(self, engine: "Engine", request: Request, on_done: Callable[[], None] | None) -> None:
         self.request = request
         self._engine = engine
         self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._on_done = on_done
+
+    def _done(self) -> None:
+        """Runs once, on the event loop, when the request ended or its caller left."""
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
     @property
     def request_id(self) -> str:
@@ -125,12 +132,22 @@ class Engine:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def submit(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Validate and queue a request. Raises InvalidInput, ContextTooLong, QueueFull, EngineStopped."""
+    def submit(
+        self,
+        prefix: PrefixEntry,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_done: Callable[[], None] | None = None,
+    ) -> RequestHandle:
+        """Validate and queue a request. Raises InvalidInput, ContextTooLong, QueueFull, EngineStopped.
+
+        `on_done` runs once on the event loop when the request is over (finished, failed, or
+        its caller stopped listening); it never runs if `submit` raises.
+        """
         self._validate(prefix, prompt_ids, params)
         request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
         request.generator = make_generator(params, self.kv.layout.device)
-        handle = RequestHandle(self, request)
+        handle = RequestHandle(self, request, on_done)
         with self._wakeup:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
@@ -144,6 +161,7 @@ class Engine:
     def release(self, handle: RequestHandle) -> None:
         """The caller stopped listening: abort the request if it is still going."""
         self._handles.pop(handle.request_id, None)
+        handle._done()
         if not handle.request.is_finished:
             with self._wakeup:
                 self._aborted.add(handle.request_id)
@@ -170,6 +188,7 @@ class Engine:
                 handle._deliver(output)
                 if output.finish_reason is not None:  # even if nobody ever iterates the handle
                     del self._handles[output.request_id]
+                    handle._done()
 
     # ---- engine thread ------------------------------------------------------------------
     def _run(self) -> None:

@@ -1,0 +1,232 @@
+"""Tiered prefix cache: device LRU -> host LRU -> Redis, coherent across replicas.
+
+- Both tiers are bounded by bytes, never by count; a pinned task (a request in flight holds
+  it) is never evicted for space.
+- A miss loads from Redis once however many requests ask (single-flight); decoding bytes
+  and copying to the device run off the event loop.
+- Coherence: every write publishes the task id; each replica drops its copy on the message,
+  and a periodic version check of everything resident catches messages lost in an outage.
+  A request that already holds an entry keeps it: it finishes on the version it started with.
+"""
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSpec
+from prefix_store.errors import StoreUnavailable
+from prefix_store.format import dtype_name, parse_upload, tensor_from_bytes, tensor_to_bytes
+from prefix_store.lru import ByteLRU
+from prefix_store.redis_store import RedisPrefixStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadStats:
+    """Loads from Redis (counted once per single-flight load)."""
+
+    loads: int = 0
+    stale_dropped: int = 0  # entries dropped by invalidation events or version checks
+
+
+@dataclass(frozen=True)
+class ResidentPrefix:
+    """One row of `GET /admin/cache`."""
+
+    tier: str
+    task_id: str
+    version: int
+    prefix_len: int
+    num_bytes: int
+    is_pinned: bool
+
+
+class PrefixCache:
+    """The one way the server reads and writes prefixes."""
+
+    def __init__(
+        self,
+        store: RedisPrefixStore,
+        spec: PrefixSpec,
+        device: torch.device,
+        device_bytes: int,
+        host_bytes: int,
+        on_load: Callable[[float], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.spec = spec
+        self.device = device
+        self.device_tier = ByteLRU("device", device_bytes, self.is_pinned)
+        self.host_tier = ByteLRU("host", host_bytes, self.is_pinned)
+        self.load_stats = LoadStats()
+        self._on_load = on_load
+        self._pins: dict[str, int] = {}
+        self._loading: dict[str, asyncio.Future[PrefixEntry | None]] = {}
+        self._generations: dict[str, int] = {}  # bumped by invalidate; guards racing loads
+
+    @property
+    def tiers(self) -> tuple[ByteLRU, ByteLRU]:
+        return (self.device_tier, self.host_tier)
+
+    # ---- reads ------------------------------------------------------------------------
+    async def get(self, task_id: str) -> PrefixEntry | None:
+        """The task's current prefix on the device, or None if the task has none."""
+        entry = self.device_tier.get(task_id)
+        if entry is not None:
+            return entry
+        host_entry = self.host_tier.get(task_id)
+        if host_entry is not None:
+            entry = PrefixEntry(host_entry.meta, await asyncio.to_thread(self._to_device, host_entry.kv))
+            if self.host_tier.peek(task_id) is host_entry:  # not invalidated meanwhile
+                self.device_tier.put(task_id, entry)
+            return entry
+        pending = self._loading.get(task_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(task_id))
+            self._loading[task_id] = pending
+            pending.add_done_callback(lambda done: self._forget_load(task_id, done))
+        return await asyncio.shield(pending)  # a caller that gives up does not cancel the others' load
+
+    async def warm(self, task_id: str) -> PrefixEntry | None:
+        """Load a task into both tiers ahead of traffic (prefetch)."""
+        return await self.get(task_id)
+
+    def _forget_load(self, task_id: str, done: "asyncio.Future[PrefixEntry | None]") -> None:
+        if self._loading.get(task_id) is done:
+            del self._loading[task_id]
+        if not done.cancelled():
+            done.exception()  # retrieved here, so an error nobody awaited is not logged as lost
+
+    async def _load(self, task_id: str) -> PrefixEntry | None:
+        generation = self._generations.get(task_id, 0)
+        started = time.perf_counter()
+        found = await self.store.get(task_id)
+        if found is None:
+            return None
+        meta, data = found
+        host_kv, device_kv = await asyncio.to_thread(self._materialize, meta, data)
+        self.load_stats.loads += 1
+        if self._on_load is not None:
+            self._on_load(time.perf_counter() - started)
+        entry = PrefixEntry(meta, device_kv)
+        if self._generations.get(task_id, 0) == generation:  # else an upload/delete raced this read
+            self.host_tier.put(task_id, PrefixEntry(meta, host_kv))
+            self.device_tier.put(task_id, entry)
+        return entry
+
+    def _materialize(self, meta: PrefixMeta, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bytes -> host tensor (pinned when a GPU will read it) -> device tensor."""
+        host = tensor_from_bytes(data, meta.dtype, self.spec.shape(meta.prefix_len)).to(self.spec.dtype)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host, self._to_device(host)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host if host.device == self.device else host.to(self.device)
+
+    # ---- pins ----------------------------------------------------------------------------
+    def is_pinned(self, task_id: str) -> bool:
+        return task_id in self._pins
+
+    def pin(self, task_id: str) -> None:
+        """A request in flight uses this task: its entries stay resident until `unpin`."""
+        self._pins[task_id] = self._pins.get(task_id, 0) + 1
+
+    def unpin(self, task_id: str) -> None:
+        count = self._pins.get(task_id, 0) - 1
+        if count > 0:
+            self._pins[task_id] = count
+        else:
+            self._pins.pop(task_id, None)
+
+    # ---- writes --------------------------------------------------------------------------
+    async def upload(self, task_id: str, weights: bytes, config_json: bytes | None) -> PrefixMeta:
+        """Validate an upload (off the event loop) and store it as the task's new version."""
+        fingerprint = self.store.fingerprint
+        kv = await asyncio.to_thread(parse_upload, self.spec, weights, config_json, fingerprint)
+        return await self.put(task_id, kv)
+
+    async def put(self, task_id: str, kv: torch.Tensor) -> PrefixMeta:
+        """Store a new version in Redis (the source of truth), then drop the stale local copy."""
+        data = await asyncio.to_thread(tensor_to_bytes, kv)
+        meta = await self.store.put(task_id, data, int(kv.shape[3]), dtype_name(kv.dtype))
+        self.invalidate(task_id)
+        return meta
+
+    async def delete(self, task_id: str) -> bool:
+        is_deleted = await self.store.delete(task_id)
+        self.invalidate(task_id)
+        return is_deleted
+
+    async def get_meta(self, task_id: str) -> PrefixMeta | None:
+        return await self.store.get_meta(task_id)
+
+    async def list(self, limit: int, cursor: str | None) -> tuple[list[PrefixMeta], str | None]:
+        return await self.store.list(limit, cursor)
+
+    async def ping(self) -> bool:
+        return await self.store.ping()
+
+    def invalidate(self, task_id: str) -> None:
+        """Forget local copies and any load in flight: the next `get` reads Redis again."""
+        self._generations[task_id] = self._generations.get(task_id, 0) + 1
+        self._loading.pop(task_id, None)
+        dropped = [tier.pop(task_id) for tier in self.tiers]
+        if any(entry is not None for entry in dropped):
+            self.load_stats.stale_dropped += 1
+
+    # ---- coherence -----------------------------------------------------------------------
+    async def reconcile(self) -> int:
+        """Drop every resident entry whose version is no longer current in Redis; returns how many tasks."""
+        resident = {(task_id, e.meta.version) for tier in self.tiers for task_id, e in tier.items()}
+        current = await self.store.versions(sorted({task_id for task_id, _ in resident}))
+        stale = {task_id for task_id, version in resident if current.get(task_id) != version}
+        for task_id in stale:
+            self.invalidate(task_id)
+        return len(stale)
+
+    async def keep_coherent(self, interval_s: float) -> None:
+        """Forever: follow change events, and check resident versions every `interval_s`."""
+        listener = asyncio.ensure_future(self.store.listen(self.invalidate, self._reconcile_quietly))
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self._reconcile_quietly()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self.reconcile()
+        except StoreUnavailable:
+            pass  # Redis down: resident entries keep serving; checked again when it is back
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Per tier: capacity, resident bytes and count."""
+        return {
+            tier.name: {
+                "capacity_bytes": tier.capacity_bytes,
+                "resident_bytes": tier.stats.resident_bytes,
+                "resident_prefixes": tier.stats.resident_count,
+            }
+            for tier in self.tiers
+        }
+
+    def resident(self) -> builtins.list[ResidentPrefix]:
+        """What is resident where, most recently used last."""
+        return [
+            ResidentPrefix(
+                tier.name, task_id, e.meta.version, e.meta.prefix_len, e.num_bytes, self.is_pinned(task_id)
+            )
+            for tier in self.tiers
+            for task_id, e in tier.items()
+        ]

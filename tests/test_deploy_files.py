@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from pydantic import AliasChoices
-
 import redis.asyncio
 import torch
+import yaml
+from pydantic import AliasChoices
 
 from prefix_store.entry import PrefixSpec
 from prefix_store.prefix_cache import PrefixCache

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from prefix_store.prefix_cache import PrefixCache
 from prefix_store.entry import PrefixSpec
+from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore, connect
 from tests.redis_server import RedisProcess
 

@@ -1,4 +1,4 @@
-"""A real server process over a tiny GPT-2 and a throwaway Redis, shared by a test module."""
+"""A real server process over the tiny GPT-2 and a throwaway Redis, shared by a test module."""
 
 from __future__ import annotations
 
@@ -10,17 +10,7 @@ import pytest
 
 from tests.redis_server import RedisProcess
 from tests.server_process import ServerProcess, upload_adapter
-from tests.tiny_models import Adapter, save_adapter, save_tiny_model
-
-
-@pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model("gpt2", tmp_path_factory.mktemp("gpt2") / "model")
-
-
-@pytest.fixture(scope="session")
-def adapter(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Adapter:
-    return save_adapter(gpt2_dir, tmp_path_factory.mktemp("adapter") / "a", 4, seed=3)
+from tests.tiny_models import Adapter
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +36,3 @@ def server(
     with ServerProcess(data_dir, *flags) as proc, httpx.Client(timeout=30) as client:
         assert upload_adapter(client, proc, "t:good", adapter.weights, adapter.config).status_code == 201
         yield proc
-
-
-@pytest.fixture
-def client() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=60) as c:
-        yield c

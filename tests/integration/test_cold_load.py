@@ -47,7 +47,9 @@ def test_cold_load_in_flight_does_not_stall_running_rows(gpt2_dir: Path, tmp_pat
             engine = Engine(loaded, SlotKVCache(layout), max_queue=8)
             engine.start(asyncio.get_running_loop())
             try:
-                hot = engine.submit(await cache.get("hot"), [5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True))
+                hot = engine.submit(
+                    await cache.get("hot"), [5, 6], SamplingParams(max_new_tokens=200, ignore_eos=True)
+                )
                 cold = asyncio.ensure_future(cache.get("cold"))
                 received_while_loading = 0
                 stream = hot.__aiter__()

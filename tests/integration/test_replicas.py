@@ -67,7 +67,10 @@ def test_upload_and_delete_through_a_are_seen_by_b_within_a_second(
     elapsed = _seconds_until(lambda: _generate(client, b).json()["prefix_version"] == put["version"])
     assert elapsed < 1.0
     second = _generate(client, b).json()
-    assert second["usage"]["prefix_tokens"] == 4 and second["token_ids"] == _generate(client, a).json()["token_ids"]
+    assert (
+        second["usage"]["prefix_tokens"] == 4
+        and second["token_ids"] == _generate(client, a).json()["token_ids"]
+    )
 
     assert client.delete(a.url + "/admin/prefixes/acme:t", headers=a.admin_headers).status_code == 204
     elapsed = _seconds_until(lambda: _generate(client, b).status_code == 404)

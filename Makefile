@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/mypy server prefix_store clients
 
 bench: $(STAMP)
+	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/engine_bench.py
 
 clean:

@@ -24,6 +24,11 @@ def tiny_config(kind: str, max_positions: int = MAX_POSITIONS) -> PretrainedConf
             n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=max_positions,
             initializer_range=0.3, bos_token_id=1, eos_token_id=1,
         )  # fmt: skip
+    if kind == "gpt2-wide":  # deep and wide KV (64 KiB a position), small weights: for big prefixes
+        return GPT2Config(
+            n_layer=64, n_head=2, n_embd=128, vocab_size=VOCAB, n_positions=max_positions,
+            initializer_range=0.3, bos_token_id=1, eos_token_id=1,
+        )  # fmt: skip
     if kind == "llama":
         return LlamaConfig(
             hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,

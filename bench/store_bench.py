@@ -42,7 +42,9 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def _measure(url: str, dtype: torch.dtype, prefix_len: int, repeats: int, hits: int) -> dict[str, object]:
+async def _measure(
+    url: str, dtype: torch.dtype, prefix_len: int, repeats: int, hits: int
+) -> dict[str, object]:
     client = connect(url)
     spec = PrefixSpec(LAYERS, HEADS, HEAD_DIM, dtype, 1024)
     store = RedisPrefixStore(client, f"bench-{str(dtype)[6:]}-{prefix_len}")

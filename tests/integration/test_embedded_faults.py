@@ -26,9 +26,14 @@ def _wait_for(predicate, timeout_s: float = 20.0) -> None:  # type: ignore[no-un
     raise AssertionError("condition not reached in time")
 
 
-def test_embedded_redis_crash_is_survived_and_repaired(gpt2_dir: Path, adapter: Adapter, tmp_path: Path) -> None:
+def test_embedded_redis_crash_is_survived_and_repaired(
+    gpt2_dir: Path, adapter: Adapter, tmp_path: Path
+) -> None:
     body = {"task_id": "t:hot", "input_ids": [5, 6], "max_new_tokens": 4}
-    with ServerProcess(tmp_path / "data", "--model", str(gpt2_dir)) as server, httpx.Client(timeout=30) as client:
+    with (
+        ServerProcess(tmp_path / "data", "--model", str(gpt2_dir)) as server,
+        httpx.Client(timeout=30) as client,
+    ):
         port = int(re.search(r"embedded Redis at redis://127.0.0.1:(\d+)/", server.log_tail(20000)).group(1))  # type: ignore[union-attr]
         assert upload_adapter(client, server, "t:hot", adapter.weights, adapter.config).status_code == 201
         expected = client.post(server.url + "/generate", json=body).json()["token_ids"]  # now resident
@@ -56,7 +61,9 @@ def test_a_64_mib_prefix_uploads_loads_and_serves(tmp_path: Path) -> None:
     flags = ["--model", str(model_dir), "--max-batch-size", "2", "--cache-bytes", str(80 * 1024 * 1024)]
     with ServerProcess(tmp_path / "data", *flags) as server, httpx.Client(timeout=120) as client:
         put = client.put(
-            server.url + "/admin/prefixes/big:one", files={"weights": ("w", weights, "x")}, headers=server.admin_headers
+            server.url + "/admin/prefixes/big:one",
+            files={"weights": ("w", weights, "x")},
+            headers=server.admin_headers,
         )
         assert put.status_code == 201, put.text
         assert put.json()["num_bytes"] == 64 * 1024 * 1024 and put.json()["prefix_len"] == 1024

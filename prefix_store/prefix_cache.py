@@ -68,8 +68,8 @@ class PrefixCache:
         self.load_stats = LoadStats()
         self._on_load = on_load
         self._pins: dict[str, int] = {}
+        # loads in flight; invalidate() unregisters one, which then serves its callers but caches nothing
         self._loading: dict[str, asyncio.Future[PrefixEntry | None]] = {}
-        self._generations: dict[str, int] = {}  # bumped by invalidate; guards racing loads
 
     @property
     def tiers(self) -> tuple[ByteLRU, ByteLRU]:
@@ -105,7 +105,6 @@ class PrefixCache:
             done.exception()  # retrieved here, so an error nobody awaited is not logged as lost
 
     async def _load(self, task_id: str) -> PrefixEntry | None:
-        generation = self._generations.get(task_id, 0)
         started = time.perf_counter()
         found = await self.store.get(task_id)
         if found is None:
@@ -116,7 +115,7 @@ class PrefixCache:
         if self._on_load is not None:
             self._on_load(time.perf_counter() - started)
         entry = PrefixEntry(meta, device_kv)
-        if self._generations.get(task_id, 0) == generation:  # else an upload/delete raced this read
+        if self._loading.get(task_id) is asyncio.current_task():  # else an upload/delete raced this read
             self.host_tier.put(task_id, PrefixEntry(meta, host_kv))
             self.device_tier.put(task_id, entry)
         return entry
@@ -176,7 +175,6 @@ class PrefixCache:
 
     def invalidate(self, task_id: str) -> None:
         """Forget local copies and any load in flight: the next `get` reads Redis again."""
-        self._generations[task_id] = self._generations.get(task_id, 0) + 1
         self._loading.pop(task_id, None)
         dropped = [tier.pop(task_id) for tier in self.tiers]
         if any(entry is not None for entry in dropped):

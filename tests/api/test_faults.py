@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +37,11 @@ def _wait_for(predicate, timeout_s: float = 15.0) -> None:  # type: ignore[no-un
 def test_redis_down_then_back(
     server: ServerProcess, redis_proc: RedisProcess, client: httpx.Client, adapter: Adapter
 ) -> None:
-    assert client.post(server.url + "/generate", json=GOOD).status_code == 200  # now resident
+    expected = client.post(server.url + "/generate", json=GOOD).json()["token_ids"]  # now resident
     assert upload_adapter(client, server, "t:cold", adapter.weights, adapter.config).status_code == 201
-    expected_cold = None
+    traffic = _Traffic(server.url, GOOD)  # resident-task traffic through the whole outage
+    traffic.start()
+    time.sleep(0.3)
     redis_proc.stop(kill=True)
     try:
         for _ in range(3):  # resident tasks keep serving, no error
@@ -57,11 +60,31 @@ def test_redis_down_then_back(
     _wait_for(lambda: client.get(server.url + "/ready").status_code == 200)
     cold = client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"})
     assert cold.status_code == 200, cold.text
-    expected_cold = cold.json()["token_ids"]
-    assert (
-        client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"}).json()["token_ids"]
-        == expected_cold
-    )
+    assert cold.json()["token_ids"] == expected  # same adapter as t:good: the bytes survived intact
+    results = traffic.finish()
+    assert len(results) > 10 and all(r == (200, expected) for r in results), results[:5]
+
+
+class _Traffic(threading.Thread):
+    """Sends one request after another until told to stop; records (status, token_ids)."""
+
+    def __init__(self, url: str, body: dict) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.results: list[tuple[int, list[int] | None]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop_event.is_set():
+                response = client.post(self.url + "/generate", json=self.body)
+                ids = response.json().get("token_ids") if response.status_code == 200 else None
+                self.results.append((response.status_code, ids))
+
+    def finish(self) -> list[tuple[int, list[int] | None]]:
+        self._stop_event.set()
+        self.join(timeout=30)
+        return self.results
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ def test_upload_and_delete_through_a_are_seen_by_b_within_a_second(
 
     put = upload_adapter(client, a, "acme:t", adapters[1].weights, adapters[1].config).json()
     elapsed = _seconds_until(lambda: _generate(client, b).json()["prefix_version"] == put["version"])
+    print(f"replica b served the new version after {elapsed * 1000:.0f} ms")
     assert elapsed < 1.0
     second = _generate(client, b).json()
     assert (
@@ -74,6 +75,7 @@ def test_upload_and_delete_through_a_are_seen_by_b_within_a_second(
 
     assert client.delete(a.url + "/admin/prefixes/acme:t", headers=a.admin_headers).status_code == 204
     elapsed = _seconds_until(lambda: _generate(client, b).status_code == 404)
+    print(f"replica b answered 404 after {elapsed * 1000:.0f} ms")
     assert elapsed < 1.0
 
 
@@ -92,6 +94,7 @@ def test_a_lost_change_event_is_caught_by_the_version_check(
     finally:
         raw.close()
     elapsed = _seconds_until(lambda: _generate(client, b).json()["prefix_version"] == version)
+    print(f"replica b caught the unannounced write after {elapsed * 1000:.0f} ms")
     assert elapsed < 1.5  # the check runs every 0.5 s
 
 

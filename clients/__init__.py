@@ -1,0 +1,15 @@
+"""Python client (sync + async) of the prefix server, and the `prefixctl` CLI (`clients.cli`)."""
+
+from clients.client import AsyncPrefixClient, PrefixClient, Sampling
+from clients.models import Generation, PrefixInfo, PrefixPage, PrefixServerError, StreamEvent
+
+__all__ = [
+    "AsyncPrefixClient",
+    "Generation",
+    "PrefixClient",
+    "PrefixInfo",
+    "PrefixPage",
+    "PrefixServerError",
+    "Sampling",
+    "StreamEvent",
+]

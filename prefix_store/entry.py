@@ -14,6 +14,7 @@ class PrefixSpec:
     head_dim: int
     dtype: torch.dtype
     max_prefix_len: int  # a prefix may not use more positions than this
+    hidden_size: int = 0  # width of input embeddings (soft prompts are [P, hidden_size])
 
     def shape(self, prefix_len: int) -> tuple[int, int, int, int, int]:
         """Canonical shape `[num_layers, 2, num_kv_heads, prefix_len, head_dim]`."""
@@ -31,6 +32,7 @@ class PrefixMeta:
     dtype: str  # torch dtype name without the "torch." part, e.g. "float32"
     model_fingerprint: str
     created_at: str  # ISO 8601, UTC
+    source: str = "kv"  # kv | prefix_tuning | prompt_tuning | p_tuning | text
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,13 @@ class PrefixEntry:
     @property
     def num_bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass(frozen=True)
+class PrefixSource:
+    """A parsed upload: a ready KV prefix, or what the frozen model must run once to make one."""
+
+    kind: str  # kv | prefix_tuning | prompt_tuning | p_tuning | text
+    kv: torch.Tensor | None = None  # [num_layers, 2, num_kv_heads, P, head_dim], ready to store
+    embeddings: torch.Tensor | None = None  # [P, hidden_size] input embeddings (soft prompt)
+    text: str | None = None  # a system prompt, tokenized by the server without special tokens

@@ -83,4 +83,5 @@ def prefix_spec_for(config: Any, dtype: torch.dtype, max_positions: int) -> Pref
         head_dim=arch["head_dim"],
         dtype=dtype,
         max_prefix_len=max_positions - 1,
+        hidden_size=arch["hidden_size"],
     )

@@ -37,7 +37,7 @@ def parse_upload(
     prefixes whose shape belongs to another model, or whose safetensors metadata names
     another model's `model_fingerprint` than `fingerprint`.
     """
-    tensors = _load_safetensors(weights)
+    tensors = load_safetensors(weights)
     declared = _metadata(weights).get("model_fingerprint")
     if fingerprint is not None and declared is not None and declared != fingerprint:
         raise ModelMismatch(
@@ -46,11 +46,11 @@ def parse_upload(
     if config_json is None:
         prefix = _canonical_from_tensors(spec, tensors)
     else:
-        prefix = _canonical_from_peft(spec, tensors, _parse_peft_config(config_json))
-    return _finish(spec, prefix)
+        prefix = _canonical_from_peft(spec, tensors, parse_peft_config(config_json))
+    return finish_prefix(spec, prefix)
 
 
-def _load_safetensors(weights: bytes) -> dict[str, torch.Tensor]:
+def load_safetensors(weights: bytes) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(bytes(weights))
     except Exception as exc:  # the parser raises several types; all mean "not safetensors"
@@ -87,7 +87,7 @@ def _canonical_from_tensors(spec: PrefixSpec, tensors: dict[str, torch.Tensor]) 
     return prefix
 
 
-def _parse_peft_config(config_json: bytes) -> dict[str, Any]:
+def parse_peft_config(config_json: bytes, allowed: tuple[str, ...] = ("PREFIX_TUNING",)) -> dict[str, Any]:
     try:
         config = json.loads(config_json)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -95,8 +95,8 @@ def _parse_peft_config(config_json: bytes) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InvalidPrefix("config must be a JSON object (a PEFT adapter_config.json)")
     peft_type = config.get("peft_type")
-    if peft_type != "PREFIX_TUNING":
-        raise InvalidPrefix(f"config has peft_type={peft_type!r}; only PREFIX_TUNING is supported here")
+    if peft_type not in allowed:
+        raise InvalidPrefix(f"config has peft_type={peft_type!r}; supported here: {', '.join(allowed)}")
     submodules = config.get("num_transformer_submodules")
     if submodules not in (None, 1):
         raise InvalidPrefix(
@@ -105,7 +105,7 @@ def _parse_peft_config(config_json: bytes) -> dict[str, Any]:
     return config
 
 
-def _config_int(config: dict[str, Any], key: str, required: bool) -> int | None:
+def config_int(config: dict[str, Any], key: str, required: bool) -> int | None:
     value = config.get(key)
     if value is None and not required:
         return None
@@ -127,7 +127,7 @@ def _canonical_from_peft(
     if emb.dim() != 2:
         raise InvalidPrefix(f"{_PEFT_KEY} has shape {list(emb.shape)}; expected 2 dims [P, {width}]")
     num_rows = emb.shape[0]
-    num_virtual_tokens = _config_int(config, "num_virtual_tokens", required=True)
+    num_virtual_tokens = config_int(config, "num_virtual_tokens", required=True)
     if num_virtual_tokens != num_rows:
         raise InvalidPrefix(
             f"config says num_virtual_tokens={num_virtual_tokens} but the tensor has {num_rows} rows"
@@ -139,7 +139,7 @@ def _canonical_from_peft(
         "token_dim": spec.num_kv_heads * spec.head_dim,
     }
     for key, want in expected.items():
-        got = _config_int(config, key, required=False)
+        got = config_int(config, key, required=False)
         if got is not None and got != want:
             raise ModelMismatch(f"config says {key}={got} but this model needs {key}={want}")
     if emb.shape[1] != width:
@@ -148,13 +148,13 @@ def _canonical_from_peft(
             f"num_layers*2*num_kv_heads*head_dim = {spec.num_layers}*2*{spec.num_kv_heads}*{spec.head_dim}"
             f" = {width}"
         )
-    _check_values(emb)  # view() below needs a floating, well-formed tensor; fail early and clearly
+    check_values(emb)  # view() below needs a floating, well-formed tensor; fail early and clearly
     # Same layout as PeftModel.get_prompt: view(P, L*2, H, D) then per layer [key, value].
     view = emb.reshape(num_rows, spec.num_layers, 2, spec.num_kv_heads, spec.head_dim)
     return view.permute(1, 2, 3, 0, 4)  # [num_layers, 2, num_kv_heads, P, head_dim]
 
 
-def _check_values(t: torch.Tensor) -> None:
+def check_values(t: torch.Tensor) -> None:
     if t.dtype not in _DTYPES.values():
         raise InvalidPrefix(
             f"prefix dtype {dtype_name(t.dtype)} is not supported: expected one of {list(_DTYPES)}"
@@ -163,13 +163,13 @@ def _check_values(t: torch.Tensor) -> None:
         raise InvalidPrefix("prefix contains NaN or Inf values")
 
 
-def _finish(spec: PrefixSpec, prefix: torch.Tensor) -> torch.Tensor:
+def finish_prefix(spec: PrefixSpec, prefix: torch.Tensor) -> torch.Tensor:
     prefix_len = prefix.shape[3]
     if not 1 <= prefix_len <= spec.max_prefix_len:
         raise InvalidPrefix(
             f"prefix_len {prefix_len} is out of range: expected 1..{spec.max_prefix_len} for this model"
         )
-    _check_values(prefix)
+    check_values(prefix)
     out = prefix.to(device="cpu", dtype=spec.dtype).contiguous()
     if not bool(torch.isfinite(out).all()):
         raise InvalidPrefix(f"prefix contains NaN or Inf values after conversion to {dtype_name(spec.dtype)}")

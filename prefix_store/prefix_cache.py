@@ -14,16 +14,17 @@ import builtins
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
 
-from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSpec
-from prefix_store.errors import StoreUnavailable
-from prefix_store.format import dtype_name, parse_upload, tensor_from_bytes, tensor_to_bytes
+from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSource, PrefixSpec
+from prefix_store.errors import InvalidPrefix, StoreUnavailable
+from prefix_store.format import dtype_name, finish_prefix, tensor_from_bytes, tensor_to_bytes
 from prefix_store.lru import ByteLRU
 from prefix_store.redis_store import RedisPrefixStore
+from prefix_store.sources import parse_source
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class PrefixCache:
         device_bytes: int,
         host_bytes: int,
         on_load: Callable[[float], None] | None = None,
+        encoder: Callable[[PrefixSource], Awaitable[torch.Tensor]] | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
@@ -67,6 +69,7 @@ class PrefixCache:
         self.host_tier = ByteLRU("host", host_bytes, self.is_pinned)
         self.load_stats = LoadStats()
         self._on_load = on_load
+        self._encoder = encoder  # runs soft prompts and text through the frozen model once
         self._pins: dict[str, int] = {}
         # loads in flight; invalidate() unregisters one, which then serves its callers but caches nothing
         self._loading: dict[str, asyncio.Future[PrefixEntry | None]] = {}
@@ -146,16 +149,25 @@ class PrefixCache:
             self._pins.pop(task_id, None)
 
     # ---- writes --------------------------------------------------------------------------
-    async def upload(self, task_id: str, weights: bytes, config_json: bytes | None) -> PrefixMeta:
-        """Validate an upload (off the event loop) and store it as the task's new version."""
+    async def upload(
+        self, task_id: str, weights: bytes | None, config_json: bytes | None, text: str | None = None
+    ) -> PrefixMeta:
+        """Validate an upload of any kind (off the event loop), make its KV prefix, store it."""
         fingerprint = self.store.fingerprint
-        kv = await asyncio.to_thread(parse_upload, self.spec, weights, config_json, fingerprint)
-        return await self.put(task_id, kv)
+        source = await asyncio.to_thread(parse_source, self.spec, weights, config_json, text, fingerprint)
+        kv = source.kv
+        if kv is None:
+            if self._encoder is None:
+                raise InvalidPrefix(
+                    f"{source.kind} prefixes need the model, which this store has no access to"
+                )
+            kv = finish_prefix(self.spec, await self._encoder(source))
+        return await self.put(task_id, kv, source.kind)
 
-    async def put(self, task_id: str, kv: torch.Tensor) -> PrefixMeta:
+    async def put(self, task_id: str, kv: torch.Tensor, source: str = "kv") -> PrefixMeta:
         """Store a new version in Redis (the source of truth), then drop the stale local copy."""
         data = await asyncio.to_thread(tensor_to_bytes, kv)
-        meta = await self.store.put(task_id, data, int(kv.shape[3]), dtype_name(kv.dtype))
+        meta = await self.store.put(task_id, data, int(kv.shape[3]), dtype_name(kv.dtype), source)
         self.invalidate(task_id)
         return meta
 

@@ -35,7 +35,8 @@ local version = redis.call('INCR', KEYS[2])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1],
   'task_id', ARGV[1], 'version', version, 'prefix_len', ARGV[2], 'num_bytes', ARGV[3],
-  'dtype', ARGV[4], 'model_fingerprint', ARGV[5], 'created_at', ARGV[6], 'data', ARGV[7])
+  'dtype', ARGV[4], 'model_fingerprint', ARGV[5], 'created_at', ARGV[6], 'data', ARGV[7],
+  'source', ARGV[8])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('PUBLISH', KEYS[4], ARGV[1])
 return version
@@ -56,6 +57,7 @@ _META_FIELDS: tuple[str, ...] = (
     "dtype",
     "model_fingerprint",
     "created_at",
+    "source",
 )
 # Connection-level failures and error replies alike mean "the store cannot serve this".
 _REDIS_ERRORS = (RedisError, OSError)
@@ -119,7 +121,9 @@ class RedisPrefixStore:
     def _version_key(self, task_id: str) -> str:
         return f"{self._prefix}ver:{task_id}"
 
-    async def put(self, task_id: str, data: bytes, prefix_len: int, dtype: str) -> PrefixMeta:
+    async def put(
+        self, task_id: str, data: bytes, prefix_len: int, dtype: str, source: str = "kv"
+    ) -> PrefixMeta:
         """Store `data` as the next version of `task_id` atomically; return its metadata."""
         _check_task_id(task_id)
         created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -132,6 +136,7 @@ class RedisPrefixStore:
             self._fingerprint,
             created_at,
             data,
+            source,
         ]
         async with self._unavailable(f"put {task_id!r}"):
             version = await self._put_script(keys=keys, args=args)
@@ -143,6 +148,7 @@ class RedisPrefixStore:
             dtype=dtype,
             model_fingerprint=self._fingerprint,
             created_at=created_at,
+            source=source,
         )
 
     async def get(self, task_id: str) -> tuple[PrefixMeta, bytes] | None:
@@ -260,6 +266,8 @@ def _parse_meta(task_id: str, values: Sequence[bytes | str | None]) -> PrefixMet
     """Build `PrefixMeta` from raw values ordered as `_META_FIELDS`."""
     text: dict[str, str] = {}
     for name, value in zip(_META_FIELDS, values, strict=True):
+        if value is None and name == "source":
+            value = "kv"  # records written before sources were recorded
         if value is None:
             raise StoreUnavailable(f"redis record of {task_id!r} lacks field {name!r}")
         text[name] = _text(value)
@@ -272,6 +280,7 @@ def _parse_meta(task_id: str, values: Sequence[bytes | str | None]) -> PrefixMet
             dtype=text["dtype"],
             model_fingerprint=text["model_fingerprint"],
             created_at=text["created_at"],
+            source=text["source"],
         )
     except ValueError as exc:
         raise StoreUnavailable(f"redis record of {task_id!r} is corrupt: {exc}") from exc

@@ -94,20 +94,20 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
     layout = plan_kv(settings, loaded)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
     metrics = Metrics()
-    store = RedisPrefixStore(client, fingerprint)
+    engine = Engine(loaded, SlotKVCache(layout), settings.max_queue, on_step=metrics.observe_step)
+    engine.start(asyncio.get_running_loop())
+    stack.callback(engine.stop)
     prefixes = PrefixCache(
-        store,
+        RedisPrefixStore(client, fingerprint),
         spec,
         loaded.device,
         settings.cache_bytes,
         settings.host_cache_bytes,
-        metrics.prefix_load.observe,
+        on_load=metrics.prefix_load.observe,
+        encoder=engine.encode_prefix,
     )
     _background(stack, prefixes.keep_coherent(settings.coherence_interval_s))
-    engine = Engine(loaded, SlotKVCache(layout), settings.max_queue, on_step=metrics.observe_step)
     metrics.bind(engine.stats, prefixes)
-    engine.start(asyncio.get_running_loop())
-    stack.callback(engine.stop)
     log.info(
         "model %s fingerprint %s, %d KV slots of %d positions",
         loaded.name,

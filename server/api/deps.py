@@ -47,7 +47,9 @@ class PrefixesProtocol(Protocol):
 
     def usage(self) -> dict[str, dict[str, int]]: ...
 
-    async def upload(self, task_id: str, weights: bytes, config_json: bytes | None) -> PrefixMeta: ...
+    async def upload(
+        self, task_id: str, weights: bytes | None, config_json: bytes | None, text: str | None = None
+    ) -> PrefixMeta: ...
 
     async def delete(self, task_id: str) -> bool: ...
 
@@ -84,4 +86,5 @@ def meta_dict(meta: PrefixMeta) -> dict[str, object]:
         "dtype": meta.dtype,
         "model_fingerprint": meta.model_fingerprint,
         "created_at": meta.created_at,
+        "source": meta.source,
     }

@@ -21,9 +21,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 async def _read_part(part: object, name: str, limit: int) -> bytes | None:
     if part is None:
         return None
-    if not isinstance(part, UploadFile):
-        return str(part).encode()
-    data = await part.read(limit + 1)
+    data = await part.read(limit + 1) if isinstance(part, UploadFile) else str(part).encode()
     if len(data) > limit:
         raise ApiError(413, "too_large", f"part `{name}` is larger than the {limit} bytes allowed")
     return data
@@ -31,7 +29,7 @@ async def _read_part(part: object, name: str, limit: int) -> bytes | None:
 
 @router.put("/prefixes/{task_id}", status_code=201, response_model=PrefixInfo)
 async def upload_prefix(task_id: TaskIdPath, request: Request, services: ServicesDep) -> object:
-    """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)]."""
+    """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)], or `text` (UTF-8)."""
     length = int(request.headers.get("content-length") or 0)
     if length > services.max_upload_bytes + 1024 * 1024:
         raise ApiError(
@@ -44,15 +42,18 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
     unknown = sorted(set(form.keys()) - {"weights", "config", "text"})
     if unknown:
         raise ApiError(
-            422, "invalid_request", f"unknown form parts {unknown}; expected `weights` [+ `config`]"
+            422, "invalid_request", f"unknown form parts {unknown}; expected `weights` [+ `config`] or `text`"
         )
-    if form.get("text") is not None:
-        raise ApiError(422, "invalid_request", "text prefixes are not supported yet; upload `weights`")
     weights = await _read_part(form.get("weights"), "weights", services.max_upload_bytes)
-    if weights is None:
-        raise ApiError(422, "invalid_request", "missing form part `weights` (a safetensors file)")
     config = await _read_part(form.get("config"), "config", 1024 * 1024)
-    meta = await services.prefixes.upload(task_id, weights, config)
+    text_bytes = await _read_part(form.get("text"), "text", 4 * 1024 * 1024)
+    if weights is None and text_bytes is None:
+        raise ApiError(422, "invalid_request", "missing form part `weights` (a safetensors file) or `text`")
+    try:
+        text = None if text_bytes is None else text_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(422, "invalid_prefix", f"the text prefix is not UTF-8: {exc}") from exc
+    meta = await services.prefixes.upload(task_id, weights, config, text)
     return JSONResponse(meta_dict(meta), status_code=201)
 
 

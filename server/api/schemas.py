@@ -72,6 +72,7 @@ class PrefixInfo(BaseModel):
     dtype: str
     model_fingerprint: str
     created_at: str
+    source: str
 
 
 class PrefixList(BaseModel):

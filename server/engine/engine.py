@@ -11,20 +11,24 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
-from prefix_store.entry import PrefixEntry
+from prefix_store.entry import PrefixEntry, PrefixSource
+from prefix_store.errors import InvalidPrefix
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput, QueueFull
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model_loader import LoadedModel
 from server.engine.model_runner import ForwardRow, ModelRunner
 from server.engine.postprocess import append_token
+from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._is_stopping = False
+        self._jobs: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []  # model work besides steps
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -167,6 +172,27 @@ class Engine:
                 self._aborted.add(handle.request_id)
                 self._wakeup.notify()
 
+    async def run_on_model(self, job: Callable[[], T]) -> T:
+        """Run `job` on the engine thread between steps (the model is never used by two threads)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._wakeup:
+            if self._is_stopping or not self.is_alive:
+                raise EngineStopped("the engine is not running")
+            self._jobs.append((job, future))
+            self._wakeup.notify()
+        return await future
+
+    async def encode_prefix(self, source: PrefixSource) -> torch.Tensor:
+        """Turn a soft prompt or a text prompt into a KV prefix `[L, 2, kv_heads, P, head_dim]`."""
+        token_ids = None if source.text is None else self.encode(source.text, add_special_tokens=False)
+        length = len(token_ids) if token_ids is not None else int(source.embeddings.shape[0])  # type: ignore[union-attr]
+        if not 1 <= length < self.max_len:
+            raise InvalidPrefix(
+                f"a {source.kind} prefix of {length} tokens does not fit: expected 1..{self.max_len - 1}"
+            )
+        model, device = self.loaded.model, self.loaded.device
+        return await self.run_on_model(lambda: compute_prefix_kv(model, device, token_ids, source.embeddings))
+
     def _validate(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise InvalidInput("the prompt is empty: send at least one token")
@@ -194,16 +220,44 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while self.scheduler.is_idle and not self._is_stopping:
+                while self.scheduler.is_idle and not self._jobs and not self._is_stopping:
                     self._wakeup.wait()
                 if self._is_stopping:
                     break
+                jobs, self._jobs = self._jobs, []
+            for job, future in jobs:
+                self._run_job(job, future)
+            if self.scheduler.is_idle:
+                continue
             try:
                 self.step()
             except Exception as exc:  # the loop must survive anything one batch does
                 log.exception("engine step failed")
                 self._fail(f"engine error: {exc}", include_waiting=False)
         self._fail("the server is shutting down", include_waiting=True)
+        with self._lock:
+            jobs, self._jobs = self._jobs, []
+        for _, future in jobs:
+            self._settle(future, None, EngineStopped("the server is shutting down"))
+
+    def _run_job(self, job: Callable[[], Any], future: "asyncio.Future[Any]") -> None:
+        try:
+            result, error = job(), None
+        except Exception as exc:  # handed to the caller; the loop goes on
+            result, error = None, exc
+        self._settle(future, result, error)
+
+    def _settle(self, future: "asyncio.Future[Any]", result: Any, error: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(settle)
 
     def step(self) -> None:
         """One iteration of continuous batching."""

@@ -252,7 +252,7 @@ def test_peft_config_not_an_object() -> None:
 
 @pytest.mark.parametrize("peft_type", ["LORA", None])
 def test_peft_type_not_prefix_tuning(peft_type: str | None) -> None:
-    with pytest.raises(InvalidPrefix, match="only PREFIX_TUNING is supported here"):
+    with pytest.raises(InvalidPrefix, match="supported here: PREFIX_TUNING"):
         parse_upload(SPEC, _peft_weights(), _peft_config(peft_type=peft_type))
 
 

@@ -1,0 +1,268 @@
+"""`prefixctl`: upload, inspect and delete prefixes, and generate, from the shell.
+
+Server errors print `error <code>: <message>` on stderr and exit 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from clients.client import PrefixClient, Sampling, peft_files
+from clients.client import Progress as ProgressCallback
+from clients.models import Generation, PrefixInfo, PrefixServerError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+PROGRESS_MIN_BYTES = 1024 * 1024  # smaller uploads finish before a bar is worth drawing
+
+app = typer.Typer(
+    name="prefixctl",
+    help="Manage the prefixes of a prefix server and generate with them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    url: str
+    token: str | None
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option(envvar="PREFIX_URL", help="Server base URL.")] = DEFAULT_URL,
+    token: Annotated[
+        str | None, typer.Option(envvar="PREFIX_ADMIN_TOKEN", help="Admin token (admin commands).")
+    ] = None,
+) -> None:
+    ctx.obj = _Target(url, token)
+
+
+@contextmanager
+def _client(ctx: typer.Context) -> Iterator[PrefixClient]:
+    """A client for the command; server and connection errors end the command with exit code 1."""
+    target: _Target = ctx.obj
+    try:
+        with PrefixClient(target.url, target.token) as client:
+            yield client
+    except PrefixServerError as exc:
+        typer.echo(f"error {exc.code}: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    except httpx.TransportError as exc:
+        typer.echo(f"error connection_failed: {target.url}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _info_json(info: PrefixInfo) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(info).items() if v is not None}
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _generation_json(generation: Generation) -> dict[str, Any]:
+    """The answer in the server's own shape (usage nested)."""
+    data = dataclasses.asdict(generation)
+    usage = {k: data.pop(k) for k in ("prompt_tokens", "completion_tokens", "prefix_tokens")}
+    return {**data, "token_ids": list(generation.token_ids), "usage": usage}
+
+
+@contextmanager
+def _progress_bar(total: int, label: str) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on stderr for uploads above PROGRESS_MIN_BYTES, else no callback."""
+    if total <= PROGRESS_MIN_BYTES:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda sent, size: bar.update(task, completed=sent, total=size)
+
+
+def _weights_and_config(path: Path, config: Path | None) -> tuple[Path, Path | None]:
+    if not path.is_dir():
+        return path, config
+    if config is not None:
+        raise typer.BadParameter("--config goes with a safetensors file, not a PEFT directory")
+    try:
+        return peft_files(path)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PATH") from None
+
+
+@app.command()
+def upload(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(help="Task id, e.g. acme:summarize.")],
+    path: Annotated[
+        Path | None,
+        typer.Argument(exists=True, help="A safetensors file, or a PEFT checkpoint directory."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="PEFT adapter_config.json for a PEFT file."),
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="A plain-text prefix.")] = None,
+    text_file: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="A UTF-8 file holding a text prefix.")
+    ] = None,
+) -> None:
+    """Upload a prefix (a new version if the task exists) and print its metadata."""
+    if sum(source is not None for source in (path, text, text_file)) != 1:
+        raise typer.BadParameter("give exactly one of PATH, --text or --text-file")
+    if config is not None and path is None:
+        raise typer.BadParameter("--config goes with PATH, not with a text prefix")
+    with _client(ctx) as client:
+        if path is None:
+            prefix_text = text if text is not None else Path(str(text_file)).read_text(encoding="utf-8")
+            info = client.upload_text(task_id, prefix_text)
+        else:
+            weights, config = _weights_and_config(path, config)
+            with _progress_bar(weights.stat().st_size, f"upload {task_id}") as progress:
+                info = client.upload(task_id, weights, config, progress)
+    _print_json(_info_json(info))
+
+
+def _table(items: list[PrefixInfo]) -> Table:
+    table = Table("task_id", "version", "prefix_len", "num_bytes", "dtype", "source", "created_at")
+    for info in items:
+        table.add_row(
+            info.task_id,
+            str(info.version),
+            str(info.prefix_len),
+            str(info.num_bytes),
+            info.dtype,
+            info.source or "",
+            info.created_at,
+        )
+    return table
+
+
+@app.command("list")
+def list_prefixes(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Page size.")] = 100,
+    cursor: Annotated[str | None, typer.Option(help="Start after this task id (a next_cursor).")] = None,
+    all_pages: Annotated[bool, typer.Option("--all", help="Follow cursors through every page.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List prefixes, one page (or every page with --all)."""
+    with _client(ctx) as client:
+        if all_pages:
+            items, next_cursor = list(client.iter_prefixes(page_size=limit)), None
+        else:
+            page = client.list(limit, cursor)
+            items, next_cursor = list(page.items), page.next_cursor
+    if as_json:
+        _print_json({"items": [_info_json(i) for i in items], "next_cursor": next_cursor})
+        return
+    Console().print(_table(items))
+    if next_cursor is not None:
+        typer.echo(f"more: --cursor {next_cursor} (or --all)", err=True)
+
+
+@app.command()
+def show(ctx: typer.Context, task_id: str) -> None:
+    """Print one prefix's metadata as JSON."""
+    with _client(ctx) as client:
+        info = client.get(task_id)
+    _print_json(_info_json(info))
+
+
+@app.command()
+def delete(ctx: typer.Context, task_id: str) -> None:
+    """Delete a task's prefix."""
+    with _client(ctx) as client:
+        client.delete(task_id)
+    typer.echo(f"deleted {task_id}")
+
+
+@app.command()
+def warm(ctx: typer.Context, task_id: str) -> None:
+    """Prefetch a prefix into the server's caches; prints its metadata and tiers."""
+    with _client(ctx) as client:
+        info = client.warm(task_id)
+    _print_json(_info_json(info))
+
+
+def _sampling(
+    max_new_tokens: int | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: list[str] | None,
+    ignore_eos: bool,
+) -> Sampling:
+    sampling = Sampling()
+    if max_new_tokens is not None:
+        sampling["max_new_tokens"] = max_new_tokens
+    if temperature is not None:
+        sampling["temperature"] = temperature
+    if top_k is not None:
+        sampling["top_k"] = top_k
+    if top_p is not None:
+        sampling["top_p"] = top_p
+    if seed is not None:
+        sampling["seed"] = seed
+    if stop:
+        sampling["stop"] = stop
+    if ignore_eos:
+        sampling["ignore_eos"] = True
+    return sampling
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    task_id: str,
+    prompt: str,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens to generate (server default 64).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (the default).")] = None,
+    top_k: Annotated[int | None, typer.Option()] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="A stop string (repeat for more, up to 4).")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Always generate max-new-tokens.")] = False,
+    stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole answer (with --stream: one event a line).")
+    ] = False,
+) -> None:
+    """Generate a continuation of PROMPT with TASK_ID's prefix."""
+    sampling = _sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
+    with _client(ctx) as client:
+        if not stream:
+            generation = client.generate(task_id, prompt, **sampling)
+            if as_json:
+                _print_json(_generation_json(generation))
+            else:
+                typer.echo(generation.text)
+            return
+        for event in client.stream(task_id, prompt, **sampling):
+            if as_json:
+                event_json = {**dataclasses.asdict(event), "token_ids": list(event.token_ids)}
+                typer.echo(json.dumps(event_json))
+            else:
+                typer.echo(event.text, nl=False)
+        if not as_json:
+            typer.echo("")
+
+
+if __name__ == "__main__":
+    app()

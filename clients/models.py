@@ -1,0 +1,144 @@
+"""Typed results and the error of the prefix server's HTTP API, and their parsing from JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+
+class PrefixServerError(Exception):
+    """Any non-2xx answer: the HTTP status, the contract's error `code` and `message`, and
+    `Retry-After` in seconds when the server sent one (429 `overloaded`, 503)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class PrefixInfo:
+    """One stored prefix's metadata. `source` is how it was made (when the server says);
+    `tiers` is only set by `warm()`: the cache tiers now holding it."""
+
+    task_id: str
+    version: int
+    prefix_len: int
+    num_bytes: int
+    dtype: str
+    model_fingerprint: str
+    created_at: str
+    source: str | None = None
+    tiers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PrefixPage:
+    """One page of `GET /admin/prefixes`; `next_cursor` is None on the last page."""
+
+    items: tuple[PrefixInfo, ...]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished `POST /generate` answer; `finish_reason` is `length`, `stop` or `eos`."""
+
+    id: str
+    task_id: str
+    prefix_version: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    prefix_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One server-sent event of a streamed generation; the last one carries
+    `finish_reason`, `usage` and `prefix_version`."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    prefix_version: int | None = None
+
+
+def parse_info(data: Mapping[str, Any]) -> PrefixInfo:
+    tiers = data.get("tiers")
+    return PrefixInfo(
+        task_id=str(data["task_id"]),
+        version=int(data["version"]),
+        prefix_len=int(data["prefix_len"]),
+        num_bytes=int(data["num_bytes"]),
+        dtype=str(data["dtype"]),
+        model_fingerprint=str(data["model_fingerprint"]),
+        created_at=str(data["created_at"]),
+        source=None if data.get("source") is None else str(data["source"]),
+        tiers=None if tiers is None else tuple(str(t) for t in tiers),
+    )
+
+
+def parse_page(data: Mapping[str, Any]) -> PrefixPage:
+    return PrefixPage(tuple(parse_info(item) for item in data["items"]), data.get("next_cursor"))
+
+
+def parse_generation(data: Mapping[str, Any]) -> Generation:
+    usage = data["usage"]
+    return Generation(
+        id=str(data["id"]),
+        task_id=str(data["task_id"]),
+        prefix_version=int(data["prefix_version"]),
+        text=str(data["text"]),
+        token_ids=tuple(int(t) for t in data["token_ids"]),
+        finish_reason=str(data["finish_reason"]),
+        prompt_tokens=int(usage["prompt_tokens"]),
+        completion_tokens=int(usage["completion_tokens"]),
+        prefix_tokens=int(usage["prefix_tokens"]),
+    )
+
+
+def parse_event(payload: str) -> StreamEvent:
+    """The event in one SSE `data:` payload (not `[DONE]`). A final event that carries
+    `error` (generation failed mid-stream) raises PrefixServerError with status 500."""
+    data = json.loads(payload)
+    if data.get("error"):
+        error = data["error"]
+        raise PrefixServerError(500, str(error.get("code")), str(error.get("message")))
+    usage = data.get("usage")
+    return StreamEvent(
+        token_ids=tuple(int(t) for t in data.get("token_ids", ())),
+        text=str(data.get("text", "")),
+        finish_reason=data.get("finish_reason"),
+        usage=None if usage is None else {str(k): int(v) for k, v in usage.items()},
+        prefix_version=data.get("prefix_version"),
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return None if value is None else float(value)
+    except ValueError:  # an HTTP date: not worth a parser here
+        return None
+
+
+def error_from_response(response: httpx.Response) -> PrefixServerError:
+    """The error of a non-2xx answer (its body must have been read)."""
+    code, message = "http_error", response.reason_phrase or f"HTTP {response.status_code}"
+    try:
+        detail = response.json()["error"]
+        code, message = str(detail["code"]), str(detail["message"])
+    except (ValueError, KeyError, TypeError):
+        if response.text.strip():
+            message = f"{message}: {response.text.strip()[:500]}"
+    return PrefixServerError(response.status_code, code, message, _retry_after(response))

@@ -11,7 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from peft import (
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, GPT2Config, LlamaConfig, PretrainedConfig
 
 VOCAB = 384  # ByT5Tokenizer's size: 3 specials + 256 bytes + 125 extra ids
@@ -64,16 +71,32 @@ class Adapter:
 
 
 def save_adapter(
-    model_dir: Path, out: Path, num_virtual_tokens: int, seed: int, projection: bool = False
+    model_dir: Path,
+    out: Path,
+    num_virtual_tokens: int,
+    seed: int,
+    projection: bool = False,
+    peft_type: str = "PREFIX_TUNING",
 ) -> Adapter:
-    """Create a PEFT prefix-tuning adapter with random (trained-looking) weights; save_pretrained it."""
+    """Create a PEFT prompt-learning adapter with random (trained-looking) weights; save_pretrained it.
+
+    `peft_type`: PREFIX_TUNING (optionally with `projection`), PROMPT_TUNING or P_TUNING.
+    """
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=num_virtual_tokens,
-        prefix_projection=projection,
-        encoder_hidden_size=16,
-    )
+    config: PeftConfig
+    if peft_type == "PREFIX_TUNING":
+        config = PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=num_virtual_tokens,
+            prefix_projection=projection,
+            encoder_hidden_size=16,
+        )
+    elif peft_type == "PROMPT_TUNING":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    else:
+        config = PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=16
+        )
     torch.manual_seed(seed)
     model = get_peft_model(base, config)
     with torch.no_grad():
@@ -85,11 +108,12 @@ def save_adapter(
 
 
 class Oracle:
-    """Greedy reference by repeated full forward passes of PEFT's model (no KV cache)."""
+    """Greedy reference by repeated full forward passes of PEFT's model (no KV cache);
+    of the plain model when `adapter` is None."""
 
-    def __init__(self, model_dir: Path, adapter: Adapter) -> None:
+    def __init__(self, model_dir: Path, adapter: Adapter | None) -> None:
         base = AutoModelForCausalLM.from_pretrained(model_dir)
-        self.model = PeftModel.from_pretrained(base, adapter.path).eval()
+        self.model = (base if adapter is None else PeftModel.from_pretrained(base, adapter.path)).eval()
 
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:

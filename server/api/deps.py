@@ -1,6 +1,6 @@
 """What routes depend on: protocols for the engine and the prefix cache, reached via app state."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,8 +26,14 @@ class EngineProtocol(Protocol):
     def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
 
     def submit(
-        self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams
+        self,
+        prefix: PrefixEntry,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_done: Callable[[], None] | None = None,
     ) -> RequestHandleProtocol: ...
+
+    def token_text(self, token_id: int) -> str: ...
 
     def stats(self) -> EngineStats: ...
 

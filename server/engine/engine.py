@@ -6,6 +6,7 @@ arrives here with its prefix already resident.
 """
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from server.engine.model_runner import ForwardRow, ModelRunner
 from server.engine.postprocess import append_token
 from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,10 @@ class Engine:
         return EngineStats(num_running, num_waiting, self.kv.layout.num_slots, self.max_len, self.is_alive)
 
     # ---- caller side (event loop thread) -----------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        """One token as text (may be partial UTF-8, shown as the decoder shows it)."""
+        return self.loaded.decode([token_id])
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -285,10 +290,15 @@ class Engine:
             self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration, reasons))
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        ids = sample(logits, [r.params for r in rows], [r.generator for r in rows])
-        decode = self.loaded.decode
-        eos = self.loaded.eos_ids
-        return [append_token(r, t, decode, eos) for r, t in zip(rows, ids, strict=True)]
+        params = [r.params for r in rows]
+        ids = sample(logits, params, [r.generator for r in rows])
+        logprobs = token_logprobs(logits, ids, params)
+        decode, eos = self.loaded.decode, self.loaded.eos_ids
+        outputs = [append_token(r, t, decode, eos) for r, t in zip(rows, ids, strict=True)]
+        return [
+            o if lp is None else dataclasses.replace(o, logprob=lp[0], top_logprobs=lp[1])
+            for o, lp in zip(outputs, logprobs, strict=True)
+        ]
 
     def _retire(self, finished: set[str]) -> None:
         if not finished:

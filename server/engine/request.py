@@ -24,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
 
     @property
     def is_greedy(self) -> bool:
@@ -39,6 +40,8 @@ class StepOutput:
     text_delta: str  # new text that is safe to show (stop strings are held back)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprob: float | None = None  # of the chosen token under the model's distribution
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token id, logprob), best first
 
 
 @dataclass(eq=False)  # identity: two requests are never "equal" (and tensors don't compare)

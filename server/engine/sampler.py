@@ -44,3 +44,23 @@ def sample(
         probs = filter_logits(logits[row], p)
         chosen[row] = torch.multinomial(probs, 1, generator=generator)[0]
     return [int(t) for t in chosen.tolist()]
+
+
+def token_logprobs(
+    logits: torch.Tensor, chosen: list[int], params: list[SamplingParams]
+) -> list[tuple[float, tuple[tuple[int, float], ...]] | None]:
+    """Per row that asked: the chosen id's log-probability under the model (before sampling
+    filters) and the top-k alternatives; None for rows that did not ask."""
+    wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
+    results: list[tuple[float, tuple[tuple[int, float], ...]] | None] = [None] * len(params)
+    if not wanted:
+        return results
+    logprobs = torch.log_softmax(logits[wanted], dim=-1)  # [wanted, vocab]
+    for i, row in enumerate(wanted):
+        k = params[row].logprobs or 0
+        top = torch.topk(logprobs[i], k) if k else None
+        alternatives = (
+            tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+        )
+        results[row] = (float(logprobs[i, chosen[row]]), alternatives)
+    return results

@@ -41,6 +41,10 @@ def adapters(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
     return [save_adapter(model_dir, root / f"v{i}", 3 + i, seed=40 + i) for i in range(3)]
 
 
+def _cache_items(client: httpx.Client, server: ServerProcess) -> list[dict]:
+    return list(client.get(server.url + "/admin/cache", headers=server.admin_headers).json()["items"])
+
+
 def _generate(client: httpx.Client, server: ServerProcess) -> httpx.Response:
     return client.post(server.url + "/generate", json=BODY)
 
@@ -108,10 +112,14 @@ def test_a_running_request_finishes_on_the_version_it_started_with(
     with client.stream("POST", a.url + "/generate", json=body) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data:"))  # it is running on v1 now
+        cache = client.get(a.url + "/admin/cache", headers=a.admin_headers).json()
+        pinned = [i["is_pinned"] for i in cache["items"]]
         v2 = upload_adapter(client, a, "acme:t", adapters[2].weights, adapters[2].config).json()
         mid = client.get(a.url + "/metrics").text
         events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert "prefix_server_running_requests 1.0" in mid  # the upload landed while it was running
+    assert pinned == [True, True]  # device + host entries of the running task: never evicted meanwhile
+    _seconds_until(lambda: not any(i["is_pinned"] for i in _cache_items(client, a)))
     assert events[-1]["prefix_version"] == v1["version"] and events[-1]["usage"]["prefix_tokens"] == 3
     streamed = reference["token_ids"][:1] + [t for e in events for t in e["token_ids"]]
     assert streamed == reference["token_ids"]

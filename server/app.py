@@ -15,7 +15,7 @@ from prefix_store.embedded_redis import EmbeddedRedis
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore, connect
-from server.api import routes_admin, routes_generate, routes_health
+from server.api import routes_admin, routes_generate, routes_health, routes_openai
 from server.api.deps import Services
 from server.api.errors import install_error_handlers
 from server.config import Settings
@@ -174,6 +174,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_generate.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_openai.router)
 
     app.add_middleware(RequestMetricsMiddleware, app_state=app.state)
     return app

@@ -19,6 +19,8 @@ class RequestHandleProtocol(Protocol):
 
     def __aiter__(self) -> AsyncIterator[StepOutput]: ...
 
+    def cancel(self) -> None: ...
+
 
 class EngineProtocol(Protocol):
     """The engine as the API sees it."""

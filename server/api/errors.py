@@ -45,9 +45,31 @@ def to_api_error(exc: Exception) -> ApiError:
     return ApiError(500, "internal_error", "internal error")
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"code": error.code, "message": error.message}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_OPENAI_CODES = {"unknown_task": "model_not_found"}
+
+
+def error_response(error: ApiError, path: str = "", param: str | None = None) -> JSONResponse:
+    """Our shape `{"error": {code, message}}`; on `/v1/*` OpenAI's (`message, type, param, code`),
+    with 422 reported as 400 as OpenAI does."""
+    if not path.startswith("/v1/"):
+        body = {"error": {"code": error.code, "message": error.message}}
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
+    status = 400 if error.status == 422 else error.status
+    openai_error = {
+        "message": error.message,
+        "type": _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        "param": param,
+        "code": _OPENAI_CODES.get(error.code, error.code),
+    }
+    return JSONResponse({"error": openai_error}, status_code=status, headers=error.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -58,18 +80,27 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def _first_param(exc: RequestValidationError) -> str | None:
+    for err in exc.errors():
+        names = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
+        if names:
+            return names[0]
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(to_api_error(exc))
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc), request.url.path)
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(ApiError(422, "invalid_request", _validation_message(exc)))
+        error = ApiError(422, "invalid_request", _validation_message(exc))
+        return error_response(error, request.url.path, _first_param(exc))
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+        return error_response(ApiError(exc.status_code, code, str(exc.detail)), request.url.path)
 
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -73,6 +73,10 @@ class RequestHandle:
     def request_id(self) -> str:
         return self.request.request_id
 
+    def cancel(self) -> None:
+        """Stop the request (if it is still going) without reading its outputs."""
+        self._engine.release(self)
+
     def _deliver(self, output: StepOutput) -> None:
         self._queue.put_nowait(output)
 

@@ -194,3 +194,16 @@ def test_stream_events(server: ServerProcess, client: httpx.Client) -> None:
     plain = client.post(server.url + "/generate", json={**body, "stream": False}).json()
     assert [e["token_ids"][0] for e in parsed] == plain["token_ids"]
     assert "".join(e["text"] for e in parsed) == plain["text"]
+
+
+def test_openai_stream_disconnect_aborts_every_choice(
+    long_server: ServerProcess, client: httpx.Client
+) -> None:
+    url = long_server.url
+    aborts_before = _abort_count(client.get(url + "/metrics").text)
+    body = {"model": "t:long", "prompt": [5], "max_tokens": 8000, "n": 2, "temperature": 0, "stream": True}
+    with client.stream("POST", url + "/v1/completions", json={**body, "ignore_eos": True}) as response:
+        assert response.status_code == 200
+        next(line for line in response.iter_lines() if line.startswith("data:"))  # one chunk, then hang up
+    _wait_for(lambda: _abort_count(client.get(url + "/metrics").text) == aborts_before + 2)
+    assert "prefix_server_running_requests 0.0" in client.get(url + "/metrics").text

@@ -1,0 +1,193 @@
+"""OpenAI-compatible `/v1/completions` and `/v1/models`: `model` names the task."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import StreamingResponse
+
+from prefix_store.entry import PrefixMeta
+from server.api.deps import EngineProtocol, Services, get_services
+from server.api.errors import ApiError
+from server.api.generation import (
+    Started,
+    check_finished,
+    collect,
+    outputs_of,
+    resolve_prefix,
+    start,
+    until_disconnect,
+)
+from server.api.schemas import TASK_ID_PATTERN
+from server.api.schemas_openai import CompletionRequest
+from server.engine.request import SamplingParams, StepOutput
+
+router = APIRouter(prefix="/v1")
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _params(body: CompletionRequest, choice: int) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        seed=None if body.seed is None else body.seed + choice,  # n choices must differ
+        stop=body.stops,
+        ignore_eos=body.ignore_eos,
+        logprobs=body.logprobs,
+    )
+
+
+def _finish_reason(output: StepOutput) -> str | None:
+    if output.finish_reason is None:
+        return None
+    return "length" if output.finish_reason == "length" else "stop"
+
+
+def _logprobs(outputs: list[StepOutput], engine: EngineProtocol, offset: int) -> dict[str, Any]:
+    """OpenAI's legacy logprobs object for the chosen tokens (+ top alternatives when asked)."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for output in outputs:
+        for token_id in output.token_ids:
+            text = engine.token_text(token_id)
+            tokens.append(text)
+            token_logprobs.append(output.logprob)
+            top.append(_top_dict(output.top_logprobs, engine))
+            offsets.append(offset)
+            offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _top_dict(
+    alternatives: tuple[tuple[int, float], ...] | None, engine: EngineProtocol
+) -> dict[str, float] | None:
+    """Alternatives keyed by text (OpenAI's format); ids that read the same keep the best logprob."""
+    if not alternatives:
+        return None
+    top: dict[str, float] = {}
+    for token_id, logprob in alternatives:  # best first
+        top.setdefault(engine.token_text(token_id), logprob)
+    return top
+
+
+def _start_all(body: CompletionRequest, services: Services, prefix: Any) -> tuple[list[Started], int]:
+    """One engine request per (prompt, choice); returns them and the prompt token count."""
+    engine = services.engine
+    prompts = [engine.encode(p, False) if isinstance(p, str) else p for p in body.prompts]
+    started: list[Started] = []
+    try:
+        for ids in prompts:
+            started += [start(services, body.model, prefix, ids, _params(body, j)) for j in range(body.n)]
+    except BaseException:
+        for s in started:
+            s.handle.cancel()
+        raise
+    return started, sum(len(ids) for ids in prompts)
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> object:
+    prefix = await resolve_prefix(services, body.model)
+    started, num_prompt_tokens = _start_all(body, services, prefix)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+    head["model"] = body.model
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        stream = _stream(started, services, head, num_prompt_tokens, include_usage, body.logprobs is not None)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    results = await until_disconnect(request, asyncio.gather(*(collect(s, services) for s in started)))
+    choices = []
+    for index, outputs in enumerate(results):
+        last = check_finished(outputs)
+        logprobs = _logprobs(outputs, services.engine, 0) if body.logprobs is not None else None
+        text = "".join(o.text_delta for o in outputs)
+        choices.append(
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(last)}
+        )
+    num_completion = sum(len(o.token_ids) for outputs in results for o in outputs)
+    return {**head, "choices": choices, "usage": _usage(num_prompt_tokens, num_completion)}
+
+
+def _usage(num_prompt: int, num_completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_completion,
+        "total_tokens": num_prompt + num_completion,
+    }
+
+
+async def _stream(
+    started: list[Started],
+    services: Services,
+    head: dict[str, Any],
+    num_prompt_tokens: int,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> AsyncIterator[str]:
+    """Chunks as tokens are made, choices interleaved; an optional usage chunk; `[DONE]`."""
+    queue: asyncio.Queue[tuple[int, StepOutput | None]] = asyncio.Queue()
+
+    async def pump(index: int, one: Started) -> None:
+        try:
+            async for output in outputs_of(one, services):
+                queue.put_nowait((index, output))
+        finally:
+            queue.put_nowait((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(started)]
+    offsets = [0] * len(started)
+    num_completion = 0
+    try:
+        remaining = len(started)
+        while remaining:
+            index, output = await queue.get()
+            if output is None:
+                remaining -= 1
+                continue
+            if output.error is not None:
+                yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'server_error'}})}\n\n"
+                continue
+            num_completion += len(output.token_ids)
+            logprobs = _logprobs([output], services.engine, offsets[index]) if want_logprobs else None
+            offsets[index] += len(output.text_delta)
+            choice = {"index": index, "text": output.text_delta, "logprobs": logprobs}
+            choice["finish_reason"] = _finish_reason(output)
+            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+        if include_usage:
+            usage = _usage(num_prompt_tokens, num_completion)
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in pumps:  # the client left early: abort every choice
+            task.cancel()
+
+
+def _model(meta: PrefixMeta) -> dict[str, Any]:
+    created = datetime.fromisoformat(meta.created_at.replace("Z", "+00:00"))
+    owner = meta.task_id.split(":", 1)[0] if ":" in meta.task_id else "prefix-server"
+    return {"id": meta.task_id, "object": "model", "created": int(created.timestamp()), "owned_by": owner}
+
+
+@router.get("/models")
+async def list_models(
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    after: Annotated[str | None, Query(pattern=TASK_ID_PATTERN)] = None,
+) -> object:
+    """The tasks, as OpenAI models; page with `after` = the last id while `has_more`."""
+    items, next_cursor = await services.prefixes.list(limit, after)
+    return {"object": "list", "data": [_model(m) for m in items], "has_more": next_cursor is not None}
+
+
+@router.get("/models/{model}")
+async def get_model(model: Annotated[str, Path(pattern=TASK_ID_PATTERN)], services: ServicesDep) -> object:
+    meta = await services.prefixes.get_meta(model)
+    if meta is None:
+        raise ApiError(404, "unknown_task", f"no prefix is uploaded for model (task_id) {model!r}")
+    return _model(meta)

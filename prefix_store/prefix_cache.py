@@ -68,6 +68,7 @@ class PrefixCache:
         self.device_tier = ByteLRU("device", device_bytes, self.is_pinned)
         self.host_tier = ByteLRU("host", host_bytes, self.is_pinned)
         self.load_stats = LoadStats()
+        self.num_loading = 0  # requests waiting on a Redis load right now
         self._on_load = on_load
         self._encoder = encoder  # runs soft prompts and text through the frozen model once
         self._pins: dict[str, int] = {}
@@ -95,7 +96,11 @@ class PrefixCache:
             pending = asyncio.ensure_future(self._load(task_id))
             self._loading[task_id] = pending
             pending.add_done_callback(lambda done: self._forget_load(task_id, done))
-        return await asyncio.shield(pending)  # a caller that gives up does not cancel the others' load
+        self.num_loading += 1
+        try:
+            return await asyncio.shield(pending)  # a caller that gives up does not cancel the others' load
+        finally:
+            self.num_loading -= 1
 
     async def warm(self, task_id: str) -> PrefixEntry | None:
         """Load a task into both tiers ahead of traffic (prefetch)."""

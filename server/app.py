@@ -3,13 +3,11 @@
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prefix_store.embedded_redis import EmbeddedRedis
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
@@ -18,6 +16,7 @@ from prefix_store.redis_store import RedisPrefixStore, connect
 from server.api import routes_admin, routes_generate, routes_health, routes_openai
 from server.api.deps import Services
 from server.api.errors import install_error_handlers
+from server.api.middleware import RequestMetricsMiddleware
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVLayout, SlotKVCache
@@ -93,7 +92,17 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)
     layout = plan_kv(settings, loaded)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_max_tasks)
+    metrics.model_info.info(
+        {
+            "model": loaded.name,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "fingerprint": fingerprint,
+            "max_len": str(layout.max_len),
+            "kv_slots": str(layout.num_slots),
+        }
+    )
     engine = Engine(loaded, SlotKVCache(layout), settings.max_queue, on_step=metrics.observe_step)
     engine.start(asyncio.get_running_loop())
     stack.callback(engine.stop)
@@ -129,35 +138,6 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
         settings.max_new_tokens,
         settings.max_upload_bytes,
     )
-
-
-class RequestMetricsMiddleware:
-    """Counts requests by route template and status (pure ASGI: keeps client disconnects visible)."""
-
-    def __init__(self, app: ASGIApp, app_state: Any) -> None:
-        self.app = app
-        self.app_state = app_state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            services: Services | None = getattr(self.app_state, "services", None)
-            endpoint = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded labels
-            if services is not None:
-                services.metrics.observe_request(endpoint, status, time.perf_counter() - started)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -1,13 +1,13 @@
 """`prefix-serve`: parse flags into Settings and run the HTTP server."""
 
 import argparse
-import logging
 from typing import Any
 
 import uvicorn
 
 from server.app import create_app
 from server.config import Settings
+from server.logs import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -24,8 +24,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # access lines come from the app (one per request, with generation details), not uvicorn
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        log_config=None,
+    )

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_upload_bytes: int = Field(512 * MiB, ge=1, description="largest prefix upload")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+    metrics_max_tasks: int = Field(
+        20, ge=0, description="tasks that get their own label in per-task metrics (the rest: task=other)"
+    )
 
     def resolve_admin_token(self) -> str:
         """The configured token, else the one saved under the data dir, else a new one saved there."""

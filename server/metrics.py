@@ -1,17 +1,44 @@
-"""Every Prometheus collector, fed from the engine's and the prefix cache's stats objects."""
+"""Every Prometheus collector, fed from the engine's and the prefix cache's stats objects.
 
+`docs/metrics.md` documents each one. Labels are bounded: endpoints are route templates,
+tiers and finish reasons are fixed sets, and per-task series exist only for the first
+`max_task_labels` tasks seen (the rest count under `task="other"`).
+"""
+
+import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from prefix_store.prefix_cache import PrefixCache
-from server.engine.engine import EngineStats, StepStats
+from server.engine.stats import EngineStats, FinishedRequest, StepStats
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# LLM serving spans milliseconds (a decode step) to minutes (a long generation)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 _LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+OTHER_TASKS = "other"
+
+
+class TaskLabels:
+    """Gives the first `max_tasks` task ids their own label value; every later one is `other`."""
+
+    def __init__(self, max_tasks: int) -> None:
+        self.max_tasks = max_tasks
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, task_id: str) -> str:
+        with self._lock:
+            if task_id in self._known:
+                return task_id
+            if len(self._known) < self.max_tasks:
+                self._known.add(task_id)
+                return task_id
+        return OTHER_TASKS
 
 
 class _LiveCollector(Collector):
@@ -23,17 +50,28 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine_stats()
+        prefixes = self._prefixes
         yield GaugeMetricFamily(
             "prefix_server_running_requests", "Rows being decoded", value=stats.num_running
         )
         yield GaugeMetricFamily(
-            "prefix_server_waiting_requests", "Requests waiting for a slot", stats.num_waiting
+            "prefix_server_waiting_requests", "Requests waiting for a KV slot", stats.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "prefix_server_loading_requests",
+            "Requests waiting for their prefix from Redis",
+            prefixes.num_loading,
         )
         yield GaugeMetricFamily(
             "prefix_server_kv_slots", "KV cache slots (max concurrent rows)", stats.num_slots
         )
+        yield GaugeMetricFamily(
+            "prefix_server_kv_cache_used_bytes", "KV memory held by running rows", stats.kv_used_bytes
+        )
+        yield GaugeMetricFamily(
+            "prefix_server_kv_cache_capacity_bytes", "Pre-allocated KV slot memory", stats.kv_capacity_bytes
+        )
         yield from self._tier_metrics()
-        prefixes = self._prefixes
         yield CounterMetricFamily(
             "prefix_server_prefix_loads", "Prefix loads from Redis", prefixes.load_stats.loads
         )
@@ -67,66 +105,110 @@ class _LiveCollector(Collector):
         for tier in self._prefixes.tiers:
             for field, family in families.items():
                 family.add_metric([tier.name], getattr(tier.stats, field))
+        capacity = GaugeMetricFamily(
+            "prefix_server_prefix_cache_capacity_bytes", "Tier budget", labels=["tier"]
+        )
+        for tier in self._prefixes.tiers:
+            capacity.add_metric([tier.name], tier.capacity_bytes)
         yield from families.values()
+        yield capacity
 
 
 class Metrics:
     """One registry per app, so several apps (tests) never collide."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, max_task_labels: int = 20) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.task_label = TaskLabels(max_task_labels)
         self.requests = Counter(
-            "prefix_server_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
+            "prefix_server_requests", "HTTP requests", ["endpoint", "status"], registry=registry
         )
-        self.request_duration = Histogram(
+        self.request_duration = self._histogram(
             "prefix_server_request_duration_seconds",
-            "HTTP request latency",
+            "HTTP request latency, end to end",
+            _LATENCY_BUCKETS,
             ["endpoint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.ttft = Histogram(
+        self.ttft = self._histogram(
             "prefix_server_time_to_first_token_seconds",
-            "Arrival to first generated token",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            "Request arrival to first generated token",
+            _LATENCY_BUCKETS,
         )
-        self.batch_size = Histogram(
-            "prefix_server_batch_size", "Rows per engine step", buckets=_BATCH_BUCKETS, registry=self.registry
+        self.tpot = self._histogram(
+            "prefix_server_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            _TOKEN_BUCKETS,
         )
-        self.generated_tokens = Counter(
-            "prefix_server_generated_tokens", "Tokens generated", registry=self.registry
+        self.queue_wait = self._histogram(
+            "prefix_server_queue_wait_seconds", "Submitted to admitted into a KV slot", _LATENCY_BUCKETS
         )
-        self.prefix_load = Histogram(
+        self.generation_duration = self._histogram(
+            "prefix_server_generation_duration_seconds",
+            "Submitted to last token, per generation",
+            _LATENCY_BUCKETS,
+        )
+        self.batch_size = self._histogram("prefix_server_batch_size", "Rows per engine step", _BATCH_BUCKETS)
+        self.step_duration = self._histogram(
+            "prefix_server_engine_step_seconds", "Engine step latency", _TOKEN_BUCKETS
+        )
+        self.prefix_load = self._histogram(
             "prefix_server_prefix_load_seconds",
             "Prefix load from Redis to the device (cold miss)",
-            buckets=_LOAD_BUCKETS,
-            registry=self.registry,
+            _LOAD_BUCKETS,
+        )
+        self.generated_tokens = Counter(
+            "prefix_server_generated_tokens", "Tokens generated", registry=registry
+        )
+        self.prompt_tokens = Counter(
+            "prefix_server_prompt_tokens", "Prompt tokens prefilled", registry=registry
         )
         self.finished = Counter(
-            "prefix_server_finished_requests",
-            "Generations ended, by reason",
-            ["reason"],
-            registry=self.registry,
+            "prefix_server_finished_requests", "Generations ended, by reason", ["reason"], registry=registry
         )
-        self.step_duration = Histogram(
-            "prefix_server_engine_step_seconds",
-            "Engine step latency",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.task_requests = Counter(
+            "prefix_server_task_requests",
+            "Generations per task (bounded labels)",
+            ["task"],
+            registry=registry,
         )
+        self.task_tokens = Counter(
+            "prefix_server_task_generated_tokens",
+            "Generated tokens per task (bounded labels)",
+            ["task"],
+            registry=registry,
+        )
+        self.model_info = Info("prefix_server_model", "The served model", registry=registry)
+
+    def _histogram(
+        self, name: str, doc: str, buckets: tuple[float, ...], labels: list[str] | None = None
+    ) -> Histogram:
+        return Histogram(name, doc, labels or [], buckets=buckets, registry=self.registry)
 
     def bind(self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache) -> None:
         self.registry.register(_LiveCollector(engine_stats, prefixes))
 
     def observe_step(self, stats: StepStats) -> None:
-        for reason in stats.finish_reasons:  # bounded: length|stop|eos|abort|error
-            self.finished.labels(reason=reason).inc()
+        """Called by the engine thread after each step."""
+        for request in stats.finished:
+            self._observe_finished(request)
         if stats.num_decode_rows + stats.num_prefill_rows == 0:
             return
         self.batch_size.observe(stats.num_decode_rows + stats.num_prefill_rows)
         self.generated_tokens.inc(stats.num_new_tokens)
         self.step_duration.observe(stats.duration_s)
+
+    def _observe_finished(self, request: FinishedRequest) -> None:
+        self.finished.labels(reason=request.finish_reason).inc()  # bounded: length|stop|eos|abort|error
+        task = self.task_label(request.task_id)
+        self.task_requests.labels(task=task).inc()
+        self.task_tokens.labels(task=task).inc(request.num_output_tokens)
+        if request.queue_wait_s is not None:
+            self.prompt_tokens.inc(request.num_prompt_tokens)
+            self.queue_wait.observe(request.queue_wait_s)
+        if request.tpot_s is not None:
+            self.tpot.observe(request.tpot_s)
+        if request.finish_reason in ("length", "stop", "eos"):
+            self.generation_duration.observe(request.duration_s)
 
     def observe_request(self, endpoint: str, status: int, duration_s: float) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

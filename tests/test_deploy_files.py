@@ -20,7 +20,7 @@ from prefix_store.entry import PrefixSpec
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore
 from server.config import Settings
-from server.engine.engine import EngineStats
+from server.engine.stats import EngineStats
 from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent

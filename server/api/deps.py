@@ -8,8 +8,8 @@ from fastapi import Request
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from prefix_store.prefix_cache import ResidentPrefix
-from server.engine.engine import EngineStats
 from server.engine.request import SamplingParams, StepOutput
+from server.engine.stats import EngineStats
 from server.metrics import Metrics
 
 

@@ -3,7 +3,7 @@
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi import Request
@@ -24,6 +24,17 @@ class Started:
     prompt_ids: list[int]
     handle: RequestHandleProtocol
     arrival: float
+    summary: dict[str, object] = field(default_factory=dict)  # filled as it runs; logged per request
+
+    def describe(self, task_id: str) -> dict[str, object]:
+        """The access-log fields of this generation (the dict keeps filling in until it ends)."""
+        self.summary.update(
+            id=self.handle.request_id,
+            task_id=task_id,
+            prefix_version=self.prefix.meta.version,
+            prompt_tokens=len(self.prompt_ids),
+        )
+        return self.summary
 
 
 async def resolve_prefix(services: Services, task_id: str) -> PrefixEntry:
@@ -34,12 +45,16 @@ async def resolve_prefix(services: Services, task_id: str) -> PrefixEntry:
 
 
 def start(
-    services: Services, task_id: str, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams
+    services: Services,
+    task_id: str,
+    prefix: PrefixEntry,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    arrival: float,
 ) -> Started:
     """Submit to the engine; the task stays pinned in the prefix cache until the request is over."""
     if params.max_new_tokens > services.max_new_tokens:
         raise ApiError(422, "invalid_request", f"max_new_tokens must be <= {services.max_new_tokens}")
-    arrival = time.monotonic()
     prefixes = services.prefixes
     prefixes.pin(task_id)
     try:
@@ -52,11 +67,16 @@ def start(
 
 async def outputs_of(started: Started, services: Services) -> AsyncIterator[StepOutput]:
     """The request's outputs as the engine makes them; records time to first token."""
-    is_first = True
+    summary = started.summary
+    summary["completion_tokens"] = 0
     async for output in started.handle:
-        if is_first:
-            services.metrics.ttft.observe(time.monotonic() - started.arrival)
-            is_first = False
+        if "ttft_ms" not in summary:
+            ttft = time.monotonic() - started.arrival
+            services.metrics.ttft.observe(ttft)
+            summary["ttft_ms"] = round(1000 * ttft, 2)
+        summary["completion_tokens"] = int(summary["completion_tokens"]) + len(output.token_ids)  # type: ignore[call-overload]
+        if output.finish_reason is not None:
+            summary["finish_reason"] = output.finish_reason
         yield output
 
 

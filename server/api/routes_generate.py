@@ -1,6 +1,7 @@
 """`POST /generate`: resolve the task's prefix, tokenize, submit, collect or stream."""
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -39,6 +40,7 @@ def _params(body: GenerateRequest) -> SamplingParams:
 async def generate(
     body: GenerateRequest, request: Request, services: Annotated[Services, Depends(get_services)]
 ) -> object:
+    arrival = time.monotonic()  # time to first token includes waiting for a cold prefix
     params = _params(body)
     prefix = await resolve_prefix(services, body.task_id)
     engine = services.engine
@@ -47,7 +49,8 @@ async def generate(
         if body.input_ids is not None
         else engine.encode(body.prompt or "", body.add_special_tokens)
     )
-    started = start(services, body.task_id, prefix, prompt_ids, params)
+    started = start(services, body.task_id, prefix, prompt_ids, params, arrival)
+    request.state.generations = [started.describe(body.task_id)]
     if body.stream:
         return StreamingResponse(_sse(started, services), media_type="text/event-stream")
     outputs = await until_disconnect(request, collect(started, services))

@@ -76,14 +76,18 @@ def _top_dict(
     return top
 
 
-def _start_all(body: CompletionRequest, services: Services, prefix: Any) -> tuple[list[Started], int]:
+def _start_all(
+    body: CompletionRequest, services: Services, prefix: Any, arrival: float
+) -> tuple[list[Started], int]:
     """One engine request per (prompt, choice); returns them and the prompt token count."""
     engine = services.engine
     prompts = [engine.encode(p, False) if isinstance(p, str) else p for p in body.prompts]
     started: list[Started] = []
     try:
         for ids in prompts:
-            started += [start(services, body.model, prefix, ids, _params(body, j)) for j in range(body.n)]
+            started += [
+                start(services, body.model, prefix, ids, _params(body, j), arrival) for j in range(body.n)
+            ]
     except BaseException:
         for s in started:
             s.handle.cancel()
@@ -93,8 +97,10 @@ def _start_all(body: CompletionRequest, services: Services, prefix: Any) -> tupl
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> object:
+    arrival = time.monotonic()
     prefix = await resolve_prefix(services, body.model)
-    started, num_prompt_tokens = _start_all(body, services, prefix)
+    started, num_prompt_tokens = _start_all(body, services, prefix, arrival)
+    request.state.generations = [s.describe(body.model) for s in started]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
     head["model"] = body.model
     if body.stream:

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -27,31 +26,10 @@ from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import Scheduler
+from server.engine.stats import EngineStats, StepStats, finished_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for `/metrics` and `/ready`."""
-
-    num_running: int
-    num_waiting: int
-    num_slots: int
-    max_len: int
-    is_alive: bool
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one step did; fed to the metrics by whoever built the engine."""
-
-    num_decode_rows: int
-    num_prefill_rows: int
-    num_new_tokens: int
-    duration_s: float
-    finish_reasons: tuple[str, ...]  # of the rows that ended in this step (aborts included)
 
 
 class RequestHandle:
@@ -134,9 +112,15 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
+        layout = self.kv.layout
         with self._lock:
-            num_running, num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
-        return EngineStats(num_running, num_waiting, self.kv.layout.num_slots, self.max_len, self.is_alive)
+            running, num_waiting = list(self.scheduler.running), len(self.scheduler.waiting)
+        bytes_per_position = layout.bytes_per_slot // layout.max_len
+        used = sum(r.num_cached + 1 for r in running) * bytes_per_position
+        capacity = layout.bytes_per_slot * layout.num_slots
+        return EngineStats(
+            len(running), num_waiting, layout.num_slots, self.max_len, self.is_alive, used, capacity
+        )
 
     # ---- caller side (event loop thread) -----------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -272,9 +256,11 @@ class Engine:
         """One iteration of continuous batching."""
         started = time.perf_counter()
         aborted = self._take_aborted()
-        self._retire(aborted)
+        self._retire({r.request_id for r in aborted})
         with self._lock:
             batch = self.scheduler.schedule()
+        for request in batch.prefill:
+            request.admitted_time = time.monotonic()
         outputs: list[StepOutput] = []
         if batch.decode:
             rows = [ForwardRow(r.num_cached, [r.output_ids[-1]]) for r in batch.decode]
@@ -289,9 +275,10 @@ class Engine:
         self._retire({r.request_id for r in finished})
         self._emit(outputs)
         if self._on_step is not None and (batch.num_rows or aborted):
-            reasons = tuple(str(r.finish_reason) for r in finished) + ("abort",) * len(aborted)
+            now = time.monotonic()
+            ended = tuple(finished_request(r, now) for r in finished + aborted)
             duration = time.perf_counter() - started
-            self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration, reasons))
+            self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration, ended))
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         params = [r.params for r in rows]
@@ -313,16 +300,15 @@ class Engine:
         for move in moves:
             self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
 
-    def _take_aborted(self) -> set[str]:
-        """Drop aborted waiting requests; mark aborted running rows finished. Returns the latter."""
+    def _take_aborted(self) -> list[Request]:
+        """Drop aborted waiting requests; mark aborted running rows finished and return them."""
         with self._lock:
             aborted, self._aborted = self._aborted, set()
             for request_id in aborted:
                 self.scheduler.remove_waiting(request_id)
-            running = {r.request_id for r in self.scheduler.running if r.request_id in aborted}
-        for request in self.scheduler.running:
-            if request.request_id in running:
-                request.finish_reason = "abort"
+            running = [r for r in self.scheduler.running if r.request_id in aborted]
+        for request in running:
+            request.finish_reason = "abort"
         return running
 
     def _fail(self, message: str, include_waiting: bool) -> None:

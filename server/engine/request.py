@@ -58,6 +58,7 @@ class Request:
     num_sent_chars: int = 0  # how much of `text` was already handed out
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = None  # when it got a KV slot
     first_token_time: float | None = None
 
     @property

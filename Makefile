@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+PROM_DIR := $(VENV)/prometheus
+
+.PHONY: install serve test lint bench clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,12 +21,20 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/prefix-serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/pytest tests
 
+# A real Prometheus for the dashboard test: Debian's package, unpacked under .venv (no service started).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || test -x $(PROM_DIR)/usr/bin/prometheus || \
+	  ( mkdir -p $(PROM_DIR) && cd $(PROM_DIR) && \
+	    { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } && \
+	    dpkg -x prometheus_*.deb . && rm -f prometheus_*.deb ) || \
+	  echo "note: could not install prometheus (apt-get download prometheus failed); its test will skip"
+
 lint: $(STAMP)
-	$(BIN)/ruff check server prefix_store clients tests bench
-	$(BIN)/ruff format --check server prefix_store clients tests bench
+	$(BIN)/ruff check server prefix_store clients tests bench docker
+	$(BIN)/ruff format --check server prefix_store clients tests bench docker
 	$(BIN)/mypy server prefix_store clients
 
 bench: $(STAMP)

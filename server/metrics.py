@@ -31,6 +31,10 @@ class TaskLabels:
         self._known: set[str] = set()
         self._lock = threading.Lock()
 
+    def known(self) -> list[str]:
+        with self._lock:
+            return sorted(self._known)
+
     def __call__(self, task_id: str) -> str:
         with self._lock:
             if task_id in self._known:
@@ -44,9 +48,12 @@ class TaskLabels:
 class _LiveCollector(Collector):
     """Gauges and counters read from stats objects at scrape time."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache) -> None:
+    def __init__(
+        self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache, task_labels: TaskLabels
+    ) -> None:
         self._engine_stats = engine_stats
         self._prefixes = prefixes
+        self._task_labels = task_labels
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine_stats()
@@ -83,6 +90,19 @@ class _LiveCollector(Collector):
         yield CounterMetricFamily(
             "prefix_server_redis_errors", "Failed Redis calls", prefixes.store.num_errors
         )
+        yield self._task_residency()
+
+    def _task_residency(self) -> Metric:
+        """1 where a labelled task's prefix is resident in a tier (only the bounded set of tasks)."""
+        family = GaugeMetricFamily(
+            "prefix_server_task_prefix_resident",
+            "Task prefix resident in a tier (1) or not (0)",
+            labels=["task", "tier"],
+        )
+        for task_id in self._task_labels.known():
+            for tier in self._prefixes.tiers:
+                family.add_metric([task_id, tier.name], float(tier.peek(task_id) is not None))
+        return family
 
     def _tier_metrics(self) -> Iterator[Metric]:
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
@@ -185,7 +205,7 @@ class Metrics:
         return Histogram(name, doc, labels or [], buckets=buckets, registry=self.registry)
 
     def bind(self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache) -> None:
-        self.registry.register(_LiveCollector(engine_stats, prefixes))
+        self.registry.register(_LiveCollector(engine_stats, prefixes, self.task_label))
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the engine thread after each step."""

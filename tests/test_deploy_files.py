@@ -6,6 +6,7 @@ No Docker, no network: YAML/JSON/TOML parsing plus imports of the server's own S
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from prefix_store.redis_store import RedisPrefixStore
 from server.config import Settings
 from server.engine.stats import EngineStats
 from server.metrics import Metrics
+from tests.prometheus_process import find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -226,6 +228,26 @@ def test_server_depends_on_healthy_redis(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
     assert "healthcheck" in redis
     assert compose["services"]["server"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "--appendonly" in redis["command"] and any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_compose_services_have_healthchecks(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("redis", "server", "prometheus", "grafana"):
+        assert "test" in services[name]["healthcheck"], name
+    assert "/ready" in " ".join(services["server"]["healthcheck"]["test"])
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert any(v.endswith(":/models:ro") for v in services["server"]["volumes"])  # model dir as a volume
+    assert services["server"]["environment"]["PREFIX_ADMIN_TOKEN"].startswith("${PREFIX_ADMIN_TOKEN")
+
+
+def test_promtool_accepts_the_prometheus_config() -> None:
+    promtool = find_binary("promtool")
+    if promtool is None:
+        pytest.skip("no promtool: `make prometheus` could not `apt-get download prometheus` here")
+    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
@@ -244,20 +266,23 @@ def test_dockerfile_pins_torch_like_pyproject(pyproject: dict[str, Any]) -> None
     version = pins[0].split("==", 1)[1].strip()
     text = DOCKERFILE.read_text()
     assert set(re.findall(r"torch==([\w.+-]+)", text)) == {version}
-    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text  # CPU by default
+    assert "--index-url ${TORCH_INDEX} torch==" in text
 
 
 def test_dockerfile_runtime_contract() -> None:
     instructions = _dockerfile_instructions()
-    keywords = [keyword for keyword, _ in instructions]
-    args = {keyword: value for keyword, value in instructions}
-    assert instructions[0][1].startswith("python:3.11-slim")
-    assert args["WORKDIR"] == "/app"
-    assert args["USER"] not in {"root", "0"}
+    assert instructions[0] == ("ARG", "BASE=python:3.11-slim")
+    froms = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
+    assert len(froms) == 2 and instructions[froms[1]][1] == "${BASE} AS runtime"  # multi-stage
+    runtime = instructions[froms[1] :]
+    keywords = [keyword for keyword, _ in runtime]
+    args = {keyword: value for keyword, value in runtime}
+    assert args["USER"] not in {"root", "0"}  # no root runtime user
     assert keywords.index("USER") < keywords.index("CMD")
     assert "/data" in args["VOLUME"]
     assert args["EXPOSE"] == str(Settings.model_fields["port"].default)
-    assert "/health" in args["HEALTHCHECK"] and "curl" not in args["HEALTHCHECK"]
+    assert "/ready" in args["HEALTHCHECK"] and "curl" not in args["HEALTHCHECK"]
     env = _dockerfile_env()
     assert env["PREFIX_SERVE_HOST"] == "0.0.0.0" and env["PREFIX_SERVE_DATA_DIR"] == "/data"
     accepted = _accepted_env_names()
@@ -351,3 +376,11 @@ def test_nginx_proxies_streams_and_uploads() -> None:
     assert re.search(r"client_max_body_size\s+512m;", text)
     generate = re.search(r"location\s+[^{]*generate[^{]*\{(?P<body>[^}]*)\}", text)
     assert generate and re.search(r"proxy_buffering\s+off;", generate.group("body"))
+
+
+def test_docs_describe_every_exported_metric() -> None:
+    docs = (ROOT / "docs" / "metrics.md").read_text()
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in _exported_metric_names()}
+    undocumented = sorted(name for name in families if name.removesuffix("_info") not in docs)
+    assert "prefix_server_time_per_output_token_seconds" in families
+    assert undocumented == []

@@ -1,0 +1,433 @@
+"""The modes of `bench/throughput.py`, the workload builder, the roofline and the report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---- workload -----------------------------------------------------------------------------
+def build(w: Any, workdir: Path) -> None:
+    """The model (fixed seed), a tokenizer covering its vocab, and one PEFT adapter per task."""
+    config = GPT2Config(
+        n_layer=w.layers, n_embd=w.hidden, n_head=w.heads, vocab_size=w.vocab, n_positions=1024,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(workdir / "model")
+    vocab = {f"t{i}": i for i in range(w.vocab)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins with spaces
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="t0", pad_token="t0").save_pretrained(
+        workdir / "model"
+    )
+    peft = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=w.prefix_len))
+    for task in range(w.num_tasks):
+        torch.manual_seed(1000 + task)
+        with torch.no_grad():
+            for param in peft.prompt_encoder.parameters():
+                param.normal_(0.0, 0.5)
+        peft.save_pretrained(workdir / "adapters" / str(task))
+
+
+def requests(w: Any, one_task: bool = False) -> list[tuple[int, list[int]]]:
+    """(task, prompt ids) for every request: prompt lengths uniform in [prompt_min, prompt_max]."""
+    rng = random.Random(7)
+    out = []
+    for i in range(w.num_requests):
+        length = rng.randint(w.prompt_min, w.prompt_max)
+        out.append((0 if one_task else i % w.num_tasks, [rng.randrange(1, w.vocab) for _ in range(length)]))
+    return out
+
+
+# ---- roofline -----------------------------------------------------------------------------
+def gemm_flops_per_s(dtype: torch.dtype, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    return 2 * n**3 / best
+
+
+def _timed(fn: Any) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def model_flops(w: Any) -> dict[str, float]:
+    """Matmul FLOPs: per token through the body, the LM head, and attention per context position."""
+    body = 2 * w.layers * 12 * w.hidden * w.hidden  # qkv 3h^2 + proj h^2 + mlp 8h^2, x2 FLOPs per MAC
+    return {"body": body, "head": 2 * w.hidden * w.vocab, "attention_per_position": 4 * w.layers * w.hidden}
+
+
+def workload_flops_per_generated_token(w: Any) -> float:
+    f = model_flops(w)
+    total = 0.0
+    for _, prompt in requests(w):
+        p = len(prompt)
+        total += p * f["body"] + f["head"]  # prefill (logits of the last position only)
+        total += f["attention_per_position"] * sum(w.prefix_len + i + 1 for i in range(p))
+        for t in range(1, w.new_tokens):  # the first token comes from prefill
+            total += f["body"] + f["head"] + f["attention_per_position"] * (w.prefix_len + p + t)
+    return total / (w.num_requests * w.new_tokens)
+
+
+def roofline(w: Any) -> dict[str, float]:
+    gemm = gemm_flops_per_s(DTYPES[w.dtype])
+    per_token = workload_flops_per_generated_token(w)
+    return {
+        "gemm_2048_flops_per_s": gemm,
+        "flops_per_generated_token": per_token,
+        "roofline_tokens_per_s": gemm / per_token,
+    }
+
+
+# ---- A and B: PEFT ----------------------------------------------------------------------------
+class _FirstToken:
+    """A generate() streamer that notes when the first new token of the batch appears."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _peft(w: Any, workdir: Path, tasks: list[int]) -> PeftModel:
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=DTYPES[w.dtype])
+    model = PeftModel.from_pretrained(base, workdir / "adapters" / str(tasks[0]), adapter_name=str(tasks[0]))
+    for task in tasks[1:]:
+        model.load_adapter(workdir / "adapters" / str(task), adapter_name=str(task))
+    return model.eval()
+
+
+def _generate(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, w: Any) -> tuple[float, float, float]:
+    streamer = _FirstToken()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens,
+                       do_sample=False, pad_token_id=0, streamer=streamer)  # fmt: skip
+    ended = time.perf_counter()
+    first = streamer.times[1] if len(streamer.times) > 1 else ended  # times[0]: the prompt
+    return started, first, ended
+
+
+def peft_sequential(w: Any, workdir: Path) -> dict[str, Any]:
+    subset = requests(w)[: w.peft_subset]
+    model = _peft(w, workdir, sorted({t for t, _ in subset}))
+    ttft, tpot, seconds = [], [], 0.0
+    for task, prompt in subset:
+        model.set_adapter(str(task))
+        ids = torch.tensor([prompt])
+        started, first, ended = _generate(model, ids, torch.ones_like(ids), w)
+        ttft.append(first - started)
+        tpot.append((ended - first) / max(w.new_tokens - 1, 1))
+        seconds += ended - started
+    note = f"measured on {len(subset)} of {w.num_requests} requests, one at a time; rate = tokens / time of those"
+    return {
+        "tokens": len(subset) * w.new_tokens,
+        "seconds": seconds,
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "note": note,
+    }
+
+
+def peft_batched(w: Any, workdir: Path) -> dict[str, Any]:
+    model = _peft(w, workdir, [0])
+    reqs = requests(w, one_task=True)
+    ttft, tpot = [], []
+    started_all = time.perf_counter()
+    for start in range(0, len(reqs), w.concurrency):
+        batch = [p for _, p in reqs[start : start + w.concurrency]]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        began = time.perf_counter()
+        started, first, ended = _generate(model, ids, mask, w)
+        ttft += [first - started_all] * len(batch)  # all arrive at t=0 (closed loop of 64)
+        tpot += [(ended - first) / max(w.new_tokens - 1, 1)] * len(batch)
+        del began
+    seconds = time.perf_counter() - started_all
+    return {"tokens": len(reqs) * w.new_tokens, "seconds": seconds, "ttft_s": ttft, "tpot_s": tpot,
+            "note": "one task, batches of `concurrency` with left padding (PEFT cannot mix prefix tasks)"}  # fmt: skip
+
+
+# ---- C and D: the engine in-process -----------------------------------------------------------
+def _engine(w: Any, workdir: Path) -> tuple[Any, list[Any]]:
+    from prefix_store.entry import PrefixEntry, PrefixMeta
+    from prefix_store.fingerprint import prefix_spec_for
+    from prefix_store.format import parse_upload
+    from server.engine.engine import Engine
+    from server.engine.kv_cache import KVLayout, SlotKVCache
+    from server.engine.model_loader import ModelOptions, load_model
+
+    loaded = load_model(ModelOptions(str(workdir / "model"), "cpu", w.dtype, workdir / "data"))
+    spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
+    prefixes = []
+    for task in range(w.num_tasks):
+        path = workdir / "adapters" / str(task)
+        weights, config = (
+            (path / "adapter_model.safetensors").read_bytes(),
+            (path / "adapter_config.json").read_bytes(),
+        )
+        kv = parse_upload(spec, weights, config)
+        prefixes.append(PrefixEntry(PrefixMeta(f"t{task}", 1, w.prefix_len, 0, w.dtype, "", ""), kv))
+    max_len = w.prefix_len + w.prompt_max + w.new_tokens
+    layout = KVLayout(
+        spec.num_layers, spec.num_kv_heads, spec.head_dim, w.concurrency, max_len, loaded.dtype, loaded.device
+    )
+    return Engine(loaded, SlotKVCache(layout), max_queue=100_000), prefixes
+
+
+async def _closed_loop(w: Any, reqs: list[tuple[int, list[int]]], one: Any) -> dict[str, Any]:
+    """`concurrency` clients, each sending its next request when the last one finished."""
+    queue: asyncio.Queue[tuple[int, list[int]]] = asyncio.Queue()
+    for r in reqs:
+        queue.put_nowait(r)
+    ttft: list[float] = []
+    tpot: list[float] = []
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while not queue.empty():
+            task, prompt = queue.get_nowait()
+            started = time.perf_counter()
+            times = await one(task, prompt)
+            ttft.append(times[0] - started)
+            tpot.append((times[-1] - times[0]) / max(len(times) - 1, 1))
+            tokens += len(times)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(w.concurrency)))
+    return {"tokens": tokens, "seconds": time.perf_counter() - started, "ttft_s": ttft, "tpot_s": tpot}
+
+
+def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
+    from server.engine.request import SamplingParams
+
+    engine, prefixes = _engine(w, workdir)
+    params = SamplingParams(max_new_tokens=w.new_tokens, ignore_eos=True)
+
+    async def main() -> dict[str, Any]:
+        engine.start(asyncio.get_running_loop())
+
+        async def one(task: int, prompt: list[int]) -> list[float]:
+            return [time.perf_counter() async for _ in engine.submit(prefixes[task], prompt, params)]
+
+        try:
+            await one(0, [1, 2, 3])  # warm-up
+            result = await _closed_loop(w, requests(w, one_task=one_task), one)
+        finally:
+            engine.stop()
+        return result
+
+    result = asyncio.run(main())
+    if not one_task:
+        result["decode_mfu"] = decode_mfu(engine, w)
+    return result
+
+
+def engine_one_task(w: Any, workdir: Path) -> dict[str, Any]:
+    return _run_engine(w, workdir, one_task=True)
+
+
+def engine_mixed(w: Any, workdir: Path) -> dict[str, Any]:
+    return _run_engine(w, workdir, one_task=False)
+
+
+def decode_mfu(engine: Any, w: Any) -> float:
+    """Model FLOPs of a decode step of `concurrency` rows (at a mid-generation context) / its time / GEMM rate."""
+    from server.engine.model_runner import ForwardRow
+    from server.engine.request import SamplingParams
+    from server.engine.sampler import sample
+
+    rows = w.concurrency
+    context = w.prefix_len + (w.prompt_min + w.prompt_max) // 2 + w.new_tokens // 2
+    forward = [ForwardRow(context, [1]) for _ in range(rows)]
+    params = [SamplingParams()] * rows
+    step = lambda: sample(engine.runner.forward(0, forward), params, [None] * rows)  # noqa: E731
+    step()
+    seconds = min(_timed(step) for _ in range(5))
+    f = model_flops(w)
+    flops = rows * (f["body"] + f["head"] + f["attention_per_position"] * (context + 1))
+    return flops / seconds / gemm_flops_per_s(DTYPES[w.dtype])
+
+
+# ---- E: through HTTP ------------------------------------------------------------------------
+def http_mixed(w: Any, workdir: Path) -> dict[str, Any]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    max_len = w.prefix_len + w.prompt_max + w.new_tokens
+    command = [sys.executable, "-m", "server", "--model", str(workdir / "model"), "--port", str(port),
+               "--data-dir", str(workdir / "http-data"), "--device", "cpu", "--dtype", w.dtype,
+               "--max-batch-size", str(w.concurrency), "--max-model-len", str(max_len),
+               "--kv-cache-bytes", str(64 * 2**30), "--max-queue", "100000"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_ready(url)
+        token = (workdir / "http-data" / "admin_token").read_text().strip()
+        with httpx.Client(timeout=120) as client:
+            for task in range(w.num_tasks):
+                path = workdir / "adapters" / str(task)
+                files = {"weights": ("w", (path / "adapter_model.safetensors").read_bytes()),
+                         "config": ("c", (path / "adapter_config.json").read_bytes())}  # fmt: skip
+                response = client.put(
+                    f"{url}/admin/prefixes/t{task}", files=files, headers={"Authorization": f"Bearer {token}"}
+                )
+                response.raise_for_status()
+        result = asyncio.run(_http_loop(w, url))
+        result["peak_rss_kib"] = _vm_hwm_kib(server.pid)  # the server's, not this client's
+        return result
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+async def _http_loop(w: Any, url: str) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=w.concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one(task: int, prompt: list[int]) -> list[float]:
+            body = {
+                "task_id": f"t{task}",
+                "input_ids": prompt,
+                "max_new_tokens": w.new_tokens,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            times = []
+            async with client.stream("POST", url + "/generate", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        times += [time.perf_counter()] * len(json.loads(line[6:])["token_ids"])
+            return times
+
+        await one(0, [1, 2, 3])  # warm-up
+        return await _closed_loop(w, requests(w), one)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not become ready")
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---- report -----------------------------------------------------------------------------------
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["modes"]
+    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(rows)
+    bars.bar(names, [rows[m]["tokens_per_s"] for m in names], color="#4c72b0")
+    bars.axhline(
+        result["roofline"]["roofline_tokens_per_s"],
+        color="#c44e52",
+        linestyle="--",
+        label="workload roofline",
+    )
+    bars.set_ylabel("generated tokens / s")
+    bars.set_title("Throughput by mode")
+    bars.legend()
+    for mode, ttfts in result["ttft_s"].items():
+        ordered = sorted(ttfts)
+        cdf.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=mode)
+    cdf.set_xlabel("time to first token (s)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title("TTFT CDF")
+    cdf.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict[str, Any], png: str) -> str:
+    def cell(value: Any, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = result["modes"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench` (`.venv/bin/python bench/throughput.py`); JSON in `bench/results/throughput.json`.",
+        f"Machine: {result['machine']}. Workload: `{json.dumps(result['workload'])}`.",
+        "",
+        "| mode | what | tokens/s | x A | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    what = {"A": "PEFT generate, one request at a time", "B": "PEFT generate, one task, batches of 64",
+            "C": "engine, one task", "D": "engine, 64 tasks mixed", "E": "D over HTTP (64 streaming clients)"}  # fmt: skip
+    for mode, row in rows.items():
+        lines.append(
+            f"| {mode} | {what[mode]} | {cell(row['tokens_per_s'])} | {cell(row['tokens_per_s'] / rows['A']['tokens_per_s'], 2)} | "
+            f"{cell(row['ttft_p50_ms'], 0)} / {cell(row['ttft_p99_ms'], 0)} | {cell(row['tpot_p50_ms'])} / {cell(row['tpot_p99_ms'])} | "
+            f"{cell(row['peak_rss_mib'], 0)} |"
+        )
+    roof, ratios = result["roofline"], result["ratios"]
+    lines += [
+        "",
+        f"Workload roofline: GEMM 2048^3 = {roof['gemm_2048_flops_per_s'] / 1e9:.1f} GFLOP/s measured in this run, "
+        f"{roof['flops_per_generated_token'] / 1e9:.3f} GFLOP per generated token (its share of prefill included) "
+        f"-> {roof['roofline_tokens_per_s']:.0f} tokens/s.",
+        "",
+        "| ratio | value | target |",
+        "| --- | --- | --- |",
+        f"| D / roofline | {ratios['D_over_roofline']:.2f} | >= 0.65 |",
+        f"| D / B | {ratios['D_over_B']:.2f} | >= 2.5 |",
+        f"| D / C | {ratios['D_over_C']:.2f} | >= 0.95 |",
+        f"| E / D | {ratios['E_over_D']:.2f} | >= 0.85 |",
+        f"| decode-step MFU, 64 rows | {cell(ratios['decode_mfu_64_rows'], 2)} | >= 0.55 |",
+        f"| D / A | {ratios['D_over_A']:.2f} | reported |",
+        "",
+        f"Notes: A: {rows['A']['note']}. B: {rows['B']['note']}.",
+        "",
+        f"![throughput and TTFT]({png})",
+        "",
+    ]
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from server.engine.postprocess import append_token
 from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator, sample, token_logprobs
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, prefill_groups
 from server.engine.stats import EngineStats, StepStats, finished_request
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ class Engine:
         self.kv = kv
         self.max_len = kv.layout.max_len
         self.runner = ModelRunner(loaded.model, kv, loaded.max_positions)
-        self.scheduler: Scheduler[Request] = Scheduler(kv.layout.num_slots, max_queue)
+        self.scheduler: Scheduler[Request] = Scheduler(
+            kv.layout.num_slots, max_queue, prefill_order=lambda r: len(r.prompt_ids)
+        )
         self._on_step = on_step
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -269,8 +271,11 @@ class Engine:
             start = batch.prefill_slot_start
             for offset, request in enumerate(batch.prefill):
                 self.kv.load_prefix(start + offset, request.prefix.kv)
-            rows = [ForwardRow(r.prefix_len, r.prompt_ids) for r in batch.prefill]
-            outputs += self._sample(batch.prefill, self.runner.forward(start, rows))
+            # rows arrive sorted by prompt length: forward them in groups with little padding
+            for lo, hi in prefill_groups([len(r.prompt_ids) for r in batch.prefill]):
+                group = batch.prefill[lo:hi]
+                rows = [ForwardRow(r.prefix_len, r.prompt_ids) for r in group]
+                outputs += self._sample(group, self.runner.forward(start + lo, rows))
         finished = [r for r in batch.decode + batch.prefill if r.is_finished]
         self._retire({r.request_id for r in finished})
         self._emit(outputs)

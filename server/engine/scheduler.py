@@ -5,6 +5,7 @@ Running rows stay compact in slots `0..n-1`; a retired row's slot is filled by t
 """
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -42,13 +43,35 @@ class ScheduledBatch(Generic[R]):
         return len(self.decode) + len(self.prefill)
 
 
+def prefill_groups(lengths: list[int], max_padding: float = 0.1) -> list[tuple[int, int]]:
+    """Split rows sorted by length (ascending) into contiguous `[start, end)` groups, each padded
+    to its longest row with at most `max_padding` of its real tokens wasted on padding."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for end in range(2, len(lengths) + 1):
+        group = lengths[start:end]
+        if max(group) * len(group) - sum(group) > max_padding * sum(group):
+            groups.append((start, end - 1))
+            start = end - 1
+    if lengths:
+        groups.append((start, len(lengths)))
+    return groups
+
+
 class Scheduler(Generic[R]):
     """FIFO admission bounded by `max_rows` running rows and `max_queue` waiting ones."""
 
-    def __init__(self, max_rows: int, max_queue: int, max_prefill_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        max_rows: int,
+        max_queue: int,
+        max_prefill_rows: int | None = None,
+        prefill_order: Callable[[R], int] | None = None,
+    ) -> None:
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.max_prefill_rows = max_prefill_rows or max_rows
+        self.prefill_order = prefill_order  # admitted rows are laid out in slots sorted by this key
         self.waiting: deque[R] = deque()
         self.running: list[R] = []  # index == slot
 
@@ -67,10 +90,15 @@ class Scheduler(Generic[R]):
         """Admit waiting requests into free slots; running rows decode as they are."""
         decode = list(self.running)
         prefill: list[R] = []
-        while self.waiting and len(self.running) < self.max_rows and len(prefill) < self.max_prefill_rows:
-            request = self.waiting.popleft()
-            self.running.append(request)
-            prefill.append(request)
+        while (
+            self.waiting
+            and len(self.running) + len(prefill) < self.max_rows
+            and len(prefill) < self.max_prefill_rows
+        ):
+            prefill.append(self.waiting.popleft())
+        if self.prefill_order is not None:
+            prefill.sort(key=self.prefill_order)  # stable: FIFO among equals
+        self.running += prefill
         return ScheduledBatch(decode=decode, prefill=prefill)
 
     def slot_of(self, request: R) -> int:

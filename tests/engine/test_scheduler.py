@@ -8,7 +8,7 @@ import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from server.engine.request import Request, SamplingParams
-from server.engine.scheduler import ScheduledBatch, Scheduler, SlotMove
+from server.engine.scheduler import ScheduledBatch, Scheduler, SlotMove, prefill_groups
 
 
 @dataclass
@@ -304,3 +304,46 @@ def test_retire_random_finished_sets_match_simulated_slots() -> None:
         # slot_of agrees with the list index
         for slot, request in enumerate(scheduler.running):
             assert scheduler.slot_of(request) == slot
+
+
+# --- prefill layout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lengths", "expected"),
+    [
+        ([], []),
+        ([7], [(0, 1)]),
+        ([10, 10, 10], [(0, 3)]),
+        ([10, 11], [(0, 2)]),  # 1 padded token of 21: within 10%
+        ([10, 20], [(0, 1), (1, 2)]),  # 10 padded of 30: too many
+        ([16, 17, 18, 60, 62, 128], [(0, 3), (3, 5), (5, 6)]),
+    ],
+)
+def test_prefill_groups(lengths: list[int], expected: list[tuple[int, int]]) -> None:
+    assert prefill_groups(lengths) == expected
+
+
+def test_prefill_groups_cover_every_row_once_within_the_padding_bound() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths = sorted(rng.randint(1, 128) for _ in range(rng.randint(1, 64)))
+        groups = prefill_groups(lengths)
+        assert [i for lo, hi in groups for i in range(lo, hi)] == list(range(len(lengths)))
+        for lo, hi in groups:
+            group = lengths[lo:hi]
+            assert hi - lo == 1 or max(group) * len(group) - sum(group) <= 0.1 * sum(group)
+
+
+def test_admitted_rows_take_slots_in_prefill_order() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=8, prefill_order=lambda r: len(r.request_id))
+    for name in ("cccc", "a", "bb"):
+        scheduler.add(Req(name))
+    first = scheduler.schedule()
+    assert [r.request_id for r in first.prefill] == ["a", "bb", "cccc"]
+    assert [r.request_id for r in scheduler.running] == ["a", "bb", "cccc"]
+    scheduler.add(Req("dd"))
+    scheduler.add(Req("e"))
+    second = scheduler.schedule()  # one slot left: FIFO decides who gets in, the order only lays them out
+    assert [r.request_id for r in second.prefill] == ["dd"] and second.prefill_slot_start == 3
+    assert [r.request_id for r in scheduler.waiting] == ["e"]

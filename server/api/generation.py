@@ -89,7 +89,7 @@ def check_finished(outputs: list[StepOutput]) -> StepOutput:
     """The last output, which must be a normal finish."""
     last = outputs[-1]
     if last.error is not None or last.finish_reason not in ("length", "stop", "eos"):
-        raise ApiError(500, "generation_failed", last.error or f"generation ended: {last.finish_reason}")
+        raise ApiError(500, "internal", last.error or f"generation ended: {last.finish_reason}")
     return last
 
 

@@ -91,6 +91,6 @@ async def _sse(started: Started, services: Services) -> AsyncIterator[str]:
                 "prefix_tokens": prefix.meta.prefix_len,
             }
             if output.error is not None:
-                event["error"] = {"code": "generation_failed", "message": output.error}
+                event["error"] = {"code": "internal", "message": output.error}
         yield f"data: {json.dumps(event)}\n\n"
     yield "data: [DONE]\n\n"

@@ -286,15 +286,29 @@ class Engine:
             self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration, ended))
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample every row; a row whose logits are not finite fails alone (the others go on)."""
+        is_finite = torch.isfinite(logits).all(dim=-1).tolist()  # [rows]
+        if not all(is_finite):
+            logits = torch.where(torch.tensor(is_finite, device=logits.device)[:, None], logits, 0.0)
         params = [r.params for r in rows]
         ids = sample(logits, params, [r.generator for r in rows])
         logprobs = token_logprobs(logits, ids, params)
         decode, eos = self.loaded.decode, self.loaded.eos_ids
-        outputs = [append_token(r, t, decode, eos) for r, t in zip(rows, ids, strict=True)]
-        return [
-            o if lp is None else dataclasses.replace(o, logprob=lp[0], top_logprobs=lp[1])
-            for o, lp in zip(outputs, logprobs, strict=True)
-        ]
+        outputs = []
+        for request, token_id, lp, ok in zip(rows, ids, logprobs, is_finite, strict=True):
+            if not ok:
+                outputs.append(self._fail_row(request, "the model produced non-finite logits for this row"))
+                continue
+            output = append_token(request, token_id, decode, eos)
+            outputs.append(
+                output if lp is None else dataclasses.replace(output, logprob=lp[0], top_logprobs=lp[1])
+            )
+        return outputs
+
+    def _fail_row(self, request: Request, message: str) -> StepOutput:
+        log.error("request %s (task %s) failed: %s", request.request_id, request.prefix.meta.task_id, message)
+        request.finish_reason = "error"
+        return StepOutput(request.request_id, [], "", "error", error=message)
 
     def _retire(self, finished: set[str]) -> None:
         if not finished:

@@ -199,3 +199,26 @@ def test_bfloat16_model_serves_mixed_rows(tmp_path_factory: pytest.TempPathFacto
 
     for outputs in asyncio.run(main()):
         assert len(outputs) == 6 and outputs[-1].finish_reason == "length"
+
+
+def test_a_row_with_non_finite_logits_fails_alone(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """A pathological prefix (huge values: NaN/Inf downstream) fails its own request only."""
+    poisoned = PrefixEntry(
+        PrefixMeta("bad", 1, 3, 0, "float32", "fp", "now"), torch.full((2, 2, 4, 3, 8), 3e38)
+    )
+    healthy = [(_prefix(2, i), [5 + i, 6], _greedy(6)) for i in range(3)]
+
+    async def solo(engine: Engine):  # type: ignore[no-untyped-def]
+        return [
+            [t for o in await _collect(engine.submit(p, ids, n)) for t in o.token_ids]
+            for p, ids, n in healthy
+        ]
+
+    async def mixed(engine: Engine):  # type: ignore[no-untyped-def]
+        handles = [engine.submit(poisoned, [5, 6], _greedy(6))] + [engine.submit(*h) for h in healthy]
+        outs = await asyncio.gather(*(_collect(h) for h in handles))
+        return outs[0], [[t for o in out for t in o.token_ids] for out in outs[1:]], engine.is_alive
+
+    bad, good, is_alive = run_engine(mixed)
+    assert bad[-1].finish_reason == "error" and "non-finite" in (bad[-1].error or "")
+    assert good == run_engine(solo) and is_alive

@@ -84,7 +84,10 @@ class Engine:
         self.max_len = kv.layout.max_len
         self.runner = ModelRunner(loaded.model, kv, loaded.max_positions)
         self.scheduler: Scheduler[Request] = Scheduler(
-            kv.layout.num_slots, max_queue, prefill_order=lambda r: len(r.prompt_ids)
+            kv.layout.num_slots,
+            max_queue,
+            prefill_order=lambda r: len(r.prompt_ids),
+            tenant_of=lambda r: r.prefix.meta.task_id.split(":", 1)[0],  # `acme:summarize` -> acme
         )
         self._on_step = on_step
         self._lock = threading.Lock()

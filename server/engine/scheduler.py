@@ -67,11 +67,15 @@ class Scheduler(Generic[R]):
         max_queue: int,
         max_prefill_rows: int | None = None,
         prefill_order: Callable[[R], int] | None = None,
+        tenant_of: Callable[[R], str] | None = None,
     ) -> None:
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.max_prefill_rows = max_prefill_rows or max_rows
         self.prefill_order = prefill_order  # admitted rows are laid out in slots sorted by this key
+        self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
+        self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
+        self._num_admitted = 0
         self.waiting: deque[R] = deque()
         self.running: list[R] = []  # index == slot
 
@@ -95,11 +99,28 @@ class Scheduler(Generic[R]):
             and len(self.running) + len(prefill) < self.max_rows
             and len(prefill) < self.max_prefill_rows
         ):
-            prefill.append(self.waiting.popleft())
+            prefill.append(self._next_waiting())
         if self.prefill_order is not None:
             prefill.sort(key=self.prefill_order)  # stable: FIFO among equals
         self.running += prefill
         return ScheduledBatch(decode=decode, prefill=prefill)
+
+    def _next_waiting(self) -> R:
+        """FIFO, or with tenants: the oldest request of the least recently served tenant, so a
+        tenant with a long queue never delays another tenant's request by more than one round."""
+        if self.tenant_of is None:
+            return self.waiting.popleft()
+        first: dict[str, int] = {}
+        for index, request in enumerate(self.waiting):
+            first.setdefault(self.tenant_of(request), index)
+        tenant = min(first, key=lambda t: (self._last_served.get(t, -1), first[t]))
+        request = self.waiting[first[tenant]]
+        del self.waiting[first[tenant]]
+        self._num_admitted += 1
+        self._last_served[tenant] = self._num_admitted
+        if len(self._last_served) > 2 * len(first):  # forget tenants that stopped waiting
+            self._last_served = {t: n for t, n in self._last_served.items() if t in first}
+        return request
 
     def slot_of(self, request: R) -> int:
         """The slot of a running request (by identity)."""

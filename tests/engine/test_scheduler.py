@@ -347,3 +347,37 @@ def test_admitted_rows_take_slots_in_prefill_order() -> None:
     second = scheduler.schedule()  # one slot left: FIFO decides who gets in, the order only lays them out
     assert [r.request_id for r in second.prefill] == ["dd"] and second.prefill_slot_start == 3
     assert [r.request_id for r in scheduler.waiting] == ["e"]
+
+
+# --- fairness across tenants -----------------------------------------------------------------------
+
+
+def _tenant(r: Req) -> str:
+    return r.request_id.split(":", 1)[0]
+
+
+def test_a_long_queue_does_not_delay_another_tenant_by_more_than_one_round() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2000, tenant_of=_tenant)
+    for i in range(1000):
+        scheduler.add(Req(f"noisy:{i}"))
+    scheduler.add(Req("quiet:only"))
+    admitted = []
+    for _ in range(3):
+        admitted += ids(scheduler.schedule().prefill)
+        scheduler.retire({r.request_id for r in scheduler.running})
+    assert admitted == ["noisy:0", "quiet:only", "noisy:1"]
+
+
+def test_round_robin_over_tenants_fifo_within_each() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=6, max_queue=100, tenant_of=_tenant)
+    for name in ("a:1", "a:2", "a:3", "a:4", "b:1", "c:1", "b:2"):
+        scheduler.add(Req(name))
+    assert ids(scheduler.schedule().prefill) == ["a:1", "b:1", "c:1", "a:2", "b:2", "a:3"]
+    assert ids(list(scheduler.waiting)) == ["a:4"]
+
+
+def test_without_tenants_admission_is_fifo() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=3, max_queue=100)
+    for name in ("a:1", "a:2", "b:1"):
+        scheduler.add(Req(name))
+    assert ids(scheduler.schedule().prefill) == ["a:1", "a:2", "b:1"]

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput, QueueFull
+from server.engine.handle import RequestHandle
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model_loader import LoadedModel
 from server.engine.model_runner import ForwardRow, ModelRunner
@@ -30,43 +31,6 @@ from server.engine.stats import EngineStats, StepStats, finished_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class RequestHandle:
-    """The caller's side of one request: iterate its outputs; closing early aborts it."""
-
-    def __init__(self, engine: "Engine", request: Request, on_done: Callable[[], None] | None) -> None:
-        self.request = request
-        self._engine = engine
-        self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._on_done = on_done
-
-    def _done(self) -> None:
-        """Runs once, on the event loop, when the request ended or its caller left."""
-        on_done, self._on_done = self._on_done, None
-        if on_done is not None:
-            on_done()
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    def cancel(self) -> None:
-        """Stop the request (if it is still going) without reading its outputs."""
-        self._engine.release(self)
-
-    def _deliver(self, output: StepOutput) -> None:
-        self._queue.put_nowait(output)
-
-    async def __aiter__(self) -> AsyncIterator[StepOutput]:
-        try:
-            while True:
-                output = await self._queue.get()
-                yield output
-                if output.finish_reason is not None:
-                    return
-        finally:
-            self._engine.release(self)
 
 
 class Engine:

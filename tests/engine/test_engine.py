@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
-from server.engine.engine import Engine, RequestHandle
+from server.engine.engine import Engine
 from server.engine.errors import ContextTooLong, InvalidInput, QueueFull
+from server.engine.handle import RequestHandle
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.engine.request import SamplingParams, StepOutput

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.conftest import serving_good_task
 from tests.redis_server import RedisProcess
 from tests.server_process import ServerProcess, metric_value, upload_adapter
 from tests.tiny_models import Adapter, save_adapter, save_tiny_model
@@ -93,18 +94,8 @@ def tiny_server(
 ) -> Iterator[ServerProcess]:
     """One row at a time, one waiting at most."""
     data_dir = tmp_path_factory.mktemp("tiny") / "data"
-    flags = [
-        "--model",
-        str(gpt2_dir),
-        "--redis-url",
-        redis_proc.url,
-        "--max-batch-size",
-        "1",
-        "--max-queue",
-        "1",
-    ]
-    with ServerProcess(data_dir, *flags) as proc, httpx.Client(timeout=30) as client:
-        assert upload_adapter(client, proc, "t:good", adapter.weights, adapter.config).status_code == 201
+    flags = ["--max-batch-size", "1", "--max-queue", "1"]
+    with serving_good_task(gpt2_dir, adapter, redis_proc, data_dir, *flags) as proc:
         yield proc
 
 

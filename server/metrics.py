@@ -8,7 +8,14 @@ tiers and finish reasons are fixed sets, and per-task series exist only for the 
 import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -233,6 +240,8 @@ class Metrics:
     def observe_request(self, endpoint: str, status: int, duration_s: float) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.request_duration.labels(endpoint=endpoint).observe(duration_s)
+
+    content_type = CONTENT_TYPE_LATEST
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,7 +4,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.deps import Services, get_services
 
@@ -26,4 +25,4 @@ async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONRes
 
 @router.get("/metrics")
 async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
-    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(services.metrics.render(), media_type=services.metrics.content_type)

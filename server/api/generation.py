@@ -37,6 +37,12 @@ class Started:
         return self.summary
 
 
+def check_limits(services: Services, params: SamplingParams) -> None:
+    """Server limits on a request, checked before anything is loaded or computed."""
+    if params.max_new_tokens > services.max_new_tokens:
+        raise ApiError(422, "invalid_request", f"max_new_tokens must be <= {services.max_new_tokens}")
+
+
 async def resolve_prefix(services: Services, task_id: str) -> PrefixEntry:
     prefix = await services.prefixes.get(task_id)
     if prefix is None:
@@ -53,8 +59,6 @@ def start(
     arrival: float,
 ) -> Started:
     """Submit to the engine; the task stays pinned in the prefix cache until the request is over."""
-    if params.max_new_tokens > services.max_new_tokens:
-        raise ApiError(422, "invalid_request", f"max_new_tokens must be <= {services.max_new_tokens}")
     prefixes = services.prefixes
     prefixes.pin(task_id)
     try:

@@ -12,6 +12,7 @@ from server.api.deps import Services, get_services
 from server.api.generation import (
     Started,
     check_finished,
+    check_limits,
     collect,
     outputs_of,
     resolve_prefix,
@@ -42,6 +43,7 @@ async def generate(
 ) -> object:
     arrival = time.monotonic()  # time to first token includes waiting for a cold prefix
     params = _params(body)
+    check_limits(services, params)
     prefix = await resolve_prefix(services, body.task_id)
     engine = services.engine
     prompt_ids = (

@@ -17,6 +17,7 @@ from server.api.errors import ApiError
 from server.api.generation import (
     Started,
     check_finished,
+    check_limits,
     collect,
     outputs_of,
     resolve_prefix,
@@ -98,6 +99,7 @@ def _start_all(
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> object:
     arrival = time.monotonic()
+    check_limits(services, _params(body, 0))
     prefix = await resolve_prefix(services, body.model)
     started, num_prompt_tokens = _start_all(body, services, prefix, arrival)
     request.state.generations = [s.describe(body.model) for s in started]

@@ -96,3 +96,12 @@ def test_bad_requests_do_not_disturb_good_rows(server: ServerProcess) -> None:
     mixed = asyncio.run(run([x for pair in zip(good, bad * 2, strict=True) for x in pair]))
     assert [r.json()["token_ids"] for r in mixed[0::2]] == alone
     assert [r.status_code for r in mixed[1::2]] == [422, 404, 422] * 2
+
+
+def test_limits_are_checked_before_the_prefix_is_looked_up(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    body = {**GOOD, "task_id": "t:nobody", "max_new_tokens": 5000}  # also unknown: the limit answers first
+    assert "max_new_tokens" in _error(
+        client.post(server.url + "/generate", json=body), 422, "invalid_request"
+    )

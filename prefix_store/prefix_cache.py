@@ -184,8 +184,10 @@ class PrefixCache:
     async def get_meta(self, task_id: str) -> PrefixMeta | None:
         return await self.store.get_meta(task_id)
 
-    async def list(self, limit: int, cursor: str | None) -> tuple[list[PrefixMeta], str | None]:
-        return await self.store.list(limit, cursor)
+    async def list(
+        self, limit: int, cursor: str | None, prefix: str = ""
+    ) -> tuple[list[PrefixMeta], str | None]:
+        return await self.store.list(limit, cursor, prefix)
 
     async def ping(self) -> bool:
         return await self.store.ping()

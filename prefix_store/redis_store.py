@@ -183,18 +183,22 @@ class RedisPrefixStore:
         return bool(removed)
 
     async def list(
-        self, limit: int, cursor: str | None = None
+        self, limit: int, cursor: str | None = None, prefix: str = ""
     ) -> tuple[builtins.list[PrefixMeta], str | None]:
-        """One page of metadata in task-id byte order, after `cursor` (exclusive).
+        """One page of metadata in task-id byte order, after `cursor` (exclusive), of the ids
+        that start with `prefix`.
 
         Returns `(items, next_cursor)`; `next_cursor` is None on the last page. Ids whose
         hash vanished between the index read and the metadata read are skipped.
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        start = b"(" + cursor.encode() if cursor else b"-"
+        start = b"[" + prefix.encode() if prefix else b"-"
+        if cursor and cursor >= prefix:
+            start = b"(" + cursor.encode()
+        end = b"[" + prefix.encode() + b"\xff" if prefix else b"+"  # task ids are ASCII: \xff sorts after all
         async with self._unavailable("list"):
-            raw_ids = await self._client.zrangebylex(self._index_key, start, b"+", start=0, num=limit + 1)
+            raw_ids = await self._client.zrangebylex(self._index_key, start, end, start=0, num=limit + 1)
             page_ids = [_text(raw) for raw in raw_ids[:limit]]
             pipe = self._client.pipeline(transaction=False)
             for task_id in page_ids:

@@ -13,15 +13,18 @@ from prefix_store.embedded_redis import EmbeddedRedis
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore, connect
-from server.api import routes_admin, routes_generate, routes_health, routes_openai
-from server.api.deps import Services
+from server.api import routes_admin, routes_generate, routes_health, routes_keys, routes_openai
+from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
-from server.api.middleware import RequestMetricsMiddleware
+from server.api.lifecycle import Lifecycle
+from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.metrics import Metrics
+from server.tenancy.keys import KeyStore
+from server.tenancy.rate_limit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,40 @@ async def _start_redis(settings: Settings, stack: AsyncExitStack) -> str:
     return url
 
 
-async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
+async def _keep_refreshed(keys: KeyStore, interval_s: float) -> None:
+    """Notice within `interval_s` that another replica created the first key (it never unsets)."""
+    while not keys.is_enabled:
+        await asyncio.sleep(interval_s)
+        await keys.refresh()
+        if keys.is_enabled:
+            log.warning("API keys are configured now: /generate and /v1 require a key")
+
+
+async def _start_keys(client: Any, stack: AsyncExitStack, interval_s: float) -> KeyStore:
+    keys = KeyStore(client)
+    await keys.refresh()
+    if not keys.is_enabled:
+        message = (
+            "DEVELOPMENT MODE: no API keys are configured, so /generate and /v1 are open to anyone "
+            "who can reach this port; create one with POST /admin/keys to require keys"
+        )
+        log.warning(message)
+        print(f"prefix-serve: WARNING: {message}", flush=True)
+        _background(stack, _keep_refreshed(keys, interval_s))
+    return keys
+
+
+def _limits(settings: Settings) -> RequestLimits:
+    return RequestLimits(
+        settings.max_new_tokens,
+        settings.max_prompt_tokens,
+        settings.max_stop_strings,
+        settings.max_upload_bytes,
+        settings.max_body_bytes,
+    )
+
+
+async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     admin_token = settings.resolve_admin_token()
     redis_url = await _start_redis(settings, stack)
@@ -103,9 +139,16 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
             "kv_slots": str(layout.num_slots),
         }
     )
-    engine = Engine(loaded, SlotKVCache(layout), settings.max_queue, on_step=metrics.observe_step)
+    engine = Engine(
+        loaded,
+        SlotKVCache(layout),
+        settings.max_queue,
+        on_step=metrics.observe_step,
+        request_timeout_s=settings.request_timeout,
+    )
     engine.start(asyncio.get_running_loop())
     stack.callback(engine.stop)
+    lifecycle.end_all = lambda: asyncio.to_thread(engine.stop)
     prefixes = PrefixCache(
         RedisPrefixStore(client, fingerprint),
         spec,
@@ -130,23 +173,24 @@ async def _build(settings: Settings, stack: AsyncExitStack) -> Services:
     )
     print(f"prefix-serve: listening on http://{settings.host}:{settings.port}", flush=True)
     print(f"prefix-serve: admin token {admin_token}", flush=True)
+    keys = await _start_keys(client, stack, settings.coherence_interval_s)
     return Services(
-        engine,
-        prefixes,
-        metrics,
-        admin_token,
-        settings.max_new_tokens,
-        settings.max_upload_bytes,
+        engine, prefixes, metrics, admin_token, _limits(settings), keys, RateLimiter(client), lifecycle
     )
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The FastAPI app; the lifespan loads the model, starts Redis/engine, and stops them."""
+    """The FastAPI app; the lifespan loads the model, starts Redis/engine, and stops them.
+
+    `app.state.lifecycle.drain()` (called by the CLI on SIGTERM) refuses new generations and
+    waits for running ones before the server exits.
+    """
+    lifecycle = Lifecycle(settings.drain_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            app.state.services = await _build(settings, stack)
+            app.state.services = await _build(settings, stack, lifecycle)
             yield
 
     app = FastAPI(title="prefix-server", lifespan=lifespan)
@@ -155,6 +199,13 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_keys.router)
+    app.state.lifecycle = lifecycle
 
-    app.add_middleware(RequestMetricsMiddleware, app_state=app.state)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
+    app.add_middleware(RequestMetricsMiddleware, app_state=app.state)  # outermost: sees every answer
     return app

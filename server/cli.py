@@ -1,10 +1,14 @@
 """`prefix-serve`: parse flags into Settings and run the HTTP server."""
 
 import argparse
+import asyncio
+import signal
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
+from server.api.lifecycle import Lifecycle
 from server.app import create_app
 from server.config import Settings
 from server.logs import setup_logging
@@ -22,16 +26,43 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     return Settings(**given)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains (503 to new generations, `/ready` false,
+    running ones finish up to `--drain-seconds`) before the usual shutdown; a second one exits now."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self._is_drain_asked = False
+        self._drain: asyncio.Future[bool] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._is_drain_asked or sig not in (signal.SIGTERM, signal.SIGINT):
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)  # uvicorn re-raises it after shutdown, as it would
+        self._is_drain_asked = True  # a signal handler: the drain itself starts on the loop (on_tick)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._is_drain_asked and self._drain is None:
+            self._drain = asyncio.ensure_future(self.lifecycle.drain())
+        if self._drain is not None and self._drain.done():
+            return True
+        return await super().on_tick(counter)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     # access lines come from the app (one per request, with generation details), not uvicorn
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
         log_config=None,
+        timeout_graceful_shutdown=5,  # after the drain: answers still being written
     )
+    DrainingServer(config, app.state.lifecycle).run()

@@ -42,6 +42,19 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=2, description="cap on prefix+prompt+output positions")
     max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_upload_bytes: int = Field(512 * MiB, ge=1, description="largest prefix upload")
+    max_body_bytes: int = Field(
+        1 * MiB, ge=1024, description="largest request body outside prefix uploads (those: max-upload-bytes)"
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longest prompt in tokens; default: whatever fits the context"
+    )
+    max_stop_strings: int = Field(4, ge=0, description="stop strings a request may send at most")
+    request_timeout: float | None = Field(
+        300.0, gt=0, description="seconds a generation may take, queueing included, before it is cut off"
+    )
+    drain_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM: how long running requests may take to finish before exit"
+    )
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     metrics_max_tasks: int = Field(

@@ -8,9 +8,12 @@ from fastapi import Request
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from prefix_store.prefix_cache import ResidentPrefix
+from server.api.lifecycle import Lifecycle
 from server.engine.request import SamplingParams, StepOutput
 from server.engine.stats import EngineStats
 from server.metrics import Metrics
+from server.tenancy.keys import KeyStore
+from server.tenancy.rate_limit import RateLimiter
 
 
 class RequestHandleProtocol(Protocol):
@@ -33,6 +36,7 @@ class EngineProtocol(Protocol):
         prompt_ids: list[int],
         params: SamplingParams,
         on_done: Callable[[], None] | None = None,
+        tenant: str | None = None,
     ) -> RequestHandleProtocol: ...
 
     def token_text(self, token_id: int) -> str: ...
@@ -63,9 +67,22 @@ class PrefixesProtocol(Protocol):
 
     async def get_meta(self, task_id: str) -> PrefixMeta | None: ...
 
-    async def list(self, limit: int, cursor: str | None) -> tuple[list[PrefixMeta], str | None]: ...
+    async def list(
+        self, limit: int, cursor: str | None, prefix: str = ""
+    ) -> tuple[list[PrefixMeta], str | None]: ...
 
     async def ping(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for (each from its `--max-*` flag)."""
+
+    max_new_tokens: int
+    max_prompt_tokens: int | None
+    max_stop_strings: int
+    max_upload_bytes: int
+    max_body_bytes: int
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,10 @@ class Services:
     prefixes: PrefixesProtocol
     metrics: Metrics
     admin_token: str
-    max_new_tokens: int
-    max_upload_bytes: int
+    limits: RequestLimits
+    keys: KeyStore
+    limiter: RateLimiter
+    lifecycle: Lifecycle
 
 
 def get_services(request: Request) -> Services:

@@ -1,4 +1,4 @@
-"""What `/generate` and `/v1/completions` share: resolve, pin, submit, collect, watch the client."""
+"""What `/generate` and `/v1/completions` share: limits, resolve, pin, submit, collect, watch the client."""
 
 import asyncio
 import time
@@ -11,6 +11,7 @@ from fastapi import Request
 from prefix_store.entry import PrefixEntry
 from server.api.deps import RequestHandleProtocol, Services
 from server.api.errors import ApiError
+from server.api.tenancy import Caller
 from server.engine.request import SamplingParams, StepOutput
 
 T = TypeVar("T")
@@ -24,6 +25,7 @@ class Started:
     prompt_ids: list[int]
     handle: RequestHandleProtocol
     arrival: float
+    caller: Caller
     summary: dict[str, object] = field(default_factory=dict)  # filled as it runs; logged per request
 
     def describe(self, task_id: str) -> dict[str, object]:
@@ -39,8 +41,22 @@ class Started:
 
 def check_limits(services: Services, params: SamplingParams) -> None:
     """Server limits on a request, checked before anything is loaded or computed."""
-    if params.max_new_tokens > services.max_new_tokens:
-        raise ApiError(422, "invalid_request", f"max_new_tokens must be <= {services.max_new_tokens}")
+    limits = services.limits
+    if params.max_new_tokens > limits.max_new_tokens:
+        raise ApiError(422, "invalid_request", f"max_new_tokens must be <= {limits.max_new_tokens}")
+    if len(params.stop) > limits.max_stop_strings:
+        raise ApiError(
+            422, "invalid_request", f"at most {limits.max_stop_strings} stop strings; got {len(params.stop)}"
+        )
+
+
+def check_prompt(services: Services, prompt_ids: list[int]) -> None:
+    """`--max-prompt-tokens` (the context bound itself is the engine's check)."""
+    limit = services.limits.max_prompt_tokens
+    if limit is not None and len(prompt_ids) > limit:
+        raise ApiError(
+            422, "invalid_request", f"the prompt has {len(prompt_ids)} tokens; at most {limit} are allowed"
+        )
 
 
 async def resolve_prefix(services: Services, task_id: str) -> PrefixEntry:
@@ -52,36 +68,46 @@ async def resolve_prefix(services: Services, task_id: str) -> PrefixEntry:
 
 def start(
     services: Services,
-    task_id: str,
+    caller: Caller,
     prefix: PrefixEntry,
     prompt_ids: list[int],
     params: SamplingParams,
     arrival: float,
 ) -> Started:
     """Submit to the engine; the task stays pinned in the prefix cache until the request is over."""
-    prefixes = services.prefixes
+    check_prompt(services, prompt_ids)
+    prefixes, task_id = services.prefixes, prefix.meta.task_id
     prefixes.pin(task_id)
     try:
-        handle = services.engine.submit(prefix, prompt_ids, params, on_done=lambda: prefixes.unpin(task_id))
+        handle = services.engine.submit(
+            prefix, prompt_ids, params, on_done=lambda: prefixes.unpin(task_id), tenant=caller.tenant
+        )
     except BaseException:
         prefixes.unpin(task_id)
         raise
-    return Started(prefix, prompt_ids, handle, arrival)
+    return Started(prefix, prompt_ids, handle, arrival, caller)
 
 
 async def outputs_of(started: Started, services: Services) -> AsyncIterator[StepOutput]:
-    """The request's outputs as the engine makes them; records time to first token."""
+    """The request's outputs as the engine makes them; records time to first token; charges the
+    caller's key for what was generated, however the request ends."""
     summary = started.summary
-    summary["completion_tokens"] = 0
-    async for output in started.handle:
-        if "ttft_ms" not in summary:
-            ttft = time.monotonic() - started.arrival
-            services.metrics.ttft.observe(ttft)
-            summary["ttft_ms"] = round(1000 * ttft, 2)
-        summary["completion_tokens"] = int(summary["completion_tokens"]) + len(output.token_ids)  # type: ignore[call-overload]
-        if output.finish_reason is not None:
-            summary["finish_reason"] = output.finish_reason
-        yield output
+    summary["completion_tokens"] = num_tokens = 0
+    try:
+        async for output in started.handle:
+            if "ttft_ms" not in summary:
+                ttft = time.monotonic() - started.arrival
+                services.metrics.ttft.observe(ttft)
+                summary["ttft_ms"] = round(1000 * ttft, 2)
+            num_tokens += len(output.token_ids)
+            summary["completion_tokens"] = num_tokens
+            if output.finish_reason is not None:
+                summary["finish_reason"] = output.finish_reason
+            yield output
+    finally:
+        key = started.caller.key
+        if key is not None and num_tokens:
+            _in_background(services.limiter.charge(key, num_tokens))
 
 
 async def collect(started: Started, services: Services) -> list[StepOutput]:
@@ -89,12 +115,37 @@ async def collect(started: Started, services: Services) -> list[StepOutput]:
     return [output async for output in outputs_of(started, services)]
 
 
+_ENDINGS = {  # finish reasons that are failures: status, code, headers
+    "timeout": (504, "timeout", {}),
+    "shutdown": (503, "unavailable", {"Retry-After": "1"}),
+}
+
+
+def ended_error(output: StepOutput) -> ApiError | None:
+    """The error an output stands for; None for tokens and for a normal finish (length, stop, eos)."""
+    if output.error is None and output.finish_reason in (None, "length", "stop", "eos"):
+        return None
+    status, code, headers = _ENDINGS.get(output.finish_reason or "", (500, "internal", {}))
+    return ApiError(status, code, output.error or f"generation ended: {output.finish_reason}", headers)
+
+
 def check_finished(outputs: list[StepOutput]) -> StepOutput:
     """The last output, which must be a normal finish."""
     last = outputs[-1]
-    if last.error is not None or last.finish_reason not in ("length", "stop", "eos"):
-        raise ApiError(500, "internal", last.error or f"generation ended: {last.finish_reason}")
+    error = ended_error(last)
+    if error is not None:
+        raise error
     return last
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def _in_background(work: Awaitable[None]) -> None:
+    """Run `work` even if the request that started it is being cancelled (a client that left)."""
+    future = asyncio.ensure_future(work)
+    _background.add(future)
+    future.add_done_callback(_background.discard)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

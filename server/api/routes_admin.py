@@ -29,14 +29,12 @@ async def _read_part(part: object, name: str, limit: int) -> bytes | None:
 
 @router.put("/prefixes/{task_id}", status_code=201, response_model=PrefixInfo)
 async def upload_prefix(task_id: TaskIdPath, request: Request, services: ServicesDep) -> object:
-    """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)], or `text` (UTF-8)."""
-    length = int(request.headers.get("content-length") or 0)
-    if length > services.max_upload_bytes + 1024 * 1024:
-        raise ApiError(
-            413, "too_large", f"upload is {length} bytes; at most {services.max_upload_bytes} allowed"
-        )
+    """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)], or `text` (UTF-8).
+
+    The body as a whole is bounded by the body-limit middleware; each part here."""
+    max_upload_bytes = services.limits.max_upload_bytes
     try:
-        form = await request.form(max_part_size=services.max_upload_bytes + 1)
+        form = await request.form(max_part_size=max_upload_bytes + 1)
     except Exception as exc:
         raise ApiError(422, "invalid_request", f"expected a multipart/form-data body: {exc}") from exc
     unknown = sorted(set(form.keys()) - {"weights", "config", "text"})
@@ -44,7 +42,7 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
         raise ApiError(
             422, "invalid_request", f"unknown form parts {unknown}; expected `weights` [+ `config`] or `text`"
         )
-    weights = await _read_part(form.get("weights"), "weights", services.max_upload_bytes)
+    weights = await _read_part(form.get("weights"), "weights", max_upload_bytes)
     config = await _read_part(form.get("config"), "config", 1024 * 1024)
     text_bytes = await _read_part(form.get("text"), "text", 4 * 1024 * 1024)
     if weights is None and text_bytes is None:

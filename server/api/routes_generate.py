@@ -14,12 +14,14 @@ from server.api.generation import (
     check_finished,
     check_limits,
     collect,
+    ended_error,
     outputs_of,
     resolve_prefix,
     start,
     until_disconnect,
 )
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.api.tenancy import CallerDep, admit
 from server.engine.request import SamplingParams
 
 router = APIRouter()
@@ -39,11 +41,15 @@ def _params(body: GenerateRequest) -> SamplingParams:
 
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(
-    body: GenerateRequest, request: Request, services: Annotated[Services, Depends(get_services)]
+    body: GenerateRequest,
+    request: Request,
+    services: Annotated[Services, Depends(get_services)],
+    caller: CallerDep,
 ) -> object:
     arrival = time.monotonic()  # time to first token includes waiting for a cold prefix
     params = _params(body)
     check_limits(services, params)
+    await admit(services, caller, body.task_id)
     prefix = await resolve_prefix(services, body.task_id)
     engine = services.engine
     prompt_ids = (
@@ -51,7 +57,7 @@ async def generate(
         if body.input_ids is not None
         else engine.encode(body.prompt or "", body.add_special_tokens)
     )
-    started = start(services, body.task_id, prefix, prompt_ids, params, arrival)
+    started = start(services, caller, prefix, prompt_ids, params, arrival)
     request.state.generations = [started.describe(body.task_id)]
     if body.stream:
         return StreamingResponse(_sse(started, services), media_type="text/event-stream")
@@ -92,7 +98,8 @@ async def _sse(started: Started, services: Services) -> AsyncIterator[str]:
                 "completion_tokens": num_tokens,
                 "prefix_tokens": prefix.meta.prefix_len,
             }
-            if output.error is not None:
-                event["error"] = {"code": "internal", "message": output.error}
+            error = ended_error(output)
+            if error is not None:
+                event["error"] = {"code": error.code, "message": error.message}
         yield f"data: {json.dumps(event)}\n\n"
     yield "data: [DONE]\n\n"

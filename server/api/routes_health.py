@@ -19,7 +19,13 @@ async def health() -> dict[str, str]:
 async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
     is_store_ok = await services.prefixes.ping()
     is_engine_ok = services.engine.stats().is_alive
-    body = {"ready": is_store_ok and is_engine_ok, "store": is_store_ok, "engine": is_engine_ok}
+    is_draining = services.lifecycle.is_draining
+    body = {
+        "ready": is_store_ok and is_engine_ok and not is_draining,
+        "store": is_store_ok,
+        "engine": is_engine_ok,
+        "draining": is_draining,
+    }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 

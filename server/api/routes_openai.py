@@ -19,6 +19,7 @@ from server.api.generation import (
     check_finished,
     check_limits,
     collect,
+    ended_error,
     outputs_of,
     resolve_prefix,
     start,
@@ -26,6 +27,7 @@ from server.api.generation import (
 )
 from server.api.schemas import TASK_ID_PATTERN
 from server.api.schemas_openai import CompletionRequest
+from server.api.tenancy import Caller, CallerDep, admit, check_scope, list_visible
 from server.engine.request import SamplingParams, StepOutput
 
 router = APIRouter(prefix="/v1")
@@ -78,7 +80,7 @@ def _top_dict(
 
 
 def _start_all(
-    body: CompletionRequest, services: Services, prefix: Any, arrival: float
+    body: CompletionRequest, services: Services, caller: Caller, prefix: Any, arrival: float
 ) -> tuple[list[Started], int]:
     """One engine request per (prompt, choice); returns them and the prompt token count."""
     engine = services.engine
@@ -87,7 +89,7 @@ def _start_all(
     try:
         for ids in prompts:
             started += [
-                start(services, body.model, prefix, ids, _params(body, j), arrival) for j in range(body.n)
+                start(services, caller, prefix, ids, _params(body, j), arrival) for j in range(body.n)
             ]
     except BaseException:
         for s in started:
@@ -97,11 +99,14 @@ def _start_all(
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> object:
+async def completions(
+    body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerDep
+) -> object:
     arrival = time.monotonic()
     check_limits(services, _params(body, 0))
+    await admit(services, caller, body.model)
     prefix = await resolve_prefix(services, body.model)
-    started, num_prompt_tokens = _start_all(body, services, prefix, arrival)
+    started, num_prompt_tokens = _start_all(body, services, caller, prefix, arrival)
     request.state.generations = [s.describe(body.model) for s in started]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
     head["model"] = body.model
@@ -158,8 +163,10 @@ async def _stream(
             if output is None:
                 remaining -= 1
                 continue
-            if output.error is not None:
-                yield f"data: {json.dumps({'error': {'message': output.error, 'type': 'server_error'}})}\n\n"
+            error = ended_error(output)
+            if error is not None:
+                body = {"message": error.message, "type": "server_error", "code": error.code}
+                yield f"data: {json.dumps({'error': body})}\n\n"
                 continue
             num_completion += len(output.token_ids)
             logprobs = _logprobs([output], services.engine, offsets[index]) if want_logprobs else None
@@ -185,16 +192,20 @@ def _model(meta: PrefixMeta) -> dict[str, Any]:
 @router.get("/models")
 async def list_models(
     services: ServicesDep,
+    caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     after: Annotated[str | None, Query(pattern=TASK_ID_PATTERN)] = None,
 ) -> object:
-    """The tasks, as OpenAI models; page with `after` = the last id while `has_more`."""
-    items, next_cursor = await services.prefixes.list(limit, after)
-    return {"object": "list", "data": [_model(m) for m in items], "has_more": next_cursor is not None}
+    """The tasks the caller may use, as OpenAI models; page with `after` = the last id while `has_more`."""
+    items, has_more = await list_visible(services, caller, limit, after)
+    return {"object": "list", "data": [_model(m) for m in items], "has_more": has_more}
 
 
 @router.get("/models/{model}")
-async def get_model(model: Annotated[str, Path(pattern=TASK_ID_PATTERN)], services: ServicesDep) -> object:
+async def get_model(
+    model: Annotated[str, Path(pattern=TASK_ID_PATTERN)], services: ServicesDep, caller: CallerDep
+) -> object:
+    check_scope(caller, model)
     meta = await services.prefixes.get_meta(model)
     if meta is None:
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for model (task_id) {model!r}")

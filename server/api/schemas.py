@@ -5,8 +5,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from server.tenancy.scopes import SCOPE_PATTERN
+
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN)]
 
 
 class GenerateRequest(BaseModel):
@@ -22,7 +25,7 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[str] = Field(default_factory=list)  # how many: --max-stop-strings
     stream: bool = False
     ignore_eos: bool = False
     add_special_tokens: bool = False
@@ -87,3 +90,31 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class KeyCreate(BaseModel):
+    """`POST /admin/keys`: a tenant key bound to task ids / `prefix*` patterns, with rate limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    scopes: list[Scope] = Field(min_length=1, max_length=256, description="task ids or `prefix*` patterns")
+    requests_per_second: float = Field(0.0, ge=0.0, le=1e6, description="0: unlimited")
+    tokens_per_minute: int = Field(0, ge=0, le=10**12, description="generated tokens; 0: unlimited")
+
+
+class KeyInfo(BaseModel):
+    id: str
+    name: str
+    scopes: list[str]
+    requests_per_second: float
+    tokens_per_minute: int
+    created_at: str
+
+
+class KeyCreated(KeyInfo):
+    key: str = Field(description="the secret; shown only in this answer")
+
+
+class KeyList(BaseModel):
+    items: list[KeyInfo]

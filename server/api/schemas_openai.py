@@ -57,8 +57,8 @@ class CompletionRequest(BaseModel):
         refused = [name for name, is_set in unsupported.items() if is_set]
         if refused:
             raise ValueError(f"not supported by this server: {', '.join(refused)}")
-        if len(self.stops) > 4 or any(not s for s in self.stops):
-            raise ValueError("stop: at most 4 non-empty strings")
+        if any(not s for s in self.stops):  # how many: --max-stop-strings
+            raise ValueError("stop: strings must be non-empty")
         if not self.prompts:
             raise ValueError("prompt: at least one prompt")
         return self

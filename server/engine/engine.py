@@ -24,7 +24,7 @@ from server.engine.model_loader import LoadedModel
 from server.engine.model_runner import ForwardRow, ModelRunner
 from server.engine.postprocess import append_token
 from server.engine.prefix_encoder import compute_prefix_kv
-from server.engine.request import Request, SamplingParams, StepOutput
+from server.engine.request import FinishReason, Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator, sample, token_logprobs
 from server.engine.scheduler import Scheduler, prefill_groups
 from server.engine.stats import EngineStats, StepStats, finished_request
@@ -42,6 +42,7 @@ class Engine:
         kv: SlotKVCache,
         max_queue: int,
         on_step: Callable[[StepStats], None] | None = None,
+        request_timeout_s: float | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
@@ -51,8 +52,9 @@ class Engine:
             kv.layout.num_slots,
             max_queue,
             prefill_order=lambda r: len(r.prompt_ids),
-            tenant_of=lambda r: r.prefix.meta.task_id.split(":", 1)[0],  # `acme:summarize` -> acme
+            tenant_of=lambda r: r.tenant,
         )
+        self.request_timeout_s = request_timeout_s
         self._on_step = on_step
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -105,14 +107,20 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         on_done: Callable[[], None] | None = None,
+        tenant: str | None = None,
     ) -> RequestHandle:
         """Validate and queue a request. Raises InvalidInput, ContextTooLong, QueueFull, EngineStopped.
 
         `on_done` runs once on the event loop when the request is over (finished, failed, or
-        its caller stopped listening); it never runs if `submit` raises.
+        its caller stopped listening); it never runs if `submit` raises. Admission is fair
+        across `tenant`s (default: the task's namespace, `acme` for `acme:summarize`).
         """
         self._validate(prefix, prompt_ids, params)
+        task_id = prefix.meta.task_id
         request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
+        request.tenant = tenant if tenant is not None else task_id.split(":", 1)[0]
+        if self.request_timeout_s is not None:
+            request.deadline = request.arrival_time + self.request_timeout_s
         request.generator = make_generator(params, self.kv.layout.device)
         handle = RequestHandle(self, request, on_done)
         with self._wakeup:
@@ -196,7 +204,7 @@ class Engine:
             except Exception as exc:  # the loop must survive anything one batch does
                 log.exception("engine step failed")
                 self._fail(f"engine error: {exc}", include_waiting=False)
-        self._fail("the server is shutting down", include_waiting=True)
+        self._fail("the server shut down before the request ended", include_waiting=True, reason="shutdown")
         with self._lock:
             jobs, self._jobs = self._jobs, []
         for _, future in jobs:
@@ -224,7 +232,7 @@ class Engine:
     def step(self) -> None:
         """One iteration of continuous batching."""
         started = time.perf_counter()
-        aborted = self._take_aborted()
+        aborted = self._take_aborted() + self._take_expired()
         self._retire({r.request_id for r in aborted})
         with self._lock:
             batch = self.scheduler.schedule()
@@ -297,7 +305,21 @@ class Engine:
             request.finish_reason = "abort"
         return running
 
-    def _fail(self, message: str, include_waiting: bool) -> None:
+    def _take_expired(self) -> list[Request]:
+        """End every request past its deadline (waiting ones leave the queue); return the running ones."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [r for r in self.scheduler.waiting if r.deadline is not None and r.deadline <= now]
+            for request in expired:
+                self.scheduler.remove_waiting(request.request_id)
+            running = [r for r in self.scheduler.running if r.deadline is not None and r.deadline <= now]
+        message = f"the request ran past the server's request timeout ({self.request_timeout_s} s)"
+        for request in expired + running:
+            request.finish_reason = "timeout"
+        self._emit([StepOutput(r.request_id, [], "", "timeout", error=message) for r in expired + running])
+        return running
+
+    def _fail(self, message: str, include_waiting: bool, reason: FinishReason = "error") -> None:
         """End the running rows (and the waiting ones when shutting down) with an error."""
         with self._lock:
             victims = list(self.scheduler.running)
@@ -307,8 +329,8 @@ class Engine:
                 self.scheduler.waiting.clear()
         outputs = []
         for request in victims:
-            request.finish_reason = "error"
-            outputs.append(StepOutput(request.request_id, [], "", "error", error=message))
+            request.finish_reason = reason
+            outputs.append(StepOutput(request.request_id, [], "", reason, error=message))
         self._emit(outputs)
 
     def _emit(self, outputs: list[StepOutput]) -> None:

@@ -9,7 +9,8 @@ import torch
 
 from prefix_store.entry import PrefixEntry
 
-FinishReason = Literal["length", "stop", "eos", "abort", "error"]
+# abort: the caller left; timeout: over --request-timeout; shutdown: the server stopped before it ended
+FinishReason = Literal["length", "stop", "eos", "abort", "error", "timeout", "shutdown"]
 _ids = itertools.count()
 
 
@@ -51,6 +52,7 @@ class Request:
     prefix: PrefixEntry
     prompt_ids: list[int]
     params: SamplingParams
+    tenant: str = ""  # fairness unit of admission (an API key, else the task's namespace)
     request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
@@ -60,6 +62,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None  # when it got a KV slot
     first_token_time: float | None = None
+    deadline: float | None = None  # monotonic time after which it is cut off (`--request-timeout`)
 
     @property
     def prefix_len(self) -> int:

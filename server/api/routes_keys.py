@@ -1,0 +1,39 @@
+"""Admin routes for tenant API keys, behind the admin bearer token."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import JSONResponse
+
+from server.api.auth import require_admin
+from server.api.deps import Services, get_services
+from server.api.errors import ApiError
+from server.api.schemas import KeyCreate, KeyCreated, KeyInfo, KeyList
+
+router = APIRouter(prefix="/admin/keys", dependencies=[Depends(require_admin)])
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+@router.post("", status_code=201, response_model=KeyCreated)
+async def create_key(body: KeyCreate, services: ServicesDep) -> object:
+    """A new key; its secret is in this answer only (Redis keeps its SHA-256)."""
+    key, secret = await services.keys.create(
+        body.name, tuple(body.scopes), body.requests_per_second, body.tokens_per_minute
+    )
+    return JSONResponse({**key.public(), "key": secret}, status_code=201)
+
+
+@router.get("", response_model=KeyList)
+async def list_keys(services: ServicesDep) -> object:
+    return {"items": [key.public() for key in await services.keys.list()]}
+
+
+@router.delete("/{key_id}", response_model=KeyInfo)
+async def revoke_key(
+    key_id: Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")], services: ServicesDep
+) -> object:
+    """Revoke a key: every replica refuses it from its next request on."""
+    key = await services.keys.revoke(key_id)
+    if key is None:
+        raise ApiError(404, "unknown_key", f"no API key {key_id!r}")
+    return key.public()

@@ -1,0 +1,159 @@
+"""Tenant API keys in Redis, shared by every replica.
+
+Layout (not namespaced by model: a tenant's key is valid whatever model a replica serves):
+
+- `pfx:apikey:<sha256 of the secret>`: hash with the key's record (never the secret itself).
+- `pfx:apikeys`: hash, key id -> sha256 (for listing and revoking by id).
+- `pfx:apikeys:enabled`: set once the first key is created and never unset, so revoking
+  every key leaves the server closed rather than silently open.
+
+Every request reads its key's record from Redis, so a revocation holds on every replica at
+once. If Redis cannot be reached, keys that were valid at their last successful read keep
+working (the server keeps serving resident tasks through a Redis outage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from prefix_store.errors import StoreUnavailable
+
+_RECORD_PREFIX = "pfx:apikey:"
+_INDEX_KEY = "pfx:apikeys"
+_ENABLED_KEY = "pfx:apikeys:enabled"
+_REDIS_ERRORS = (RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key's record: who it is, which tasks it may use, and its rate limits (0 = unlimited)."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    requests_per_second: float
+    tokens_per_minute: int
+    created_at: str
+
+    def public(self) -> dict[str, object]:
+        return {**asdict(self), "scopes": list(self.scopes)}
+
+
+def hash_secret(secret: str) -> str:
+    """Keys are 256-bit random secrets, so one unsalted SHA-256 is a safe, fast lookup hash."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    """Create, list, revoke and look up API keys."""
+
+    def __init__(self, client: redis.asyncio.Redis, max_remembered: int = 10_000) -> None:
+        self._client = client
+        self._last_good: OrderedDict[str, ApiKey | None] = OrderedDict()  # sha256 -> record
+        self._max_remembered = max_remembered
+        self.is_enabled = False  # refreshed by `refresh()`; once True it stays True
+        self.num_errors = 0
+
+    @asynccontextmanager
+    async def _unavailable(self, action: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except _REDIS_ERRORS as exc:
+            self.num_errors += 1
+            raise StoreUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def create(
+        self, name: str, scopes: tuple[str, ...], requests_per_second: float, tokens_per_minute: int
+    ) -> tuple[ApiKey, str]:
+        """A new key and its secret (shown once; only its hash is stored)."""
+        secret = "pk-" + secrets.token_urlsafe(32)
+        created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        key = ApiKey(
+            "key_" + secrets.token_hex(8), name, scopes, requests_per_second, tokens_per_minute, created_at
+        )
+        digest = hash_secret(secret)
+        async with self._unavailable("create key"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(_RECORD_PREFIX + digest, json.dumps(key.public()))
+            pipe.hset(_INDEX_KEY, key.id, digest)
+            pipe.set(_ENABLED_KEY, 1)
+            await pipe.execute()
+        self.is_enabled = True
+        return key, secret
+
+    async def list(self) -> list[ApiKey]:
+        """Every key, oldest first."""
+        async with self._unavailable("list keys"):
+            digests = list((await self._client.hgetall(_INDEX_KEY)).values())
+            raw = await self._client.mget([_RECORD_PREFIX + _text(d) for d in digests]) if digests else []
+        keys = [_parse(r) for r in raw if r is not None]
+        return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+    async def revoke(self, key_id: str) -> ApiKey | None:
+        """Delete the key; its record, or None if there was none. Holds from the next request on,
+        on every replica."""
+        async with self._unavailable("revoke key"):
+            digest = await self._client.hget(_INDEX_KEY, key_id)
+            if digest is None:
+                return None
+            pipe = self._client.pipeline(transaction=True)
+            pipe.getdel(_RECORD_PREFIX + _text(digest))
+            pipe.hdel(_INDEX_KEY, key_id)
+            raw, _ = await pipe.execute()
+        self._last_good[_text(digest)] = None  # refused even while Redis is unreachable
+        return None if raw is None else _parse(raw)
+
+    async def lookup(self, secret: str) -> ApiKey | None:
+        """The key with this secret, or None. Redis down: the last record read for it, if any."""
+        digest = hash_secret(secret)
+        try:
+            raw = await self._client.get(_RECORD_PREFIX + digest)
+        except _REDIS_ERRORS:
+            self.num_errors += 1
+            if digest in self._last_good:
+                return self._last_good[digest]
+            raise StoreUnavailable("redis is unreachable and this key was not seen before") from None
+        key = None if raw is None else _parse(raw)
+        self._remember(digest, key)
+        return key
+
+    async def refresh(self) -> None:
+        """Learn whether keys are configured (another replica may have created the first one)."""
+        if self.is_enabled:
+            return
+        try:
+            self.is_enabled = bool(await self._client.exists(_ENABLED_KEY))
+        except _REDIS_ERRORS:
+            self.num_errors += 1
+
+    def _remember(self, digest: str, key: ApiKey | None) -> None:
+        self._last_good[digest] = key
+        self._last_good.move_to_end(digest)
+        while len(self._last_good) > self._max_remembered:
+            self._last_good.popitem(last=False)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _parse(raw: bytes | str) -> ApiKey:
+    fields = json.loads(raw)
+    return ApiKey(
+        id=fields["id"],
+        name=fields["name"],
+        scopes=tuple(fields["scopes"]),
+        requests_per_second=float(fields["requests_per_second"]),
+        tokens_per_minute=int(fields["tokens_per_minute"]),
+        created_at=fields["created_at"],
+    )

@@ -104,6 +104,7 @@ class Options:
     docs: Path | None
     seed: int
     rss_interval: float
+    mix: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -707,8 +708,8 @@ async def run_op(ctx: Ctx, tally: Tally, kind: str, rng: random.Random) -> None:
     tally.record(kind, outcome, status or None, time.perf_counter() - started, detail)
 
 
-async def client(ctx: Ctx, tally: Tally, rng: random.Random, deadline: float) -> None:
-    kinds, weights = list(MIX), list(MIX.values())
+async def client(ctx: Ctx, tally: Tally, rng: random.Random, deadline: float, mix: dict[str, int]) -> None:
+    kinds, weights = list(mix), list(mix.values())
     while time.monotonic() < deadline:
         await run_op(ctx, tally, rng.choices(kinds, weights)[0], rng)
 
@@ -912,7 +913,7 @@ async def soak(opts: Options, served: Served) -> dict[str, Any]:
         started = time.monotonic()
         deadline = started + opts.duration
         rngs = [random.Random(opts.seed * 1000 + i) for i in range(opts.clients)]
-        await asyncio.gather(*(client(ctx, tally, rng, deadline) for rng in rngs))
+        await asyncio.gather(*(client(ctx, tally, rng, deadline, opts.mix) for rng in rngs))
         traffic_s = time.monotonic() - started
         after = await after_run(http)
         await final_checks(ctx, tally)
@@ -1109,10 +1110,23 @@ def parse_args() -> Options:
     parser.add_argument("--no-docs", action="store_true", help="do not write the markdown report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-interval", type=float, default=2.0, help="seconds between RSS samples")
+    parser.add_argument(
+        "--mix", type=parse_mix, default=MIX, help="KIND=WEIGHT,... instead of the default mix (to bisect)"
+    )
     args = parser.parse_args()
     warmup = 0.2 * args.duration if args.warmup is None else args.warmup
     docs = None if args.no_docs else args.docs
-    return Options(args.duration, args.clients, warmup, args.out, docs, args.seed, args.rss_interval)
+    return Options(
+        args.duration, args.clients, warmup, args.out, docs, args.seed, args.rss_interval, args.mix
+    )
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    mix = {kind: int(weight) for kind, weight in (item.split("=") for item in text.split(","))}
+    unknown = set(mix) - set(MIX)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown kinds {sorted(unknown)}; known: {', '.join(MIX)}")
+    return mix
 
 
 def server_flags(model_dir: Path, admin_token: str) -> list[str]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,11 @@ def _prefix(prefix_len: int, seed: int) -> PrefixEntry:
     return PrefixEntry(meta, torch.randn(2, 2, 4, prefix_len, 8))
 
 
-def _engine(loaded: LoadedModel, num_slots: int = 4, max_queue: int = 16) -> Engine:
+def _engine(
+    loaded: LoadedModel, num_slots: int = 4, max_queue: int = 16, request_timeout_s: float | None = None
+) -> Engine:
     layout = KVLayout(2, 4, 8, num_slots, MAX_POSITIONS, torch.float32, torch.device("cpu"))
-    return Engine(loaded, SlotKVCache(layout), max_queue)
+    return Engine(loaded, SlotKVCache(layout), max_queue, request_timeout_s=request_timeout_s)
 
 
 @pytest.fixture
@@ -59,6 +62,10 @@ def run_engine(loaded: LoadedModel) -> Iterator:  # type: ignore[type-arg]
 
 async def _collect(handle: RequestHandle) -> list[StepOutput]:
     return [o async for o in handle]
+
+
+async def _collect_rest(first: StepOutput, rest: AsyncIterator[StepOutput]) -> list[StepOutput]:
+    return [first] + [o async for o in rest]
 
 
 def _greedy(n: int) -> SamplingParams:
@@ -223,3 +230,40 @@ def test_a_row_with_non_finite_logits_fails_alone(run_engine) -> None:  # type: 
     bad, good, is_alive = run_engine(mixed)
     assert bad[-1].finish_reason == "error" and "non-finite" in (bad[-1].error or "")
     assert good == run_engine(solo) and is_alive
+
+
+def test_request_timeout_ends_running_and_waiting_rows_and_frees_their_slots(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """Past `request_timeout_s` a running row and a queued one both end with `timeout`; the slot is
+    free again for the next request, which runs to its end."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        long_run = engine.submit(_prefix(2, 0), [5, 6], _greedy(MAX_POSITIONS - 10))
+        queued = engine.submit(_prefix(2, 1), [7], _greedy(4))  # one slot: waits behind long_run
+        outputs = aiter(long_run)
+        first = await anext(outputs)
+        assert long_run.request.deadline is not None and first.finish_reason is None
+        long_run.request.deadline = queued.request.deadline = time.monotonic()  # both expire now
+        ends = await asyncio.gather(_collect_rest(first, outputs), _collect(queued))
+        stats = engine.stats()
+        after = await _collect(engine.submit(_prefix(2, 2), [8], _greedy(3)))
+        return ends, stats, after
+
+    (long_out, queued_out), stats, after = run_engine(body, num_slots=1, request_timeout_s=60)
+    assert long_out[-1].finish_reason == "timeout" and "timeout" in (long_out[-1].error or "")
+    assert sum(len(o.token_ids) for o in long_out) < MAX_POSITIONS - 10
+    assert [o.finish_reason for o in queued_out] == ["timeout"]
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert after[-1].finish_reason == "length" and sum(len(o.token_ids) for o in after) == 3
+
+
+def test_tenant_given_at_submit_is_the_fairness_unit(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """An API key's requests form one tenant whatever their tasks; without one, the task's namespace."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        keyed = engine.submit(_prefix(2, 0), [5], _greedy(1), tenant="key_a")
+        plain = engine.submit(_prefix(2, 1), [5], _greedy(1))
+        tenants = [keyed.request.tenant, plain.request.tenant]
+        await asyncio.gather(_collect(keyed), _collect(plain))
+        return tenants
+
+    assert run_engine(body) == ["key_a", "t1"]

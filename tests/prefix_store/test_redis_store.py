@@ -241,3 +241,30 @@ def test_rejects_clients_and_fingerprints_that_would_break_keys() -> None:
     for bad in ("", "a{b", "a}b"):
         with pytest.raises(ValueError, match="fingerprint"):
             RedisPrefixStore(binary, bad)
+
+
+def test_list_by_prefix_pages_only_matching_ids(redis_proc: RedisProcess, fingerprint: str) -> None:
+    """`prefix` bounds the listing to ids that start with it, with the cursor paging inside it."""
+    ids = ["acme", "acme:a", "acme:b", "acme:c", "acmeco:a", "beta:a", "zz"]
+
+    async def body(store: RedisPrefixStore) -> list[list[str]]:
+        for task_id in ids:
+            await store.put(task_id, b"x", 1, "float32")
+        pages, cursor = [], None
+        while True:
+            items, cursor = await store.list(2, cursor, prefix="acme:")
+            pages.append([m.task_id for m in items])
+            if cursor is None:
+                break
+        before, _ = await store.list(10, "a", prefix="beta:")  # a cursor before the range
+        after, _ = await store.list(10, "c", prefix="beta:")  # a cursor past it
+        return [*pages, [m.task_id for m in before], [m.task_id for m in after]]
+
+    for task_id in ids:
+        run_with_store(redis_proc.url, fingerprint, lambda s, t=task_id: s.delete(t))  # type: ignore[misc]
+    assert run_with_store(redis_proc.url, fingerprint, body) == [
+        ["acme:a", "acme:b"],
+        ["acme:c"],
+        ["beta:a"],
+        [],
+    ]

@@ -666,14 +666,17 @@ def bad_headers(ctx: Ctx, case: BadCase) -> dict[str, str]:
 
 async def op_bad_request(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
     case = rng.choice(ctx.bad_cases)
-    response = await ctx.http.request(
-        case.method,
-        case.path,
-        json=case.json,
-        content=case.content,
-        files=case.files,
-        headers=bad_headers(ctx, case),
-    )
+    try:
+        response = await ctx.http.request(
+            case.method,
+            case.path,
+            json=case.json,
+            content=case.content,
+            files=case.files,
+            headers=bad_headers(ctx, case),
+        )
+    except httpx.TransportError as exc:
+        raise Lost(f"{case.name}: {type(exc).__name__}: {exc!r}") from exc
     expect_status(response, case.status)
     error = get(json_of(response), "error", dict)
     if error.get("code") != case.code or not error.get("message"):

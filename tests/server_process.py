@@ -71,6 +71,16 @@ class ServerProcess:
                 self._proc.wait()
         self._proc = None
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting: the server drains, then exits (see `wait`)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> int:
+        """The exit status once the process has ended (raises on timeout)."""
+        assert self._proc is not None
+        return self._proc.wait(timeout=timeout_s)
+
     def log_tail(self, num_chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-num_chars:] if self.log_path.exists() else ""
 

@@ -28,7 +28,7 @@ from tests.tiny_models import Adapter
 
 GOOD_TASK = "t:good"
 TASK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-MAX_EXAMPLES = 30  # per operation, fuzzing phase; the coverage phase adds its own fixed set
+MAX_EXAMPLES = 100  # per operation, fuzzing phase; the coverage phase adds its own fixed set
 MAX_NEW_TOKENS = 16  # the server's --max-new-tokens: fuzzed generations stay cheap
 
 # Fields of /v1/completions the server refuses (400) whatever their value (see schemas_openai.py).
@@ -133,7 +133,14 @@ def api_schema(fuzz_server: ServerProcess) -> OpenApiSchema:
             "headers": fuzz_server.admin_headers,
             "request-timeout": 30,
             "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "no-shrink": True},
-            "phases": {"examples": {"enabled": False}, "stateful": {"enabled": False}},
+            "phases": {
+                "examples": {"enabled": False},  # the schema has none
+                "stateful": {"enabled": False},
+                # valid and invalid values of every field and parameter, at their boundaries
+                "coverage": {"generation": {"mode": "all"}},
+                # then random valid requests (steered to `t:good`): what reaches the engine
+                "fuzzing": {"generation": {"mode": "positive", "unique-inputs": True}},
+            },
         }
     )
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json", config=config)

@@ -384,3 +384,11 @@ def test_docs_describe_every_exported_metric() -> None:
     undocumented = sorted(name for name in families if name.removesuffix("_info") not in docs)
     assert "prefix_server_time_per_output_token_seconds" in families
     assert undocumented == []
+
+
+def test_stop_grace_period_outlasts_the_drain(compose: dict[str, Any]) -> None:
+    """Docker SIGKILLs after stop_grace_period (default 10 s): the drain must fit inside it."""
+    server = compose["services"]["server"]
+    drain_s = float(server["environment"]["PREFIX_SERVE_DRAIN_SECONDS"])
+    grace = str(server["stop_grace_period"])
+    assert grace.endswith("s") and float(grace[:-1]) >= drain_s + 10

@@ -161,7 +161,8 @@ def prompt_specs(tokenizer: Any, rng: random.Random) -> list[PromptSpec]:
 
 
 def random_text(rng: random.Random, length: int) -> str:
-    return "".join(rng.choices(string.ascii_letters + " ", k=length))
+    """Letters and spaces, never only spaces (a blank text prefix is refused)."""
+    return rng.choice(string.ascii_letters) + "".join(rng.choices(string.ascii_letters + " ", k=length - 1))
 
 
 # ---- verification state -----------------------------------------------------------------------

@@ -36,6 +36,8 @@ class Started:
             prefix_version=self.prefix.meta.version,
             prompt_tokens=len(self.prompt_ids),
         )
+        if self.caller.key is not None:
+            self.summary["key_id"] = self.caller.key.id  # which tenant, never the secret
         return self.summary
 
 

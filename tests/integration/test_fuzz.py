@@ -156,7 +156,7 @@ def _pytest_node_id_shim(request: pytest.FixtureRequest) -> None:
     """schemathesis 4.32.5's `from_fixture` reads and writes `request.node._nodeid`, which pytest 9.2
     renamed (`Node._id`, a `NodeId`); give it the string back. Only the subtest labels use it."""
     if not hasattr(request.node, "_nodeid"):
-        request.node._nodeid = request.node.nodeid
+        setattr(request.node, "_nodeid", request.node.nodeid)  # noqa: B010
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")

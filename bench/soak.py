@@ -908,7 +908,11 @@ class Served:
 
 
 async def soak(opts: Options, served: Served) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=opts.clients + 8, max_keepalive_connections=opts.clients + 8)
+    # idle connections expire well before uvicorn's 5 s keep-alive timeout: reusing one the server is
+    # closing at that very moment is HTTP/1.1's known race, not a lost request
+    limits = httpx.Limits(
+        max_connections=opts.clients + 8, max_keepalive_connections=opts.clients + 8, keepalive_expiry=1.0
+    )
     async with httpx.AsyncClient(base_url=served.url, timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
         ctx = await make_ctx(http, served, opts.seed)
         tally, stop = Tally(), asyncio.Event()

@@ -1,4 +1,5 @@
-"""`prefixctl`: upload, inspect and delete prefixes, and generate, from the shell.
+"""`prefixctl`: upload, inspect and delete prefixes, manage tenant API keys, and generate, from
+the shell.
 
 Server errors print `error <code>: <message>` on stderr and exit 1; usage errors exit 2.
 """
@@ -20,23 +21,31 @@ from rich.table import Table
 
 from clients.client import PrefixClient, Sampling, peft_files
 from clients.client import Progress as ProgressCallback
-from clients.models import Generation, PrefixInfo, PrefixServerError
+from clients.models import Generation, KeyInfo, PrefixInfo, PrefixServerError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PROGRESS_MIN_BYTES = 1024 * 1024  # smaller uploads finish before a bar is worth drawing
 
 app = typer.Typer(
     name="prefixctl",
-    help="Manage the prefixes of a prefix server and generate with them.",
+    help="Manage the prefixes and API keys of a prefix server, and generate with them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+keys_app = typer.Typer(
+    name="keys",
+    help="Create, list and revoke tenant API keys (admin token).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(keys_app)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Target:
     url: str
     token: str | None
+    api_key: str | None
 
 
 @app.callback()
@@ -46,8 +55,14 @@ def main(
     token: Annotated[
         str | None, typer.Option(envvar="PREFIX_ADMIN_TOKEN", help="Admin token (admin commands).")
     ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PREFIX_API_KEY", help="Tenant API key (generate); without one, the admin token."
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = _Target(url, token)
+    ctx.obj = _Target(url, token, api_key)
 
 
 @contextmanager
@@ -55,7 +70,7 @@ def _client(ctx: typer.Context) -> Iterator[PrefixClient]:
     """A client for the command; server and connection errors end the command with exit code 1."""
     target: _Target = ctx.obj
     try:
-        with PrefixClient(target.url, target.token) as client:
+        with PrefixClient(target.url, target.token, api_key=target.api_key) as client:
             yield client
     except PrefixServerError as exc:
         typer.echo(f"error {exc.code}: {exc.message}", err=True)
@@ -196,6 +211,75 @@ def warm(ctx: typer.Context, task_id: str) -> None:
     with _client(ctx) as client:
         info = client.warm(task_id)
     _print_json(_info_json(info))
+
+
+def _key_json(key: KeyInfo) -> dict[str, Any]:
+    """The key in the server's own shape (with `key`, the secret, for a CreatedKey)."""
+    return {**dataclasses.asdict(key), "scopes": list(key.scopes)}
+
+
+def _rate(value: float) -> str:
+    return "unlimited" if value == 0 else f"{value:g}"
+
+
+def _keys_table(keys: list[KeyInfo]) -> Table:
+    table = Table("id", "name", "scopes", "requests_per_second", "tokens_per_minute", "created_at")
+    for key in keys:
+        table.add_row(
+            key.id,
+            key.name,
+            " ".join(key.scopes),
+            _rate(key.requests_per_second),
+            _rate(key.tokens_per_minute),
+            key.created_at,
+        )
+    return table
+
+
+@keys_app.command("create")
+def create_key(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A label for the key, e.g. the tenant's name.")],
+    scope: Annotated[
+        list[str],
+        typer.Option(help="A task id, or a prefix ending in * (quote it: 'acme:*'); repeat for more."),
+    ],
+    rps: Annotated[float, typer.Option(min=0, help="Requests per second (0 = unlimited).")] = 0,
+    tpm: Annotated[int, typer.Option(min=0, help="Generated tokens per minute (0 = unlimited).")] = 0,
+) -> None:
+    """Create an API key and print it as JSON, its secret `key` included (shown only this once).
+
+    The first key closes the server's open development mode for good: from then on /generate
+    and /v1/* need a key (or the admin token).
+    """
+    with _client(ctx) as client:
+        created = client.create_key(name, scope, rps, tpm)
+    _print_json(_key_json(created))
+    typer.echo(f"warning: the secret of {created.id} is shown only this once; store it now", err=True)
+
+
+@keys_app.command("list")
+def list_keys(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the API keys (never their secrets)."""
+    with _client(ctx) as client:
+        keys = client.list_keys()
+    if as_json:
+        _print_json({"items": [_key_json(key) for key in keys]})
+        return
+    Console().print(_keys_table(keys))
+
+
+@keys_app.command("revoke")
+def revoke_key(
+    ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="The key's id (key_…).")]
+) -> None:
+    """Revoke an API key: refused from its next request on."""
+    with _client(ctx) as client:
+        info = client.revoke_key(key_id)
+    typer.echo(f"revoked {info.id} ({info.name})")
 
 
 def _sampling(

@@ -5,27 +5,33 @@ Both have the same methods; every non-2xx answer raises `PrefixServerError`.
 
 from __future__ import annotations
 
+import builtins  # `builtins.list` in annotations: the clients have a `list` method
 import io
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypedDict, Unpack
+from typing import IO, Any, Literal, TypedDict, Unpack
 from urllib.parse import quote
 
 import httpx
 
 from clients.models import (
+    CreatedKey,
     Generation,
+    KeyInfo,
     PrefixInfo,
     PrefixPage,
     PrefixServerError,
     StreamEvent,
     error_from_response,
+    parse_created_key,
     parse_event,
     parse_generation,
     parse_info,
+    parse_key,
+    parse_keys,
     parse_page,
 )
 
@@ -62,13 +68,18 @@ class _ProgressReader(io.BufferedReader):
         return data
 
 
+# which bearer a call sends: the admin token, or the API key (else the admin token, valid for
+# every task); None: no credentials (health checks)
+_Auth = Literal["admin", "tenant"]
+
+
 @dataclass(frozen=True)
 class _Call:
     """One HTTP request of the API, independent of sync/async."""
 
     method: str
     path: str
-    is_admin: bool = False
+    auth: _Auth | None = None
     params: Mapping[str, str | int] | None = None
     body: Mapping[str, object] | None = None
 
@@ -81,7 +92,7 @@ def _list_call(limit: int, cursor: str | None) -> _Call:
     params: dict[str, str | int] = {"limit": limit}
     if cursor is not None:
         params["cursor"] = cursor
-    return _Call("GET", "/admin/prefixes", True, params)
+    return _Call("GET", "/admin/prefixes", "admin", params)
 
 
 def _generate_call(
@@ -96,7 +107,28 @@ def _generate_call(
         body["stop"] = [str(s) for s in sampling["stop"]]
     if stream:
         body["stream"] = True
-    return _Call("POST", "/generate", body=body)
+    return _Call("POST", "/generate", "tenant", body=body)
+
+
+def _key_path(key_id: str) -> str:
+    return f"/admin/keys/{quote(key_id, safe='')}"
+
+
+def _create_key_call(
+    name: str, scopes: Sequence[str], requests_per_second: float, tokens_per_minute: int
+) -> _Call:
+    if isinstance(scopes, str):  # a str is a Sequence[str] too: "acme:*" would become 6 scopes
+        raise TypeError(f"scopes must be a list of task ids or prefix* patterns, not the str {scopes!r}")
+    body = {
+        "name": name,
+        "scopes": [str(scope) for scope in scopes],
+        "requests_per_second": requests_per_second,
+        "tokens_per_minute": tokens_per_minute,
+    }
+    return _Call("POST", "/admin/keys", "admin", body=body)
+
+
+_LIST_KEYS = _Call("GET", "/admin/keys", "admin")
 
 
 def peft_files(directory: Path) -> tuple[Path, Path]:
@@ -146,19 +178,31 @@ def _incomplete(response: httpx.Response) -> PrefixServerError:
 
 
 class _Base:
-    def __init__(self, url: str, token: str | None) -> None:
+    """`token` is the admin token (admin calls); `api_key` a tenant API key for generation, which
+    falls back to the admin token (valid for every task) when not given."""
+
+    def __init__(self, url: str, token: str | None, api_key: str | None) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        self.api_key = api_key
 
     def _headers(self, call: _Call) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if call.is_admin and self.token else {}
+        if call.auth == "admin":
+            bearer = self.token
+        elif call.auth == "tenant":
+            bearer = self.api_key or self.token
+        else:
+            bearer = None
+        return {"Authorization": f"Bearer {bearer}"} if bearer else {}
 
 
 class PrefixClient(_Base):
     """Blocking client; use as a context manager or call `close()`."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300) -> None:
-        super().__init__(url, token)
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 300, *, api_key: str | None = None
+    ) -> None:
+        super().__init__(url, token, api_key)
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
 
     def close(self) -> None:
@@ -194,7 +238,7 @@ class PrefixClient(_Base):
     ) -> PrefixInfo:
         """PUT a canonical safetensors prefix, or a PEFT checkpoint when `config` is given."""
         with _upload_files(weights, config, progress) as files:
-            return parse_info(self._send(_Call("PUT", _prefix_path(task_id), True), files).json())
+            return parse_info(self._send(_Call("PUT", _prefix_path(task_id), "admin"), files).json())
 
     def upload_peft_dir(self, task_id: str, directory: Path, progress: Progress | None = None) -> PrefixInfo:
         """Upload the folder PEFT's `save_pretrained` wrote."""
@@ -203,7 +247,7 @@ class PrefixClient(_Base):
 
     def upload_text(self, task_id: str, text: str) -> PrefixInfo:
         """A plain-text prefix, which the server runs through the model once."""
-        return parse_info(self._send(_Call("PUT", _prefix_path(task_id), True), _text_files(text)).json())
+        return parse_info(self._send(_Call("PUT", _prefix_path(task_id), "admin"), _text_files(text)).json())
 
     def list(self, limit: int = 100, cursor: str | None = None) -> PrefixPage:
         return parse_page(self._send(_list_call(limit, cursor)).json())
@@ -219,14 +263,30 @@ class PrefixClient(_Base):
             cursor = page.next_cursor
 
     def get(self, task_id: str) -> PrefixInfo:
-        return parse_info(self._send(_Call("GET", _prefix_path(task_id), True)).json())
+        return parse_info(self._send(_Call("GET", _prefix_path(task_id), "admin")).json())
 
     def delete(self, task_id: str) -> None:
-        self._send(_Call("DELETE", _prefix_path(task_id), True))
+        self._send(_Call("DELETE", _prefix_path(task_id), "admin"))
 
     def warm(self, task_id: str) -> PrefixInfo:
         """Prefetch into the server's caches; `tiers` of the result says where it now is."""
-        return parse_info(self._send(_Call("POST", _prefix_path(task_id, "/warm"), True)).json())
+        return parse_info(self._send(_Call("POST", _prefix_path(task_id, "/warm"), "admin")).json())
+
+    def create_key(
+        self, name: str, scopes: Sequence[str], requests_per_second: float = 0, tokens_per_minute: int = 0
+    ) -> CreatedKey:
+        """A new tenant API key for `scopes` (task ids or `prefix*` patterns; 0 = unlimited rate).
+        Its secret, `CreatedKey.key`, is in this answer only. The first key ends the server's
+        open development mode for good."""
+        call = _create_key_call(name, scopes, requests_per_second, tokens_per_minute)
+        return parse_created_key(self._send(call).json())
+
+    def list_keys(self) -> builtins.list[KeyInfo]:
+        return parse_keys(self._send(_LIST_KEYS).json())
+
+    def revoke_key(self, key_id: str) -> KeyInfo:
+        """Revoke a key (refused from the next request on); returns what it was."""
+        return parse_key(self._send(_Call("DELETE", _key_path(key_id), "admin")).json())
 
     def generate(
         self,
@@ -249,7 +309,9 @@ class PrefixClient(_Base):
     ) -> Iterator[StreamEvent]:
         """Events as the server sends them; the request is made on the first `next()`."""
         call = _generate_call(task_id, prompt, input_ids, sampling, True)
-        with self._http.stream(call.method, call.path, json=call.body) as response:
+        with self._http.stream(
+            call.method, call.path, json=call.body, headers=self._headers(call)
+        ) as response:
             if not response.is_success:
                 response.read()
                 raise error_from_response(response)
@@ -273,8 +335,10 @@ class PrefixClient(_Base):
 class AsyncPrefixClient(_Base):
     """`PrefixClient` for asyncio; use `async with` or `await aclose()`."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300) -> None:
-        super().__init__(url, token)
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 300, *, api_key: str | None = None
+    ) -> None:
+        super().__init__(url, token, api_key)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
 
     async def aclose(self) -> None:
@@ -309,7 +373,7 @@ class AsyncPrefixClient(_Base):
         progress: Progress | None = None,
     ) -> PrefixInfo:
         with _upload_files(weights, config, progress) as files:
-            return parse_info((await self._send(_Call("PUT", _prefix_path(task_id), True), files)).json())
+            return parse_info((await self._send(_Call("PUT", _prefix_path(task_id), "admin"), files)).json())
 
     async def upload_peft_dir(
         self, task_id: str, directory: Path, progress: Progress | None = None
@@ -318,7 +382,7 @@ class AsyncPrefixClient(_Base):
         return await self.upload(task_id, weights, config, progress)
 
     async def upload_text(self, task_id: str, text: str) -> PrefixInfo:
-        response = await self._send(_Call("PUT", _prefix_path(task_id), True), _text_files(text))
+        response = await self._send(_Call("PUT", _prefix_path(task_id), "admin"), _text_files(text))
         return parse_info(response.json())
 
     async def list(self, limit: int = 100, cursor: str | None = None) -> PrefixPage:
@@ -335,13 +399,25 @@ class AsyncPrefixClient(_Base):
             cursor = page.next_cursor
 
     async def get(self, task_id: str) -> PrefixInfo:
-        return parse_info((await self._send(_Call("GET", _prefix_path(task_id), True))).json())
+        return parse_info((await self._send(_Call("GET", _prefix_path(task_id), "admin"))).json())
 
     async def delete(self, task_id: str) -> None:
-        await self._send(_Call("DELETE", _prefix_path(task_id), True))
+        await self._send(_Call("DELETE", _prefix_path(task_id), "admin"))
 
     async def warm(self, task_id: str) -> PrefixInfo:
-        return parse_info((await self._send(_Call("POST", _prefix_path(task_id, "/warm"), True))).json())
+        return parse_info((await self._send(_Call("POST", _prefix_path(task_id, "/warm"), "admin"))).json())
+
+    async def create_key(
+        self, name: str, scopes: Sequence[str], requests_per_second: float = 0, tokens_per_minute: int = 0
+    ) -> CreatedKey:
+        call = _create_key_call(name, scopes, requests_per_second, tokens_per_minute)
+        return parse_created_key((await self._send(call)).json())
+
+    async def list_keys(self) -> builtins.list[KeyInfo]:
+        return parse_keys((await self._send(_LIST_KEYS)).json())
+
+    async def revoke_key(self, key_id: str) -> KeyInfo:
+        return parse_key((await self._send(_Call("DELETE", _key_path(key_id), "admin"))).json())
 
     async def generate(
         self,
@@ -361,7 +437,9 @@ class AsyncPrefixClient(_Base):
         **sampling: Unpack[Sampling],
     ) -> AsyncIterator[StreamEvent]:
         call = _generate_call(task_id, prompt, input_ids, sampling, True)
-        async with self._http.stream(call.method, call.path, json=call.body) as response:
+        async with self._http.stream(
+            call.method, call.path, json=call.body, headers=self._headers(call)
+        ) as response:
             if not response.is_success:
                 await response.aread()
                 raise error_from_response(response)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import httpx
@@ -73,6 +73,32 @@ class StreamEvent:
     prefix_version: int | None = None
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """A tenant API key as `GET /admin/keys` lists it (never its secret). `scopes` are task ids
+    or `prefix*` patterns; a rate of 0 means unlimited."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    requests_per_second: float
+    tokens_per_minute: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class CreatedKey(KeyInfo):
+    """The answer of `POST /admin/keys`: the key's info and its secret `key`, which the server
+    shows this once only (kept out of `repr` so it does not end up in logs)."""
+
+    key: str = field(repr=False)
+
+    @property
+    def info(self) -> KeyInfo:
+        """The key without its secret, as `list_keys()` and `revoke_key()` return it."""
+        return KeyInfo(**{f.name: getattr(self, f.name) for f in fields(KeyInfo)})
+
+
 def parse_info(data: Mapping[str, Any]) -> PrefixInfo:
     tiers = data.get("tiers")
     return PrefixInfo(
@@ -105,6 +131,25 @@ def parse_generation(data: Mapping[str, Any]) -> Generation:
         completion_tokens=int(usage["completion_tokens"]),
         prefix_tokens=int(usage["prefix_tokens"]),
     )
+
+
+def parse_key(data: Mapping[str, Any]) -> KeyInfo:
+    return KeyInfo(
+        id=str(data["id"]),
+        name=str(data["name"]),
+        scopes=tuple(str(s) for s in data["scopes"]),
+        requests_per_second=float(data["requests_per_second"]),
+        tokens_per_minute=int(data["tokens_per_minute"]),
+        created_at=str(data["created_at"]),
+    )
+
+
+def parse_created_key(data: Mapping[str, Any]) -> CreatedKey:
+    return CreatedKey(**vars(parse_key(data)), key=str(data["key"]))
+
+
+def parse_keys(data: Mapping[str, Any]) -> list[KeyInfo]:
+    return [parse_key(item) for item in data["items"]]
 
 
 def parse_event(payload: str) -> StreamEvent:

@@ -225,7 +225,7 @@ class Metrics:
         self.step_duration.observe(stats.duration_s)
 
     def _observe_finished(self, request: FinishedRequest) -> None:
-        self.finished.labels(reason=request.finish_reason).inc()  # bounded: length|stop|eos|abort|error|timeout
+        self.finished.labels(reason=request.finish_reason).inc()  # bounded: a FinishReason
         task = self.task_label(request.task_id)
         self.task_requests.labels(task=task).inc()
         self.task_tokens.labels(task=task).inc(request.num_output_tokens)

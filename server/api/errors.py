@@ -99,6 +99,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI: not UTF-8
+            error = ApiError(422, "invalid_request", "the body is not JSON: expected a UTF-8 JSON object")
+            return error_response(error, request.url.path)
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         code = codes.get(exc.status_code, "http_error")
         return error_response(ApiError(exc.status_code, code, str(exc.detail)), request.url.path)
@@ -109,3 +112,4 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type in (InvalidPrefix, ModelMismatch, StoreUnavailable, ContextTooLong, InvalidInput, QueueFull):
         app.add_exception_handler(exc_type, on_api_error)
     app.add_exception_handler(EngineStopped, on_api_error)
+    app.add_exception_handler(Exception, on_api_error)  # anything else: 500 internal_error, as JSON

@@ -11,9 +11,11 @@ from starlette.datastructures import UploadFile
 from server.api.auth import require_admin
 from server.api.deps import Services, get_services, meta_dict
 from server.api.errors import ApiError
-from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList
+from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList, error_responses
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin", dependencies=[Depends(require_admin)], responses=error_responses(401, 403, 422, 503)
+)
 TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 
@@ -27,7 +29,34 @@ async def _read_part(part: object, name: str, limit: int) -> bytes | None:
     return data
 
 
-@router.put("/prefixes/{task_id}", status_code=201, response_model=PrefixInfo)
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "weights": {"type": "string", "format": "binary", "description": "safetensors"},
+                    "config": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "PEFT adapter_config.json",
+                    },
+                    "text": {"type": "string", "description": "a plain-text prefix"},
+                },
+            }
+        }
+    },
+}
+
+
+@router.put(
+    "/prefixes/{task_id}",
+    status_code=201,
+    response_model=PrefixInfo,
+    responses=error_responses(413),
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+)
 async def upload_prefix(task_id: TaskIdPath, request: Request, services: ServicesDep) -> object:
     """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)], or `text` (UTF-8).
 
@@ -67,7 +96,7 @@ async def list_prefixes(
     return {"items": [meta_dict(m) for m in items], "next_cursor": next_cursor}
 
 
-@router.get("/prefixes/{task_id}", response_model=PrefixInfo)
+@router.get("/prefixes/{task_id}", response_model=PrefixInfo, responses=error_responses(404))
 async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
     meta = await services.prefixes.get_meta(task_id)
     if meta is None:
@@ -75,7 +104,7 @@ async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
     return meta_dict(meta)
 
 
-@router.post("/prefixes/{task_id}/warm")
+@router.post("/prefixes/{task_id}/warm", responses=error_responses(404))
 async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
     """Prefetch a task into the host and device caches ahead of its traffic."""
     entry = await services.prefixes.warm(task_id)
@@ -92,7 +121,7 @@ async def cache_contents(services: ServicesDep) -> object:
     return {"tiers": services.prefixes.usage(), "items": [dataclasses.asdict(r) for r in resident]}
 
 
-@router.delete("/prefixes/{task_id}", status_code=204)
+@router.delete("/prefixes/{task_id}", status_code=204, responses=error_responses(404))
 async def delete_prefix(task_id: TaskIdPath, services: ServicesDep) -> None:
     if not await services.prefixes.delete(task_id):
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")

@@ -20,7 +20,7 @@ from server.api.generation import (
     start,
     until_disconnect,
 )
-from server.api.schemas import GenerateRequest, GenerateResponse, Usage
+from server.api.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, event_stream_too
 from server.api.tenancy import CallerDep, admit
 from server.engine.request import SamplingParams
 
@@ -39,7 +39,14 @@ def _params(body: GenerateRequest) -> SamplingParams:
     )
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={
+        **event_stream_too("The generation"),
+        **error_responses(401, 403, 404, 413, 422, 429, 503, 504),
+    },
+)
 async def generate(
     body: GenerateRequest,
     request: Request,

@@ -3,7 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.api.deps import Services, get_services
 
@@ -15,7 +15,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "Not ready (same body)"}})
 async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
     is_store_ok = await services.prefixes.ping()
     is_engine_ok = services.engine.stats().is_alive
@@ -29,6 +29,6 @@ async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONRes
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
     return Response(services.metrics.render(), media_type=services.metrics.content_type)

@@ -8,9 +8,11 @@ from fastapi.responses import JSONResponse
 from server.api.auth import require_admin
 from server.api.deps import Services, get_services
 from server.api.errors import ApiError
-from server.api.schemas import KeyCreate, KeyCreated, KeyInfo, KeyList
+from server.api.schemas import KeyCreate, KeyCreated, KeyInfo, KeyList, error_responses
 
-router = APIRouter(prefix="/admin/keys", dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin/keys", dependencies=[Depends(require_admin)], responses=error_responses(401, 403, 413, 422)
+)
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
@@ -28,7 +30,7 @@ async def list_keys(services: ServicesDep) -> object:
     return {"items": [key.public() for key in await services.keys.list()]}
 
 
-@router.delete("/{key_id}", response_model=KeyInfo)
+@router.delete("/{key_id}", response_model=KeyInfo, responses=error_responses(404))
 async def revoke_key(
     key_id: Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")], services: ServicesDep
 ) -> object:

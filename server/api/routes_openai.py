@@ -25,12 +25,12 @@ from server.api.generation import (
     start,
     until_disconnect,
 )
-from server.api.schemas import TASK_ID_PATTERN
-from server.api.schemas_openai import CompletionRequest
+from server.api.schemas import TASK_ID_PATTERN, event_stream_too
+from server.api.schemas_openai import CompletionRequest, openai_error_responses
 from server.api.tenancy import Caller, CallerDep, admit, check_scope, list_visible
 from server.engine.request import SamplingParams, StepOutput
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=openai_error_responses(400, 401, 403, 404, 413, 429, 503, 504))
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
@@ -98,7 +98,7 @@ def _start_all(
     return started, sum(len(ids) for ids in prompts)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=event_stream_too("The completion"))
 async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerDep
 ) -> object:

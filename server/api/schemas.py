@@ -1,7 +1,7 @@
 """Request and response bodies of the public HTTP contract."""
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -90,6 +90,31 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+_ERRORS = {
+    401: "No valid bearer token",
+    403: "The token may not do this",
+    404: "Unknown task (or key)",
+    413: "Body or upload too large",
+    422: "Invalid request, context too long, invalid prefix or model mismatch",
+    429: "Overloaded or over the key's rate limit (see Retry-After)",
+    503: "Store unavailable or draining (see Retry-After)",
+    504: "The generation ran past the request timeout",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for our error statuses: `{"error": {"code", "message"}}`. A 422 here
+    replaces FastAPI's default `HTTPValidationError`, which is not what we answer."""
+    return {status: {"model": ErrorBody, "description": _ERRORS[status]} for status in statuses}
+
+
+def event_stream_too(description: str) -> dict[int | str, dict[str, Any]]:
+    """A 200 that is JSON, or `text/event-stream` when the request says `stream: true`."""
+    # Open API 3.1: the `schema` of text/event-stream describes one event (`data:` line and all)
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    return {200: {"description": description, "content": {"text/event-stream": {"schema": event}}}}
 
 
 class KeyCreate(BaseModel):

@@ -1,10 +1,27 @@
 """OpenAI-compatible request bodies (`/v1/completions`); `model` is the task_id."""
 
 import math
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.schemas import TaskId
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for `/v1/*` errors (OpenAI's shape; request validation is 400, as there)."""
+    return {status: {"model": OpenAIErrorBody, "description": "OpenAI-shaped error"} for status in statuses}
 
 
 class StreamOptions(BaseModel):

@@ -99,6 +99,10 @@ class Engine:
         return self.loaded.decode([token_id])
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON can carry lone surrogates ("\ud800"); text cannot
+            raise InvalidInput(f"the prompt is not valid Unicode: {exc.reason} at {exc.start}") from exc
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def submit(

@@ -13,7 +13,7 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     if params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(params.seed)
+        generator.manual_seed(params.seed % 2**64)  # torch takes [-2**63, 2**64); same bits for those
     return generator
 
 
@@ -27,7 +27,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly before each token
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)  # always keeps the top token
+        drop = before >= params.top_p
+        drop[0] = False  # the top token always stays, even when top_p rounds to 0.0 in float32
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum()
     return probs
@@ -42,6 +44,8 @@ def sample(
         if p.is_greedy:
             continue
         probs = filter_logits(logits[row], p)
+        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+            continue  # e.g. a temperature so small that logits / T overflow: the row stays greedy
         chosen[row] = torch.multinomial(probs, 1, generator=generator)[0]
     return [int(t) for t in chosen.tolist()]
 

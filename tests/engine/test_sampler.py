@@ -251,3 +251,21 @@ def test_top_p_mass_exactly_reaching_p_stops_there(top_p: float, kept: list[int]
     assert torch.nonzero(probs).flatten().tolist() == kept
     expected = [dyadic[i] / top_p if i in kept else 0.0 for i in range(4)]
     torch.testing.assert_close(probs, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_extreme_but_valid_values_sample_the_top_token_instead_of_failing() -> None:
+    """Found by fuzzing: a top_p that rounds to 0 in float32, or a temperature so small that
+    logits / T overflow, used to raise inside the batch (failing every row). Both are the
+    greedy limit: the top token."""
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0], [0.5, 3.0, 1.0, -2.0]])
+    params = [SamplingParams(temperature=1.0, top_p=1e-50, seed=1), SamplingParams(temperature=1e-40, seed=2)]
+    assert sample(logits, params, [make_generator(p, torch.device("cpu")) for p in params]) == [1, 1]
+
+
+def test_seeds_outside_torch_range_still_reproduce() -> None:
+    big = SamplingParams(temperature=1.0, seed=2**70 + 5)
+    first = make_generator(big, torch.device("cpu"))
+    again = make_generator(big, torch.device("cpu"))
+    assert first is not None and again is not None
+    assert torch.equal(torch.rand(4, generator=first), torch.rand(4, generator=again))
+    assert make_generator(SamplingParams(temperature=1.0, seed=-(2**70)), torch.device("cpu")) is not None

@@ -17,8 +17,12 @@ A request is *lost* when it got neither a full answer nor was deliberately cance
 The server's RSS is sampled every few seconds: growth after the warm-up must stay under 5%, and
 the running/waiting/loading gauges must be back to 0 once the traffic stops.
 
+Also reported, as warnings rather than failures: 5xx that only the server's own
+`prefix_server_requests_total` recorded, and ERROR lines in its log.
+
 Writes `bench/results/soak.json` and `docs/soak.md`; exits 1 if anything failed.
-`--duration 60` is a quick check.
+`--duration 60` is a quick check; `--mix generate=1,bad_request=1` narrows the traffic (to bisect).
+Generation requests carry the headers of `client_headers()`: the one place to add an API key.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -263,12 +268,18 @@ class Ctx:
     eos_ids: frozenset[int]
     layout: tuple[int, int, int]  # (num_layers, num_kv_heads, head_dim) of a canonical prefix
     bad_cases: list[BadCase]
+    decode: Callable[[tuple[int, ...]], str]  # the contract's `text`: skip_special_tokens=True
     refs: References = field(default_factory=References)
     versions: Versions = field(default_factory=Versions)
+    bad_counts: Counter[str] = field(default_factory=Counter)  # requests per bad case
 
     @property
     def stable(self) -> list[TaskSpec]:
         return [t for t in self.tasks if not t.is_churn]
+
+    def first_version(self, task: TaskSpec) -> int:
+        """The only version a stable task ever has."""
+        return next(iter(self.versions.uploaded[task.task_id]))
 
 
 def client_headers() -> dict[str, str]:
@@ -327,6 +338,8 @@ def check_generation(
         raise Mismatch(f"usage {usage} does not count token_ids {ids}")
     if get(usage, "prompt_tokens", int) != len(prompt.ids):
         raise Mismatch(f"prompt_tokens {usage['prompt_tokens']}, wanted {len(prompt.ids)}")
+    if text != ctx.decode(tuple(ids)):
+        raise Mismatch(f"text {text!r} is not the decoding of token_ids {ids}: {ctx.decode(tuple(ids))!r}")
     prefix_tokens = get(usage, "prefix_tokens", int)
     if not task.is_churn and prefix_tokens != task.prefix_len:
         raise Mismatch(f"{task.task_id}: prefix_tokens {prefix_tokens}, wanted {task.prefix_len}")
@@ -337,7 +350,7 @@ def check_generation(
 
 
 def check_stable_version(ctx: Ctx, task: TaskSpec, version: int) -> None:
-    expected = next(iter(ctx.versions.uploaded[task.task_id]))
+    expected = ctx.first_version(task)
     if not task.is_churn and version != expected:
         raise Mismatch(
             f"{task.task_id} is never re-uploaded but answered version {version}, wanted {expected}"
@@ -373,9 +386,8 @@ def check_completion_usage(usage: Any, prompt: PromptSpec, text: str, finish: An
     num = get(usage, "completion_tokens", int)
     if get(usage, "prompt_tokens", int) != len(prompt.ids) or not 1 <= num <= prompt.max_new:
         raise Mismatch(f"usage {usage} for a {len(prompt.ids)}-token prompt, max_tokens {prompt.max_new}")
-    if get(usage, "total_tokens", int) != len(prompt.ids) + num or (finish == "length") != (
-        num == prompt.max_new
-    ):
+    is_total_right = get(usage, "total_tokens", int) == len(prompt.ids) + num
+    if not is_total_right or (finish == "length" and num != prompt.max_new):  # EOS as the last: either
         raise Mismatch(f"usage {usage} with finish_reason {finish!r}")
     return Answer(text, finish, num, None)
 
@@ -397,6 +409,17 @@ def merge_completion_chunks(chunks: list[Any], task: TaskSpec) -> tuple[str, Any
         raise Mismatch(f"finish_reason before the last chunk: {finishes}")
     text = "".join(get(c["choices"][0], "text", str) for c in content)
     return text, finishes[-1], chunks[-1].get("usage")
+
+
+async def stream(
+    ctx: Ctx, path: str, body: dict[str, Any], stop_after: int | None = None
+) -> tuple[list[Any], bool]:
+    """POST a streaming request: its events and whether `[DONE]` came (see `read_sse`)."""
+    async with ctx.http.stream("POST", path, json=body, headers=ctx.headers) as response:
+        if response.status_code != 200:
+            await response.aread()
+            expect_status(response, 200)
+        return await read_sse(response, stop_after)
 
 
 async def read_sse(response: httpx.Response, stop_after: int | None = None) -> tuple[list[Any], bool]:
@@ -472,11 +495,7 @@ async def op_generate_stream(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
     task, index, prompt = pick(ctx, rng)
     sampling = GREEDY if rng.random() < 0.8 else sampled(rng)
     body = generate_body(task, prompt, sampling, rng, stream=True)
-    async with ctx.http.stream("POST", "/generate", json=body, headers=ctx.headers) as response:
-        if response.status_code != 200:
-            await response.aread()
-            expect_status(response, 200)
-        events, is_done = await read_sse(response)
+    events, is_done = await stream(ctx, "/generate", body)
     if not is_done:
         raise Lost(f"stream ended without [DONE] after {len(events)} events")
     merged = merge_generate_events(events, task)
@@ -500,7 +519,7 @@ async def op_completions(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
     answer = check_completion_usage(
         body.get("usage"), prompt, get(choices[0], "text", str), choices[0].get("finish_reason")
     )
-    ctx.refs.check((task.task_id, next(iter(ctx.versions.uploaded[task.task_id])), index, sampling), answer)
+    ctx.refs.check((task.task_id, ctx.first_version(task), index, sampling), answer)
     return OK, 200
 
 
@@ -512,16 +531,12 @@ async def op_completions_stream(ctx: Ctx, rng: random.Random) -> tuple[str, int]
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    async with ctx.http.stream("POST", "/v1/completions", json=body, headers=ctx.headers) as response:
-        if response.status_code != 200:
-            await response.aread()
-            expect_status(response, 200)
-        chunks, is_done = await read_sse(response)
+    chunks, is_done = await stream(ctx, "/v1/completions", body)
     if not is_done:
         raise Lost(f"stream ended without [DONE] after {len(chunks)} chunks")
     text, finish, usage = merge_completion_chunks(chunks, task)
     answer = check_completion_usage(usage, prompt, text, finish)
-    ctx.refs.check((task.task_id, next(iter(ctx.versions.uploaded[task.task_id])), index, sampling), answer)
+    ctx.refs.check((task.task_id, ctx.first_version(task), index, sampling), answer)
     return OK, 200
 
 
@@ -535,11 +550,7 @@ async def op_cancel_stream(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
         path, body = "/v1/completions", completion_body(task, prompt, GREEDY, rng)
         body.update(max_tokens=MAX_NEW_LIMIT, ignore_eos=True, stream=True)
     wanted = rng.randint(1, 4)
-    async with ctx.http.stream("POST", path, json=body, headers=ctx.headers) as response:
-        if response.status_code != 200:
-            await response.aread()
-            expect_status(response, 200)
-        events, is_done = await read_sse(response, stop_after=wanted)
+    events, is_done = await stream(ctx, path, body, stop_after=wanted)  # leaving closes the connection
     if is_done or len(events) < wanted:
         raise Lost(f"a {MAX_NEW_LIMIT}-token stream ended after {len(events)} events (done: {is_done})")
     return CANCELLED, 200
@@ -678,10 +689,15 @@ async def op_bad_request(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
         )
     except httpx.TransportError as exc:
         raise Lost(f"{case.name}: {type(exc).__name__}: {exc!r}") from exc
-    expect_status(response, case.status)
-    error = get(json_of(response), "error", dict)
-    if error.get("code") != case.code or not error.get("message"):
-        raise Mismatch(f"{case.name}: error {error}, wanted code {case.code!r}", response.status_code)
+    ctx.bad_counts[case.name] += 1
+    body = json_of(response)
+    error = body.get("error") if isinstance(body, dict) else None
+    code, message = (error.get("code"), error.get("message")) if isinstance(error, dict) else (None, None)
+    if response.status_code != case.status or code != case.code or not message:
+        raise Mismatch(
+            f"{case.name}: {response.status_code} {response.text[:300]}, wanted {case.status} {case.code!r}",
+            response.status_code,
+        )
     return OK, response.status_code
 
 
@@ -770,6 +786,14 @@ async def upload_initial(
     ctx.versions.upload(task.task_id, body["version"], task.prefix_len)
 
 
+def make_decoder(tokenizer: Any) -> Callable[[tuple[int, ...]], str]:
+    @functools.lru_cache(maxsize=100_000)
+    def decode(ids: tuple[int, ...]) -> str:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    return decode
+
+
 async def make_ctx(http: httpx.AsyncClient, served: Served, seed: int) -> Ctx:
     """The shared client state, after uploading every task's first version."""
     layout, eos_ids = model_facts(served.model_dir)
@@ -784,6 +808,7 @@ async def make_ctx(http: httpx.AsyncClient, served: Served, seed: int) -> Ctx:
         eos_ids=eos_ids,
         layout=layout,
         bad_cases=bad_cases(tasks[0], layout),
+        decode=make_decoder(tokenizer),
     )
     for i, task in enumerate(tasks):
         await upload_initial(ctx, task, served.adapters, seed * 100 + i)
@@ -927,7 +952,7 @@ async def soak(opts: Options, served: Served) -> dict[str, Any]:
         await final_checks(ctx, tally)
         stop.set()
         await sampler
-    return report(opts, tally, traffic_s, rss_summary(samples, opts.warmup), after, len(ctx.refs))
+    return report(opts, tally, traffic_s, rss_summary(samples, opts.warmup), after, ctx)
 
 
 def report(
@@ -936,7 +961,7 @@ def report(
     traffic_s: float,
     rss: dict[str, Any],
     after: AfterRun,
-    num_refs: int,
+    ctx: Ctx,
 ) -> dict[str, Any]:
     kinds = {kind: kind_row(stats) for kind, stats in sorted(tally.kinds.items())}
     totals = {k: sum(row[k] for row in kinds.values()) for k in ("requests", OK, CANCELLED, LOST, WRONG)}
@@ -956,8 +981,10 @@ def report(
         "requests_per_s": totals["requests"] / traffic_s,
         "totals": totals,
         "good_generation_latency_ms": {"p50": percentile_ms(good, 0.5), "p99": percentile_ms(good, 0.99)},
-        "distinct_answers_compared": num_refs,
+        "distinct_answers_compared": len(ctx.refs),
         "kinds": kinds,
+        "bad_cases": dict(sorted(ctx.bad_counts.items())),
+        "uploads": {task: len(versions) for task, versions in sorted(ctx.versions.uploaded.items())},
         "rss": rss,
         "gauges_after": after.gauges,
         "healthy_after": after.is_healthy,
@@ -1084,15 +1111,11 @@ neither a full answer nor a deliberate cancellation. RSS is the server process's
 def markdown(result: dict[str, Any]) -> str:
     opts = result["options"]
     flags = f"--duration {opts['duration']:g} --clients {opts['clients']} --warmup {opts['warmup']:g}"
-    lines = [
-        INTRO,
-        f"Run of {result['date']}: `{flags}`.",
-        "",
-        *summary_lines(result),
-        "",
-        *table(result),
-        "",
-    ]
+    if opts["mix"] != MIX:
+        flags += " --mix " + ",".join(f"{k}={v}" for k, v in opts["mix"].items())
+    bad = ", ".join(f"{name} {n}" for name, n in result["bad_cases"].items())
+    lines = [INTRO, f"Run of {result['date']}: `{flags}`.", "", *summary_lines(result), "", *table(result)]
+    lines += ["", f"Bad requests by case (each must get its exact status and code): {bad}.", ""]
     if result["problems"]:
         lines += ["First problems:", "", *[f"- `{p}`" for p in result["problems"][:20]], ""]
     return "\n".join(lines)

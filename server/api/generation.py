@@ -150,13 +150,20 @@ def _in_background(work: Awaitable[None]) -> None:
     future.add_done_callback(_background.discard)
 
 
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (which aborts its rows) if the client goes away first."""
+    """Await `work`, cancelling it (which aborts its rows) if the client goes away first; that
+    ends the request with 499 (metrics and access log), not a server error."""
     task = asyncio.ensure_future(work)
+    is_client_gone = False
 
     async def watch() -> None:
+        nonlocal is_client_gone
         while not task.done():
             if await request.is_disconnected():
+                is_client_gone = True
                 task.cancel()
                 return
             await asyncio.sleep(0.25)
@@ -164,5 +171,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if not is_client_gone:
+            raise  # the server is cancelling this request itself
+        raise ApiError(CLIENT_CLOSED, "client_closed", "the client closed the connection") from None
     finally:
         watcher.cancel()

@@ -236,8 +236,10 @@ class Engine:
     def step(self) -> None:
         """One iteration of continuous batching."""
         started = time.perf_counter()
-        aborted = self._take_aborted() + self._take_expired()
+        expired, timeouts = self._take_expired()
+        aborted = self._take_aborted() + expired
         self._retire({r.request_id for r in aborted})
+        self._emit(timeouts)  # after retiring: whoever reads the timeout finds the row gone
         with self._lock:
             batch = self.scheduler.schedule()
         for request in batch.prefill:
@@ -309,8 +311,9 @@ class Engine:
             request.finish_reason = "abort"
         return running
 
-    def _take_expired(self) -> list[Request]:
-        """End every request past its deadline (waiting ones leave the queue); return the running ones."""
+    def _take_expired(self) -> tuple[list[Request], list[StepOutput]]:
+        """End every request past its deadline (waiting ones leave the queue); return the running
+        ones (to retire) and the outputs that tell every expired request's caller."""
         now = time.monotonic()
         with self._lock:
             expired = [r for r in self.scheduler.waiting if r.deadline is not None and r.deadline <= now]
@@ -320,8 +323,9 @@ class Engine:
         message = f"the request ran past the server's request timeout ({self.request_timeout_s} s)"
         for request in expired + running:
             request.finish_reason = "timeout"
-        self._emit([StepOutput(r.request_id, [], "", "timeout", error=message) for r in expired + running])
-        return running
+        return running, [
+            StepOutput(r.request_id, [], "", "timeout", error=message) for r in expired + running
+        ]
 
     def _fail(self, message: str, include_waiting: bool, reason: FinishReason = "error") -> None:
         """End the running rows (and the waiting ones when shutting down) with an error."""

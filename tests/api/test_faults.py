@@ -164,7 +164,10 @@ def test_client_disconnect_aborts_its_row(
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/generate", json=body, timeout=1.0)
     _wait_for(lambda: _abort_count(client.get(url + "/metrics").text) == aborts_before + 1)
+    if not stream:  # recorded as the client's doing (499), never as a server error
+        _wait_for(lambda: 'endpoint="/generate",status="499"' in client.get(url + "/metrics").text)
     metrics = client.get(url + "/metrics").text
+    assert 'status="500"' not in metrics
     assert "prefix_server_running_requests 0.0" in metrics
     assert metric_value(metrics, "prefix_server_generated_tokens_total") < 8000  # both runs together
     response = client.post(url + "/generate", json={**body, "max_new_tokens": 3, "stream": False})

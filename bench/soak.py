@@ -20,7 +20,7 @@ the running/waiting/loading gauges must be back to 0 once the traffic stops.
 Also reported, as warnings rather than failures: 5xx that only the server's own
 `prefix_server_requests_total` recorded, and ERROR lines in its log.
 
-Writes `bench/results/soak.json` and `docs/soak.md`; exits 1 if anything failed.
+Writes `bench/results/soak.json` and the soak section of `docs/benchmarks.md`; exits 1 if anything failed.
 `--duration 60` is a quick check; `--mix generate=1,bad_request=1` narrows the traffic (to bisect).
 Generation requests carry the headers of `client_headers()`: the one place to add an API key.
 """
@@ -54,6 +54,7 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.doc_sections import write_section  # noqa: E402
 from tests.server_process import ServerProcess, metric_value  # noqa: E402
 from tests.tiny_models import save_adapter, save_tiny_model  # noqa: E402
 
@@ -1093,7 +1094,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 INTRO = """\
-# Soak test
+## Soak test
 
 Produced by `.venv/bin/python bench/soak.py` (by hand, never in CI); JSON in
 `bench/results/soak.json`. It starts its own server (a tiny GPT-2, its embedded Redis under a
@@ -1125,7 +1126,7 @@ def write_outputs(result: dict[str, Any], opts: Options) -> None:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(result, indent=2) + "\n")
     if opts.docs is not None:
-        opts.docs.write_text(markdown(result))
+        write_section(opts.docs, "soak", markdown(result))  # the throughput section stays
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -1137,7 +1138,12 @@ def parse_args() -> Options:
         "--warmup", type=float, help="seconds before the RSS baseline (default 20%% of --duration)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "soak.md", help="markdown report")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks.md",
+        help="markdown report (its soak section)",
+    )
     parser.add_argument("--no-docs", action="store_true", help="do not write the markdown report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-interval", type=float, default=2.0, help="seconds between RSS samples")

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import throughput_modes as modes  # noqa: E402
+from doc_sections import write_section  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path, docs: Path | None) -> N
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     modes.plot(result, out_dir / f"{name}.png")
     if docs is not None:
-        docs.write_text(modes.markdown(result, f"bench/results/{name}.png"))
+        write_section(docs, "throughput", modes.markdown(result, f"bench/results/{name}.png"))
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Protocol
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -60,7 +61,21 @@ _META_FIELDS: tuple[str, ...] = (
     "source",
 )
 # Connection-level failures and error replies alike mean "the store cannot serve this".
-_REDIS_ERRORS = (RedisError, OSError)
+REDIS_ERRORS = (RedisError, OSError)
+
+
+class CountsErrors(Protocol):
+    num_errors: int  # failed Redis calls, for metrics
+
+
+@asynccontextmanager
+async def unavailable(owner: CountsErrors, action: str) -> AsyncIterator[None]:
+    """Turn every Redis/socket error into `StoreUnavailable`, naming what failed; count it."""
+    try:
+        yield
+    except REDIS_ERRORS as exc:
+        owner.num_errors += 1
+        raise StoreUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def connect(url: str, max_connections: int = 64) -> redis.asyncio.Redis:
@@ -102,15 +117,6 @@ class RedisPrefixStore:
         self._delete_script = client.register_script(_DELETE_SCRIPT)
         self.num_errors = 0  # failed Redis calls, for metrics
 
-    @asynccontextmanager
-    async def _unavailable(self, action: str) -> AsyncIterator[None]:
-        """Turn every Redis/socket error into `StoreUnavailable`, naming what failed."""
-        try:
-            yield
-        except _REDIS_ERRORS as exc:
-            self.num_errors += 1
-            raise StoreUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
-
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
@@ -138,7 +144,7 @@ class RedisPrefixStore:
             data,
             source,
         ]
-        async with self._unavailable(f"put {task_id!r}"):
+        async with unavailable(self, f"put {task_id!r}"):
             version = await self._put_script(keys=keys, args=args)
         return PrefixMeta(
             task_id=task_id,
@@ -153,7 +159,7 @@ class RedisPrefixStore:
 
     async def get(self, task_id: str) -> tuple[PrefixMeta, bytes] | None:
         """Metadata and bytes of the current version (one consistent snapshot), or None."""
-        async with self._unavailable(f"get {task_id!r}"):
+        async with unavailable(self, f"get {task_id!r}"):
             raw = await self._client.hgetall(self._task_key(task_id))
         if not raw:
             return None
@@ -165,7 +171,7 @@ class RedisPrefixStore:
 
     async def get_meta(self, task_id: str) -> PrefixMeta | None:
         """Metadata of the current version without transferring its bytes, or None."""
-        async with self._unavailable(f"get_meta {task_id!r}"):
+        async with unavailable(self, f"get_meta {task_id!r}"):
             values = await self._client.hmget(self._task_key(task_id), list(_META_FIELDS))
         if all(value is None for value in values):
             return None
@@ -176,7 +182,7 @@ class RedisPrefixStore:
 
         The version counter stays, so a later upload continues after the deleted version.
         """
-        async with self._unavailable(f"delete {task_id!r}"):
+        async with unavailable(self, f"delete {task_id!r}"):
             removed = await self._delete_script(
                 keys=[self._task_key(task_id), self._index_key, self._events_channel], args=[task_id]
             )
@@ -197,7 +203,7 @@ class RedisPrefixStore:
         if cursor and cursor >= prefix:
             start = b"(" + cursor.encode()
         end = b"[" + prefix.encode() + b"\xff" if prefix else b"+"  # task ids are ASCII: \xff sorts after all
-        async with self._unavailable("list"):
+        async with unavailable(self, "list"):
             raw_ids = await self._client.zrangebylex(self._index_key, start, end, start=0, num=limit + 1)
             page_ids = [_text(raw) for raw in raw_ids[:limit]]
             pipe = self._client.pipeline(transaction=False)
@@ -217,7 +223,7 @@ class RedisPrefixStore:
         """Current version of each task (None when deleted), in one round trip."""
         if not task_ids:
             return {}
-        async with self._unavailable("versions"):
+        async with unavailable(self, "versions"):
             pipe = self._client.pipeline(transaction=False)
             for task_id in task_ids:
                 pipe.hget(self._task_key(task_id), "version")
@@ -241,7 +247,7 @@ class RedisPrefixStore:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         on_event(_text(message["data"]))
-            except (*_REDIS_ERRORS, StoreUnavailable):
+            except (*REDIS_ERRORS, StoreUnavailable):
                 self.num_errors += 1
                 await asyncio.sleep(0.2)
             finally:

@@ -18,20 +18,17 @@ import hashlib
 import json
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio
-from redis.exceptions import RedisError
 
 from prefix_store.errors import StoreUnavailable
+from prefix_store.redis_store import REDIS_ERRORS, unavailable
 
 _RECORD_PREFIX = "pfx:apikey:"
 _INDEX_KEY = "pfx:apikeys"
 _ENABLED_KEY = "pfx:apikeys:enabled"
-_REDIS_ERRORS = (RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -64,14 +61,6 @@ class KeyStore:
         self.is_enabled = False  # refreshed by `refresh()`; once True it stays True
         self.num_errors = 0
 
-    @asynccontextmanager
-    async def _unavailable(self, action: str) -> AsyncIterator[None]:
-        try:
-            yield
-        except _REDIS_ERRORS as exc:
-            self.num_errors += 1
-            raise StoreUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
-
     async def create(
         self, name: str, scopes: tuple[str, ...], requests_per_second: float, tokens_per_minute: int
     ) -> tuple[ApiKey, str]:
@@ -82,7 +71,7 @@ class KeyStore:
             "key_" + secrets.token_hex(8), name, scopes, requests_per_second, tokens_per_minute, created_at
         )
         digest = hash_secret(secret)
-        async with self._unavailable("create key"):
+        async with unavailable(self, "create key"):
             pipe = self._client.pipeline(transaction=True)
             pipe.set(_RECORD_PREFIX + digest, json.dumps(key.public()))
             pipe.hset(_INDEX_KEY, key.id, digest)
@@ -93,7 +82,7 @@ class KeyStore:
 
     async def list(self) -> list[ApiKey]:
         """Every key, oldest first."""
-        async with self._unavailable("list keys"):
+        async with unavailable(self, "list keys"):
             digests = list((await self._client.hgetall(_INDEX_KEY)).values())
             raw = await self._client.mget([_RECORD_PREFIX + _text(d) for d in digests]) if digests else []
         keys = [_parse(r) for r in raw if r is not None]
@@ -102,7 +91,7 @@ class KeyStore:
     async def revoke(self, key_id: str) -> ApiKey | None:
         """Delete the key; its record, or None if there was none. Holds from the next request on,
         on every replica."""
-        async with self._unavailable("revoke key"):
+        async with unavailable(self, "revoke key"):
             digest = await self._client.hget(_INDEX_KEY, key_id)
             if digest is None:
                 return None
@@ -118,7 +107,7 @@ class KeyStore:
         digest = hash_secret(secret)
         try:
             raw = await self._client.get(_RECORD_PREFIX + digest)
-        except _REDIS_ERRORS:
+        except REDIS_ERRORS:
             self.num_errors += 1
             if digest in self._last_good:
                 return self._last_good[digest]
@@ -133,7 +122,7 @@ class KeyStore:
             return
         try:
             self.is_enabled = bool(await self._client.exists(_ENABLED_KEY))
-        except _REDIS_ERRORS:
+        except REDIS_ERRORS:
             self.num_errors += 1
 
     def _remember(self, digest: str, key: ApiKey | None) -> None:

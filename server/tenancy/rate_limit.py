@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 
 import redis.asyncio
-from redis.exceptions import RedisError
 
+from prefix_store.redis_store import REDIS_ERRORS
 from server.tenancy.keys import ApiKey
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class RateLimiter:
         args = [rps, max(1.0, rps), key.tokens_per_minute / 60, key.tokens_per_minute]
         try:
             wait_ms = int(await self._admit(keys=_bucket_keys(key.id), args=args))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self.num_errors += 1
             log.warning("rate limit of key %s not checked (redis: %s): admitting", key.id, exc)
             return Admission(True)
@@ -109,7 +109,7 @@ class RateLimiter:
         args = [key.tokens_per_minute / 60, key.tokens_per_minute, num_tokens]
         try:
             await self._charge(keys=_bucket_keys(key.id)[1:], args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self.num_errors += 1
             log.warning("could not charge %d tokens to key %s: %s", num_tokens, key.id, exc)
 

@@ -267,3 +267,24 @@ def test_tenant_given_at_submit_is_the_fairness_unit(run_engine) -> None:  # typ
         return tenants
 
     assert run_engine(body) == ["key_a", "t1"]
+
+
+def test_a_tenant_with_1000_queued_requests_delays_another_by_at_most_one_round(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """One slot, tenant A queues 1,000 requests, then tenant B sends one: between B's arrival and
+    its admission at most one of A's is admitted (one round), though hundreds of A's still wait."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        noisy = [engine.submit(_prefix(2, 0), [5], _greedy(2), tenant="key_a") for _ in range(1000)]
+        single = engine.submit(_prefix(2, 1), [6], _greedy(2), tenant="key_b")
+        await _collect(single)
+        arrived, admitted = single.request.arrival_time, single.request.admitted_time
+        assert admitted is not None
+        times = [h.request.admitted_time for h in noisy]
+        num_ahead = sum(t is not None and arrived <= t < admitted for t in times)
+        num_waiting = sum(t is None for t in times)
+        for handle in noisy:
+            handle.cancel()
+        return num_ahead, num_waiting
+
+    num_ahead, num_waiting = run_engine(body, num_slots=1, max_queue=2000)
+    assert num_ahead <= 1 and num_waiting > 500

@@ -111,6 +111,7 @@ class Options:
     seed: int
     rss_interval: float
     mix: dict[str, int]
+    use_keys: bool  # one API key per tenant (scoped `tenant:*`), as a multi-tenant deployment runs
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,12 @@ class Ctx:
     refs: References = field(default_factory=References)
     versions: Versions = field(default_factory=Versions)
     bad_counts: Counter[str] = field(default_factory=Counter)  # requests per bad case
+    keys: dict[str, str] = field(default_factory=dict)  # tenant -> API key secret (empty: dev mode)
+
+    def headers_for(self, task_id: str) -> dict[str, str]:
+        """Generation headers for a task: with keys, its tenant's key."""
+        secret = self.keys.get(task_id.split(":", 1)[0])
+        return self.headers if secret is None else {**self.headers, "Authorization": f"Bearer {secret}"}
 
     @property
     def stable(self) -> list[TaskSpec]:
@@ -416,7 +423,8 @@ async def stream(
     ctx: Ctx, path: str, body: dict[str, Any], stop_after: int | None = None
 ) -> tuple[list[Any], bool]:
     """POST a streaming request: its events and whether `[DONE]` came (see `read_sse`)."""
-    async with ctx.http.stream("POST", path, json=body, headers=ctx.headers) as response:
+    headers = ctx.headers_for(str(body.get("task_id") or body.get("model")))
+    async with ctx.http.stream("POST", path, json=body, headers=headers) as response:
         if response.status_code != 200:
             await response.aread()
             expect_status(response, 200)
@@ -479,7 +487,7 @@ async def op_generate(
 ) -> tuple[str, int]:
     task, index, prompt = pick(ctx, rng)
     response = await ctx.http.post(
-        "/generate", json=generate_body(task, prompt, sampling, rng), headers=ctx.headers
+        "/generate", json=generate_body(task, prompt, sampling, rng), headers=ctx.headers_for(task.task_id)
     )
     expect_status(response, 200)
     version, answer = check_generation(ctx, kind, task, prompt, json_of(response), prompt.max_new)
@@ -510,7 +518,9 @@ async def op_completions(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
     task, index, prompt = pick(ctx, rng, stable_only=True)  # no prefix_version in OpenAI's answer
     sampling = GREEDY if rng.random() < 0.8 else sampled(rng)
     response = await ctx.http.post(
-        "/v1/completions", json=completion_body(task, prompt, sampling, rng), headers=ctx.headers
+        "/v1/completions",
+        json=completion_body(task, prompt, sampling, rng),
+        headers=ctx.headers_for(task.task_id),
     )
     expect_status(response, 200)
     body = json_of(response)
@@ -563,7 +573,8 @@ async def op_cancel_timeout(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
     body = generate_body(task, prompt, GREEDY, rng, max_new_tokens=MAX_NEW_LIMIT, ignore_eos=True)
     try:
         response = await asyncio.wait_for(
-            ctx.http.post("/generate", json=body, headers=ctx.headers), timeout=rng.uniform(0.02, 0.4)
+            ctx.http.post("/generate", json=body, headers=ctx.headers_for(task.task_id)),
+            timeout=rng.uniform(0.02, 0.4),
         )
     except TimeoutError:
         return CANCELLED, 0
@@ -592,18 +603,24 @@ async def op_admin_upload(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
 
 
 async def op_admin_read(ctx: Ctx, rng: random.Random) -> tuple[str, int]:
-    """The task list (admin or OpenAI's /v1/models) names every task."""
+    """The task list names every task the caller may see (admin: all; with keys, /v1/models: exactly
+    the tasks of the key's tenant)."""
+    expected = {t.task_id for t in ctx.tasks}
     if rng.random() < 0.5:
         response = await ctx.http.get("/admin/prefixes", params={"limit": 100}, headers=ctx.admin)
         key, name = "items", "task_id"
     else:
-        response = await ctx.http.get("/v1/models", headers=ctx.headers)
+        tenant = rng.choice(ctx.tasks).task_id.split(":", 1)[0]
+        response = await ctx.http.get("/v1/models", headers=ctx.headers_for(f"{tenant}:x"))
         key, name = "data", "id"
+        if ctx.keys:
+            expected = {t for t in expected if t.startswith(tenant + ":")}
     expect_status(response, 200)
     listed = {item.get(name) for item in get(json_of(response), key, list)}
-    missing = {t.task_id for t in ctx.tasks} - listed
-    if missing:
-        raise Mismatch(f"{response.request.url.path} misses {sorted(missing)}", 200)
+    missing = expected - listed
+    foreign = listed - expected if ctx.keys and key == "data" else set()
+    if missing or foreign:
+        raise Mismatch(f"{response.request.url.path} misses {sorted(missing)}, shows {sorted(foreign)}", 200)
     return OK, 200
 
 
@@ -624,6 +641,7 @@ class BadCase:
 def bad_cases(stable: TaskSpec, layout: tuple[int, int, int]) -> list[BadCase]:
     """Each with the exact status and error code the contract gives it."""
     task, e = stable.task_id, "invalid_request"
+    tenant = task.split(":", 1)[0]
 
     def gen(name: str, status: int, code: str, **changes: Any) -> BadCase:
         body = {"task_id": task, "prompt": "hello", **changes}
@@ -640,7 +658,7 @@ def bad_cases(stable: TaskSpec, layout: tuple[int, int, int]) -> list[BadCase]:
     wrong = safetensors.torch.save({"prefix": torch.zeros(num_layers + 1, 2, heads, 3, head_dim)})
     return [
         BadCase("malformed_json", "POST", "/generate", 422, e, content=b'{"task_id": "x", "prompt": '),
-        gen("unknown_task", 404, "unknown_task", task_id="nobody:nothing"),
+        gen("unknown_task", 404, "unknown_task", task_id=tenant + ":nothing"),  # inside its key's scope
         gen("bad_task_id", 422, e, task_id="no spaces allowed"),
         gen("negative_temperature", 422, e, temperature=-1),
         gen("top_p_zero", 422, e, top_p=0),
@@ -652,7 +670,7 @@ def bad_cases(stable: TaskSpec, layout: tuple[int, int, int]) -> list[BadCase]:
         gen("empty_prompt", 422, e, prompt=""),
         gen("token_out_of_vocab", 422, e, prompt=None, input_ids=[10**6]),
         gen("oversize_prompt", 422, "context_too_long", prompt="x" * MAX_POSITIONS),
-        v1("v1_unknown_model", 404, "model_not_found", model="nobody:nothing"),
+        v1("v1_unknown_model", 404, "model_not_found", model=tenant + ":nothing"),
         v1("v1_echo", 400, e, model=task, echo=True),
         up("admin_no_token", 401, "unauthorized", auth="none", text=(None, b"x")),
         up("admin_wrong_token", 403, "forbidden", auth="wrong", text=(None, b"x")),
@@ -666,7 +684,7 @@ def bad_cases(stable: TaskSpec, layout: tuple[int, int, int]) -> list[BadCase]:
 
 def bad_headers(ctx: Ctx, case: BadCase) -> dict[str, str]:
     headers = {
-        "generation": ctx.headers,
+        "generation": ctx.headers_for(ctx.tasks[0].task_id),  # bad_cases() is built on tasks[0]
         "admin": ctx.admin,
         "none": {},
         "wrong": {"Authorization": "Bearer nope"},
@@ -795,8 +813,9 @@ def make_decoder(tokenizer: Any) -> Callable[[tuple[int, ...]], str]:
     return decode
 
 
-async def make_ctx(http: httpx.AsyncClient, served: Served, seed: int) -> Ctx:
-    """The shared client state, after uploading every task's first version."""
+async def make_ctx(http: httpx.AsyncClient, served: Served, seed: int, use_keys: bool) -> Ctx:
+    """The shared client state, after uploading every task's first version (and, with keys,
+    creating one key per tenant: from then on generation needs a key)."""
     layout, eos_ids = model_facts(served.model_dir)
     tasks = task_specs()
     tokenizer = AutoTokenizer.from_pretrained(served.model_dir)
@@ -813,7 +832,34 @@ async def make_ctx(http: httpx.AsyncClient, served: Served, seed: int) -> Ctx:
     )
     for i, task in enumerate(tasks):
         await upload_initial(ctx, task, served.adapters, seed * 100 + i)
+    if use_keys:
+        await create_keys(ctx)
     return ctx
+
+
+async def create_keys(ctx: Ctx) -> None:
+    """One unlimited key per tenant, scoped `tenant:*`; and the bad requests only keys make possible."""
+    for tenant in TENANTS:
+        body = {"name": f"soak-{tenant}", "scopes": [f"{tenant}:*"]}
+        response = await ctx.http.post("/admin/keys", json=body, headers=ctx.admin)
+        expect_status(response, 201)
+        ctx.keys[tenant] = get(json_of(response), "key", str)
+    own = ctx.tasks[0].task_id
+    foreign = next(t.task_id for t in ctx.tasks if t.task_id.split(":")[0] != own.split(":")[0])
+    body = {"task_id": own, "prompt": "hello"}
+    ctx.bad_cases += [
+        BadCase("gen_without_key", "POST", "/generate", 401, "unauthorized", json=body, auth="none"),
+        BadCase("gen_wrong_key", "POST", "/generate", 401, "unauthorized", json=body, auth="wrong"),
+        BadCase("gen_foreign_task", "POST", "/generate", 403, "forbidden", json={**body, "task_id": foreign}),
+        BadCase(
+            "v1_foreign_model",
+            "POST",
+            "/v1/completions",
+            403,
+            "forbidden",
+            json={"model": foreign, "prompt": "x"},
+        ),
+    ]
 
 
 # ---- measurement --------------------------------------------------------------------------------
@@ -940,7 +986,7 @@ async def soak(opts: Options, served: Served) -> dict[str, Any]:
         max_connections=opts.clients + 8, max_keepalive_connections=opts.clients + 8, keepalive_expiry=1.0
     )
     async with httpx.AsyncClient(base_url=served.url, timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
-        ctx = await make_ctx(http, served, opts.seed)
+        ctx = await make_ctx(http, served, opts.seed, opts.use_keys)
         tally, stop = Tally(), asyncio.Event()
         samples: list[tuple[float, int, int]] = []
         sampler = asyncio.create_task(sample_rss(served.pid, opts.rss_interval, samples, stop))
@@ -1103,6 +1149,9 @@ and text prefixes; three of them re-uploaded during the run) and drives mixed tr
 loopback: greedy and seeded-sampling generations on `/generate` and `/v1/completions`, streamed
 and not; cancellations (streams closed after 1-4 tokens, requests abandoned after 20-400 ms);
 bad requests that must get their exact 4xx status and error code; admin uploads and reads.
+Unless `--no-keys`, each of the 4 tenants has its own API key scoped to its tasks (`acme:*`, ...):
+every generation carries its tenant's key, `/v1/models` must list exactly that tenant's tasks,
+and the bad requests include a missing or wrong key (401) and another tenant's task (403).
 Every answer to the same (task, prefix version, prompt, sampling) must be identical token for
 token whichever endpoint served it, and every 200 must have the contract's shape. *Lost* =
 neither a full answer nor a deliberate cancellation. RSS is the server process's `VmRSS`.
@@ -1112,6 +1161,8 @@ neither a full answer nor a deliberate cancellation. RSS is the server process's
 def markdown(result: dict[str, Any]) -> str:
     opts = result["options"]
     flags = f"--duration {opts['duration']:g} --clients {opts['clients']} --warmup {opts['warmup']:g}"
+    if not opts.get("use_keys", True):
+        flags += " --no-keys"
     if opts["mix"] != MIX:
         flags += " --mix " + ",".join(f"{k}={v}" for k, v in opts["mix"].items())
     bad = ", ".join(f"{name} {n}" for name, n in result["bad_cases"].items())
@@ -1145,6 +1196,7 @@ def parse_args() -> Options:
         help="markdown report (its soak section)",
     )
     parser.add_argument("--no-docs", action="store_true", help="do not write the markdown report")
+    parser.add_argument("--no-keys", action="store_true", help="development mode: no API keys")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-interval", type=float, default=2.0, help="seconds between RSS samples")
     parser.add_argument(
@@ -1154,7 +1206,15 @@ def parse_args() -> Options:
     warmup = 0.2 * args.duration if args.warmup is None else args.warmup
     docs = None if args.no_docs else args.docs
     return Options(
-        args.duration, args.clients, warmup, args.out, docs, args.seed, args.rss_interval, args.mix
+        args.duration,
+        args.clients,
+        warmup,
+        args.out,
+        docs,
+        args.seed,
+        args.rss_interval,
+        args.mix,
+        not args.no_keys,
     )
 
 

@@ -159,7 +159,8 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         encoder=engine.encode_prefix,
     )
     _background(stack, prefixes.keep_coherent(settings.coherence_interval_s))
-    metrics.bind(engine.stats, prefixes)
+    keys, limiter = await _start_keys(client, stack, settings.coherence_interval_s), RateLimiter(client)
+    metrics.bind(engine.stats, prefixes, lambda: keys.num_errors + limiter.num_errors)
     log.info(
         "model %s fingerprint %s, %d KV slots of %d positions",
         loaded.name,
@@ -173,10 +174,7 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     )
     print(f"prefix-serve: listening on http://{settings.host}:{settings.port}", flush=True)
     print(f"prefix-serve: admin token {admin_token}", flush=True)
-    keys = await _start_keys(client, stack, settings.coherence_interval_s)
-    return Services(
-        engine, prefixes, metrics, admin_token, _limits(settings), keys, RateLimiter(client), lifecycle
-    )
+    return Services(engine, prefixes, metrics, admin_token, _limits(settings), keys, limiter, lifecycle)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -56,11 +56,16 @@ class _LiveCollector(Collector):
     """Gauges and counters read from stats objects at scrape time."""
 
     def __init__(
-        self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache, task_labels: TaskLabels
+        self,
+        engine_stats: Callable[[], EngineStats],
+        prefixes: PrefixCache,
+        task_labels: TaskLabels,
+        other_redis_errors: Callable[[], int],
     ) -> None:
         self._engine_stats = engine_stats
         self._prefixes = prefixes
         self._task_labels = task_labels
+        self._other_redis_errors = other_redis_errors
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine_stats()
@@ -95,7 +100,9 @@ class _LiveCollector(Collector):
             prefixes.load_stats.stale_dropped,
         )
         yield CounterMetricFamily(
-            "prefix_server_redis_errors", "Failed Redis calls", prefixes.store.num_errors
+            "prefix_server_redis_errors",
+            "Failed Redis calls",
+            prefixes.store.num_errors + self._other_redis_errors(),
         )
         yield self._task_residency()
 
@@ -211,8 +218,15 @@ class Metrics:
     ) -> Histogram:
         return Histogram(name, doc, labels or [], buckets=buckets, registry=self.registry)
 
-    def bind(self, engine_stats: Callable[[], EngineStats], prefixes: PrefixCache) -> None:
-        self.registry.register(_LiveCollector(engine_stats, prefixes, self.task_label))
+    def bind(
+        self,
+        engine_stats: Callable[[], EngineStats],
+        prefixes: PrefixCache,
+        other_redis_errors: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """Read engine and store state at scrape time; `other_redis_errors`: failed Redis calls of
+        the key store and the rate limiter."""
+        self.registry.register(_LiveCollector(engine_stats, prefixes, self.task_label, other_redis_errors))
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the engine thread after each step."""

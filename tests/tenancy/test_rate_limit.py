@@ -61,3 +61,18 @@ def test_fails_open_when_redis_is_down() -> None:
             return admission.is_admitted
 
         assert asyncio.run(body()) is True
+
+
+def test_failed_calls_are_counted_for_the_redis_errors_metric() -> None:
+    with RedisProcess() as proc:
+
+        async def body() -> int:
+            client = connect(proc.url)
+            limiter = RateLimiter(client)
+            proc.stop(kill=True)
+            await limiter.admit(_key("key_count", rps=1))
+            await limiter.charge(_key("key_count", tpm=60), 5)
+            await client.aclose()
+            return limiter.num_errors
+
+        assert asyncio.run(body()) == 2

@@ -120,6 +120,7 @@ async def collect(started: Started, services: Services) -> list[StepOutput]:
 _ENDINGS = {  # finish reasons that are failures: status, code, headers
     "timeout": (504, "timeout", {}),
     "shutdown": (503, "unavailable", {"Retry-After": "1"}),
+    "shed": (429, "overloaded", {"Retry-After": "1"}),
 }
 
 

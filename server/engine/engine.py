@@ -130,11 +130,16 @@ class Engine:
         with self._wakeup:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
-            if not self.scheduler.can_accept():
+            shed = None if self.scheduler.can_accept() else self.scheduler.shed_for(request.tenant)
+            if shed is None and not self.scheduler.can_accept():
                 raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting")
             self._handles[request.request_id] = handle
             self.scheduler.add(request)
             self._wakeup.notify()
+        if shed is not None:
+            shed.finish_reason = "shed"
+            message = f"the queue is full and tenant {shed.tenant!r} holds the most of it: retry later"
+            self._emit([StepOutput(shed.request_id, [], "", "shed", error=message)])
         return handle
 
     def release(self, handle: RequestHandle) -> None:

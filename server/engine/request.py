@@ -9,8 +9,9 @@ import torch
 
 from prefix_store.entry import PrefixEntry
 
-# abort: the caller left; timeout: over --request-timeout; shutdown: the server stopped before it ended
-FinishReason = Literal["length", "stop", "eos", "abort", "error", "timeout", "shutdown"]
+# abort: the caller left; timeout: over --request-timeout; shutdown: the server stopped before it ended;
+# shed: dropped from a full queue to make room for a tenant with fewer waiting requests
+FinishReason = Literal["length", "stop", "eos", "abort", "error", "timeout", "shutdown", "shed"]
 _ids = itertools.count()
 
 

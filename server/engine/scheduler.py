@@ -4,7 +4,7 @@ Pure Python on purpose (no torch): every decision here is unit-tested exactly.
 Running rows stay compact in slots `0..n-1`; a retired row's slot is filled by the last row.
 """
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -89,6 +89,21 @@ class Scheduler(Generic[R]):
     def add(self, request: R) -> None:
         """Queue a request; the caller checks `can_accept` first."""
         self.waiting.append(request)
+
+    def shed_for(self, tenant: str) -> R | None:
+        """With a full queue, make room for `tenant` fairly: remove and return the newest waiting
+        request of the tenant with the most waiting, if it holds more than `tenant` would with one
+        more (so one tenant cannot fill the queue and turn everyone else away); else None."""
+        if self.tenant_of is None or not self.waiting:
+            return None
+        counts = Counter(self.tenant_of(r) for r in self.waiting)
+        heaviest, num_heaviest = counts.most_common(1)[0]
+        if num_heaviest <= counts[tenant] + 1:
+            return None
+        index = max(i for i, r in enumerate(self.waiting) if self.tenant_of(r) == heaviest)
+        victim = self.waiting[index]
+        del self.waiting[index]
+        return victim
 
     def schedule(self) -> ScheduledBatch[R]:
         """Admit waiting requests into free slots; running rows decode as they are."""

@@ -288,3 +288,26 @@ def test_a_tenant_with_1000_queued_requests_delays_another_by_at_most_one_round(
 
     num_ahead, num_waiting = run_engine(body, num_slots=1, max_queue=2000)
     assert num_ahead <= 1 and num_waiting > 500
+
+
+def test_a_tenant_filling_the_queue_is_shed_for_another_tenant(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """Queue of 3, tenant A holds it all: B's request is queued and A's newest ends with `shed`
+    (429 over HTTP); at A 2 / B 1 nobody holds more than the other would with one more, so both
+    get QueueFull; the rest all run to their end."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        running = engine.submit(_prefix(2, 0), [5], _greedy(MAX_POSITIONS - 10), tenant="a")
+        await anext(aiter(running))  # admitted; no await below until the checks: the slot stays busy
+        queued = [engine.submit(_prefix(2, 0), [5], _greedy(1), tenant="a") for _ in range(3)]
+        b_first = engine.submit(_prefix(2, 1), [6], _greedy(1), tenant="b")
+        for tenant in ("a", "b"):
+            with pytest.raises(QueueFull):
+                engine.submit(_prefix(2, 1), [6], _greedy(1), tenant=tenant)
+        running.cancel()
+        shed = await _collect(queued[-1])
+        ends = [await _collect(h) for h in (*queued[:2], b_first)]
+        return shed, [o[-1].finish_reason for o in ends]
+
+    shed, ends = run_engine(body, num_slots=1, max_queue=3)
+    assert [o.finish_reason for o in shed] == ["shed"] and "queue is full" in (shed[0].error or "")
+    assert ends == ["length", "length", "length"]

@@ -381,3 +381,29 @@ def test_without_tenants_admission_is_fifo() -> None:
     for name in ("a:1", "a:2", "b:1"):
         scheduler.add(Req(name))
     assert ids(scheduler.schedule().prefill) == ["a:1", "a:2", "b:1"]
+
+
+def test_a_full_queue_sheds_the_heaviest_tenants_newest_request_for_a_lighter_tenant() -> None:
+    """Max-min fair queue: a tenant that filled the queue gives way, one request at a time, until
+    the newcomer's tenant holds as many (within one); then the queue is simply full."""
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=4, tenant_of=_tenant)
+    for name in ("a:1", "a:2", "a:3", "a:4"):
+        scheduler.add(Req(name))
+    shed = []
+    for name in ("b:1", "b:2", "b:3"):
+        assert not scheduler.can_accept()
+        victim = scheduler.shed_for(_tenant(Req(name)))
+        if victim is None:
+            break
+        shed.append(victim.request_id)
+        scheduler.add(Req(name))
+    assert shed == ["a:4", "a:3"]
+    assert ids(list(scheduler.waiting)) == ["a:1", "a:2", "b:1", "b:2"]
+    assert scheduler.shed_for("a") is None  # a holds 2: no one holds more than a would with one more
+
+
+def test_without_tenants_nothing_is_shed() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
+    scheduler.add(Req("a:1"))
+    scheduler.add(Req("a:2"))
+    assert scheduler.shed_for("b") is None

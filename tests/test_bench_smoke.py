@@ -1,4 +1,4 @@
-"""`bench/throughput.py --smoke`: every mode runs on a tiny model, so the harness cannot rot."""
+"""The benchmarks run briefly on tiny models in the suite, so their harnesses cannot rot."""
 
 from __future__ import annotations
 
@@ -22,3 +22,25 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert result["roofline"]["roofline_tokens_per_s"] > 0
     assert 0 < result["ratios"]["decode_mfu_64_rows"] < 1
     assert (tmp_path / "throughput-smoke.png").stat().st_size > 10_000
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    """A 12-second soak (16 clients, every kind of traffic, tenant keys): nothing lost or
+    mis-answered, no 5xx, nothing left running. RSS growth is not judged on so short a run."""
+    out = tmp_path / "soak.json"
+    command = [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "12", "--clients", "16"]
+    command += ["--no-docs", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.exists(), done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    totals = result["totals"]
+    assert totals["ok"] > 50 and totals["lost"] == 0 and totals["wrong"] == 0 and totals["status_5xx"] == 0
+    assert result["healthy_after"] and not result["problems"]
+    assert all(value == 0 for value in result["gauges_after"].values())
+    assert set(result["kinds"]) >= {
+        "generate",
+        "generate_stream",
+        "completions",
+        "bad_request",
+        "cancel_stream",
+    }

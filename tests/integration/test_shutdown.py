@@ -118,7 +118,8 @@ def test_request_timeout_answers_504_and_frees_the_row(
             events = [json.loads(x[6:]) for x in stream.iter_lines() if x.startswith("data: {")]
         assert events[-1]["finish_reason"] == "timeout" and events[-1]["error"]["code"] == "timeout"
         v1 = client.post(
-            server.url + "/v1/completions", json={"model": "t:long", "prompt": [5], "max_tokens": 4000}
+            server.url + "/v1/completions",
+            json={"model": "t:long", "prompt": [5], "max_tokens": 4000, "ignore_eos": True},  # no early EOS
         )
         assert v1.status_code == 504
         metrics = client.get(server.url + "/metrics").text

@@ -130,9 +130,11 @@ class Engine:
         with self._wakeup:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
-            shed = None if self.scheduler.can_accept() else self.scheduler.shed_for(request.tenant)
-            if shed is None and not self.scheduler.can_accept():
-                raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting")
+            shed = None
+            if not self.scheduler.can_accept():
+                shed = self.scheduler.shed_for(request.tenant)  # room for a lighter tenant, if any
+                if shed is None:
+                    raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting")
             self._handles[request.request_id] = handle
             self.scheduler.add(request)
             self._wakeup.notify()
@@ -319,6 +321,8 @@ class Engine:
     def _take_expired(self) -> tuple[list[Request], list[StepOutput]]:
         """End every request past its deadline (waiting ones leave the queue); return the running
         ones (to retire) and the outputs that tell every expired request's caller."""
+        if self.request_timeout_s is None:
+            return [], []  # no deadlines: nothing to scan
         now = time.monotonic()
         with self._lock:
             expired = [r for r in self.scheduler.waiting if r.deadline is not None and r.deadline <= now]

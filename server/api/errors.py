@@ -42,7 +42,7 @@ def to_api_error(exc: Exception) -> ApiError:
         return ApiError(429, "overloaded", f"server overloaded: {exc}", {"Retry-After": RETRY_AFTER_S})
     if isinstance(exc, EngineStopped):
         return ApiError(503, "unavailable", str(exc), {"Retry-After": RETRY_AFTER_S})
-    return ApiError(500, "internal_error", "internal error")
+    return ApiError(500, "internal", "internal error")
 
 
 _OPENAI_TYPES = {
@@ -112,4 +112,4 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type in (InvalidPrefix, ModelMismatch, StoreUnavailable, ContextTooLong, InvalidInput, QueueFull):
         app.add_exception_handler(exc_type, on_api_error)
     app.add_exception_handler(EngineStopped, on_api_error)
-    app.add_exception_handler(Exception, on_api_error)  # anything else: 500 internal_error, as JSON
+    app.add_exception_handler(Exception, on_api_error)  # anything else: 500 internal, as JSON

@@ -1,16 +1,16 @@
 """Who is calling `/generate` and `/v1/*`, and may they use this task now."""
 
-import secrets
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header
 
 from prefix_store.entry import PrefixMeta
+from server.api.auth import bearer_token, is_admin_token
 from server.api.deps import Services, get_services
 from server.api.errors import ApiError
 from server.tenancy.keys import ApiKey
-from server.tenancy.scopes import is_in_scope, scope_prefixes
+from server.tenancy.scopes import is_in_scope, scope_ranges
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,8 @@ async def authenticate(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
     """401 without a valid key once keys are configured; before that, everyone may generate."""
-    token = None
-    if authorization and authorization.lower().startswith("bearer "):
-        token = authorization[len("bearer ") :].strip()
-    if token and secrets.compare_digest(token.encode(), services.admin_token.encode()):
+    token = bearer_token(authorization)
+    if is_admin_token(services, token):
         return Caller(None)
     if not services.keys.is_enabled:
         return Caller(None)  # development mode (logged loudly at start-up); any bearer is ignored
@@ -79,12 +77,16 @@ async def list_visible(
     services: Services, caller: Caller, limit: int, after: str | None
 ) -> tuple[list[PrefixMeta], bool]:
     """One page of the tasks the caller may use, in id order after `after`; and whether more follow."""
-    scopes = ("*",) if caller.key is None else caller.key.scopes
+    prefixes, exact_ids = scope_ranges(("*",) if caller.key is None else caller.key.scopes)
     found: dict[str, PrefixMeta] = {}
     has_more = False
-    for prefix in scope_prefixes(scopes):
+    for prefix in prefixes:  # every id in these ranges is in scope
         items, next_cursor = await services.prefixes.list(limit, after, prefix)
-        found.update((m.task_id, m) for m in items if caller.can_use(m.task_id))
+        found.update((m.task_id, m) for m in items)
         has_more = has_more or next_cursor is not None
+    for task_id in exact_ids:
+        meta = None if after is not None and task_id <= after else await services.prefixes.get_meta(task_id)
+        if meta is not None:
+            found[task_id] = meta
     page = [found[task_id] for task_id in sorted(found)]
     return page[:limit], has_more or len(page) > limit

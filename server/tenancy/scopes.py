@@ -16,16 +16,15 @@ def is_in_scope(task_id: str, scopes: tuple[str, ...]) -> bool:
     return any(task_id.startswith(s[:-1]) if s.endswith("*") else task_id == s for s in scopes)
 
 
-def scope_prefixes(scopes: tuple[str, ...]) -> list[str]:
-    """The task-id prefixes to list for `scopes` (exact ids are prefixes too), none covered by another.
+def scope_ranges(scopes: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """What to read to list the tasks of `scopes`: the task-id prefixes of its patterns (none
+    covered by another) and its exact ids that no pattern covers.
 
-    `("acme:*", "acme:x", "beta:y")` -> `["acme:", "beta:y"]`; `("*",)` -> `[""]`.
+    `("acme:*", "acme:x", "beta:y")` -> `(["acme:"], ["beta:y"])`; `("*",)` -> `([""], [])`.
     """
-    prefixes = sorted({s[:-1] if s.endswith("*") else s for s in scopes})
+    prefixes: list[str] = []
+    for prefix in sorted({s[:-1] for s in scopes if s.endswith("*")}):
+        if not any(prefix.startswith(kept) for kept in prefixes):
+            prefixes.append(prefix)
     exact = {s for s in scopes if not s.endswith("*")}
-    kept: list[str] = []
-    for prefix in prefixes:
-        # an exact id only matches itself, so it is covered by a pattern, never covers one
-        if not any(prefix.startswith(k) and k not in exact for k in kept):
-            kept.append(prefix)
-    return kept
+    return prefixes, sorted(s for s in exact if not any(s.startswith(p) for p in prefixes))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.tenancy.scopes import is_in_scope, is_valid_scope, scope_prefixes
+from server.tenancy.scopes import is_in_scope, is_valid_scope, scope_ranges
 
 
 @pytest.mark.parametrize(
@@ -33,11 +33,12 @@ def test_is_valid_scope(scope: str, expected: bool) -> None:
 @pytest.mark.parametrize(
     ("scopes", "expected"),
     [
-        (("acme:*", "acme:x", "beta:y"), ["acme:", "beta:y"]),
-        (("*", "acme:*"), [""]),
-        (("a:x", "a:x*"), ["a:x"]),  # the pattern covers the exact id
-        (("a:x", "a:xy*"), ["a:x", "a:xy"]),  # an exact id covers nothing else
+        (("acme:*", "acme:x", "beta:y"), (["acme:"], ["beta:y"])),
+        (("*", "acme:*"), ([""], [])),
+        (("a:x", "a:x*"), (["a:x"], [])),  # the pattern covers the exact id
+        (("a:x", "a:xy*"), (["a:xy"], ["a:x"])),  # an exact id covers nothing else
+        (("b:2", "b:1"), ([], ["b:1", "b:2"])),
     ],
 )
-def test_scope_prefixes(scopes: tuple[str, ...], expected: list[str]) -> None:
-    assert scope_prefixes(scopes) == expected
+def test_scope_ranges(scopes: tuple[str, ...], expected: tuple[list[str], list[str]]) -> None:
+    assert scope_ranges(scopes) == expected

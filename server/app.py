@@ -116,8 +116,8 @@ def _limits(settings: Settings) -> RequestLimits:
 
 
 async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle) -> Services:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    admin_token = settings.resolve_admin_token()
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    admin_token, is_new_token = settings.resolve_admin_token()
     redis_url = await _start_redis(settings, stack)
     client = connect(redis_url)
     stack.push_async_callback(client.aclose)
@@ -173,7 +173,11 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         flush=True,
     )
     print(f"prefix-serve: listening on http://{settings.host}:{settings.port}", flush=True)
-    print(f"prefix-serve: admin token {admin_token}", flush=True)
+    if is_new_token:  # printed once; a token from a flag, env or file never reaches the logs
+        saved = settings.data_dir / "admin_token"
+        print(f"prefix-serve: admin token {admin_token} (saved in {saved})", flush=True)
+    elif not settings.admin_token and settings.admin_token_file is None:
+        print(f"prefix-serve: admin token in {settings.data_dir / 'admin_token'}", flush=True)
     return Services(engine, prefixes, metrics, admin_token, _limits(settings), keys, limiter, lifecycle)
 
 

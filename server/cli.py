@@ -3,6 +3,9 @@
 import argparse
 import asyncio
 import signal
+import socket
+import sys
+import tempfile
 from types import FrameType
 from typing import Any
 
@@ -11,6 +14,13 @@ import uvicorn
 from server.api.lifecycle import Lifecycle
 from server.app import create_app
 from server.config import Settings
+from server.http_guard import (
+    StartupError,
+    bind_listener,
+    guarded_protocol,
+    install_accept_log_limit,
+    raise_fd_limit,
+)
 from server.logs import setup_logging
 
 
@@ -51,18 +61,45 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def check_data_dir(settings: Settings) -> None:
+    """The data dir exists (0700) and this process can write there, checked before anything starts."""
+    try:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=settings.data_dir):
+            pass
+    except OSError as exc:
+        raise StartupError(
+            f"data dir {settings.data_dir} is not usable ({exc.strerror or exc}); "
+            f'pass a writable directory: make serve ARGS="--data-dir <dir>" (or PREFIX_SERVE_DATA_DIR)'
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     setup_logging(settings.log_level, settings.log_format)
+    try:
+        check_data_dir(settings)
+        listener = bind_listener(settings.host, settings.port)
+    except StartupError as exc:
+        print(f"prefix-serve: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    serve(settings, listener)
+
+
+def serve(settings: Settings, listener: socket.socket) -> None:
+    """Run the app on an already bound socket until SIGTERM/SIGINT (then drain)."""
+    raise_fd_limit()
+    install_accept_log_limit()
     app = create_app(settings)
     # access lines come from the app (one per request, with generation details), not uvicorn
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(settings.header_timeout, settings.max_connections),
         log_level=settings.log_level,
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=5,  # after the drain: answers still being written
     )
-    DrainingServer(config, app.state.lifecycle).run()
+    DrainingServer(config, app.state.lifecycle).run(sockets=[listener])

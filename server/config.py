@@ -1,10 +1,11 @@
 """Settings: the only place that reads flags and environment variables."""
 
+import os
 import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -29,7 +30,10 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(
         None,
         validation_alias=AliasChoices("PREFIX_SERVE_ADMIN_TOKEN", "PREFIX_ADMIN_TOKEN"),
-        description="default: generated once, printed and saved under the data dir",
+        description="default: --admin-token-file, else generated once, printed and saved under the data dir",
+    )
+    admin_token_file: Path | None = Field(
+        None, description="a file holding the admin token (keeps it out of `ps` and of the environment)"
     )
     max_batch_size: int = Field(32, ge=1, description="rows decoded together at most")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429")
@@ -60,16 +64,59 @@ class Settings(BaseSettings):
     metrics_max_tasks: int = Field(
         20, ge=0, description="tasks that get their own label in per-task metrics (the rest: task=other)"
     )
+    metrics_per_task: Literal["auto", "on", "off"] = Field(
+        "auto", description="per-task metric labels; auto = on until API keys exist, then off"
+    )
+    metrics_token: str | None = Field(
+        None, description="when set, /metrics needs `Authorization: Bearer <it>`"
+    )
+    max_prompts: int = Field(32, ge=1, description="prompts (x n) one /v1/completions request may carry")
+    max_rows_per_tenant: int | None = Field(
+        None, ge=1, description="running rows one tenant may hold; default: a fair share when others wait"
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="open HTTP connections beyond which new ones are refused"
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a client may take to send its request headers"
+    )
+    stream_stall_timeout: float = Field(
+        30.0, gt=0, description="seconds a stream may go unread before it is dropped and its row freed"
+    )
+    max_num_batched_tokens: int = Field(
+        512, ge=16, description="tokens (decode + prompt chunks) one engine step runs in one forward"
+    )
 
-    def resolve_admin_token(self) -> str:
-        """The configured token, else the one saved under the data dir, else a new one saved there."""
+    @field_validator("data_dir", "admin_token_file", mode="after")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        """Resolved once, here: nothing downstream (the Redis child included) depends on the cwd."""
+        return None if path is None else path.expanduser().resolve()
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _absolute_model_dir(cls, model: str | None) -> str | None:
+        """A local model directory becomes absolute; anything else is a hub id and stays as given."""
+        if model is None:
+            return None
+        path = Path(model).expanduser()
+        if path.exists() or model.startswith((".", "/", "~")):
+            return str(path.resolve())
+        return model
+
+    def resolve_admin_token(self) -> tuple[str, bool]:
+        """(token, is_new): the flag/env token, else --admin-token-file, else the one saved under
+        the data dir, else a new one saved there (created 0600, never readable by others)."""
         if self.admin_token:
-            return self.admin_token
+            return self.admin_token, False
+        if self.admin_token_file is not None:
+            return self.admin_token_file.read_text().strip(), False
         path = self.data_dir / "admin_token"
         if path.exists():
-            return path.read_text().strip()
+            return path.read_text().strip(), False
         token = secrets.token_urlsafe(24)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(token + "\n")
-        path.chmod(0o600)
-        return token
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(token + "\n")
+        return token, True

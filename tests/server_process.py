@@ -17,16 +17,32 @@ from prefix_store.embedded_redis import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without the server's own settings (a user's shell has none)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_") and k != "REDIS_URL"}
+    env.update({"PREFIX_SERVE_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **(extra or {})})
+    return env
+
+
 class ServerProcess:
     """`prefix-serve` with the given flags; `start()` waits until `/ready` answers 200."""
 
-    def __init__(self, data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *flags: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.flags = list(flags)
         self.env = env or {}
+        self.cwd = cwd
         self.port = free_port()
         self.log_path = data_dir.parent / f"server-{self.port}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def with_defaults(cls, cwd: Path, env: dict[str, str] | None = None) -> ServerProcess:
+        """`prefix-serve --port <free>` run in `cwd` as the README does: every other flag at its
+        default (so the data dir is the relative `./data`)."""
+        return cls(cwd / "data", env=env, cwd=cwd)
 
     @property
     def url(self) -> str:
@@ -41,11 +57,22 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
     def start(self, timeout_s: float = 90.0) -> ServerProcess:
-        command = [sys.executable, "-m", "server", "--port", str(self.port), "--data-dir", str(self.data_dir)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_") and k != "REDIS_URL"}
-        env.update({"PREFIX_SERVE_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", **self.env})
+        if self.cwd is None:
+            command = [
+                sys.executable,
+                "-m",
+                "server",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ]
+        else:
+            command = [str(Path(sys.executable).parent / "prefix-serve"), "--port", str(self.port)]
         log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(command + self.flags, cwd=ROOT, env=env, stdout=log, stderr=log)
+        self._proc = subprocess.Popen(
+            command + self.flags, cwd=self.cwd or ROOT, env=clean_env(self.env), stdout=log, stderr=log
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -19,7 +19,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "auto",
         "auto",
     )
-    assert settings.model is None and settings.redis_url is None and settings.data_dir == Path("data")
+    assert (
+        settings.model is None and settings.redis_url is None and settings.data_dir == Path.cwd() / "data"
+    )  # resolved once, at start-up
 
 
 def test_env_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +47,28 @@ def test_admin_token_is_generated_once(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("PREFIX_ADMIN_TOKEN", raising=False)
     monkeypatch.delenv("PREFIX_SERVE_ADMIN_TOKEN", raising=False)
     settings = parse_args(["--data-dir", str(tmp_path)])
-    token = settings.resolve_admin_token()
-    assert len(token) >= 24 and settings.resolve_admin_token() == token
+    token, is_new = settings.resolve_admin_token()
+    assert is_new and len(token) >= 24 and settings.resolve_admin_token() == (token, False)
     assert (tmp_path / "admin_token").read_text().strip() == token
+    assert (tmp_path / "admin_token").stat().st_mode & 0o077 == 0
+
+
+def test_admin_token_file_is_read_and_never_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PREFIX_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("PREFIX_SERVE_ADMIN_TOKEN", raising=False)
+    (tmp_path / "token").write_text("s3cret-token\n")
+    settings = parse_args(["--data-dir", str(tmp_path / "d"), "--admin-token-file", str(tmp_path / "token")])
+    assert settings.resolve_admin_token() == ("s3cret-token", False)
+    assert not (tmp_path / "d" / "admin_token").exists()
+
+
+def test_paths_are_absolute_whatever_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    settings = parse_args(["--model", "my-model", "--admin-token-file", "tok"])
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.admin_token_file == tmp_path / "tok"
+    assert settings.model == str(tmp_path / "my-model")
+    assert parse_args(["--model", "Qwen/Qwen2.5-0.5B"]).model == "Qwen/Qwen2.5-0.5B"  # a hub id stays

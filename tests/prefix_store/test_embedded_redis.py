@@ -6,11 +6,14 @@ import asyncio
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 
 import pytest
+import redis
+import redis.exceptions
 
-from prefix_store.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from prefix_store.embedded_redis import DENIED_COMMANDS, EmbeddedRedis, find_redis_server, free_port
 from prefix_store.redis_store import RedisPrefixStore, connect
 
 
@@ -49,7 +52,7 @@ def test_value_survives_stop_and_start_on_same_data_dir(tmp_path: Path) -> None:
     embedded = EmbeddedRedis(tmp_path)
     url = embedded.start()
     try:
-        match = re.fullmatch(r"redis://127\.0\.0\.1:(\d+)/0", url)
+        match = re.fullmatch(r"redis://:[\w-]{40,}@127\.0\.0\.1:(\d+)/0", url)
         assert match is not None
         port, pid = int(match.group(1)), embedded.pid
         assert pid is not None and embedded.start() == url  # start() is idempotent
@@ -88,7 +91,7 @@ def test_busy_port_falls_back_to_a_free_one(tmp_path: Path) -> None:
         embedded = EmbeddedRedis(tmp_path, port=port)
         url = embedded.start()
         try:
-            assert url != f"redis://127.0.0.1:{port}/0"
+            assert not url.endswith(f"@127.0.0.1:{port}/0")
             assert _get(url) is None
         finally:
             embedded.stop()
@@ -113,3 +116,64 @@ def test_helpers() -> None:
     assert os.access(find_redis_server(), os.X_OK)
     port = free_port()
     assert 0 < port < 65536 and not _accepts(port)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_only_the_password_holder_gets_in_and_never_to_dangerous_commands(tmp_path: Path) -> None:
+    """Issue 12, finding 7: no password and `CONFIG SET dir` made Redis write files for anyone local."""
+    embedded = EmbeddedRedis(tmp_path)
+    url = embedded.start()
+    try:
+        password = (tmp_path / "redis" / "password").read_text().strip()
+        assert f":{password}@" in url and password not in embedded.public_url()
+        with redis.Redis.from_url(embedded.public_url()) as anonymous:
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                anonymous.set("x", "y")
+        with redis.Redis.from_url(url) as client:
+            assert client.set("x", "y") and client.get("x") == b"y"
+            for command in (
+                ["CONFIG", "SET", "dir", str(tmp_path)],
+                ["CONFIG", "GET", "dir"],
+                ["DEBUG", "SLEEP", "0"],
+                ["MODULE", "LIST"],
+                ["SLAVEOF", "127.0.0.1", "1"],
+                ["REPLICAOF", "127.0.0.1", "1"],
+                ["ACL", "SETUSER", "default", "+@all"],
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.execute_command(*command)
+        assert {c.upper() for c in DENIED_COMMANDS} >= {"CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF"}
+        for process_args in Path(f"/proc/{embedded.pid}/cmdline").read_bytes().split(b"\0"):
+            assert password.encode() not in process_args  # never visible in `ps`
+    finally:
+        embedded.stop()
+    embedded.start()  # the saved password is used again after a restart
+    try:
+        with redis.Redis.from_url(url) as client:
+            assert client.get("x") == b"y"
+    finally:
+        embedded.stop()
+
+
+def test_data_dir_is_0700_and_files_0600_even_if_they_were_wider(tmp_path: Path) -> None:
+    data = tmp_path / "redis"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    old = data / "appendonly.aof"
+    old.write_bytes(b"")
+    old.chmod(0o644)
+    embedded = EmbeddedRedis(tmp_path)
+    url = embedded.start()
+    try:
+        _put(url, b"private")
+    finally:
+        embedded.stop()
+    assert _mode(data) == 0o700
+    files = [path for path in data.rglob("*") if path.is_file()]
+    assert {"password", "redis.conf", "redis.log", "embedded.lock"} <= {path.name for path in files}
+    assert any(path.name.startswith("appendonly") and path.stat().st_size > 0 for path in files)
+    assert {path.name: _mode(path) for path in files} == {path.name: 0o600 for path in files}
+    assert all(_mode(path) == 0o700 for path in data.rglob("*") if path.is_dir())

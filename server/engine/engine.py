@@ -1,15 +1,13 @@
-"""The step loop: schedule -> prepare inputs -> run model -> sample -> postprocess.
+"""The engine's front door: owns the engine thread that runs `EngineCore.step()` in a loop,
+the per-request handles, and the bridge to the asyncio event loop.
 
-Model compute runs on one dedicated thread; callers on the asyncio loop submit requests
-and read `StepOutput`s from a per-request handle. The loop never touches Redis: a request
-arrives here with its prefix already resident.
+Callers on the event loop submit requests and read `StepOutput`s from a per-request handle.
+The loop never touches Redis: a request arrives here with its prefix already resident.
 """
 
 import asyncio
-import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,17 +15,15 @@ import torch
 
 from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
-from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput, QueueFull
+from server.engine.core import EngineCore
+from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
 from server.engine.handle import RequestHandle
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model_loader import LoadedModel
-from server.engine.model_runner import ForwardRow, ModelRunner
-from server.engine.postprocess import append_token
 from server.engine.prefix_encoder import compute_prefix_kv
-from server.engine.request import FinishReason, Request, SamplingParams, StepOutput
-from server.engine.sampler import make_generator, sample, token_logprobs
-from server.engine.scheduler import Scheduler, prefill_groups
-from server.engine.stats import EngineStats, StepStats, finished_request
+from server.engine.request import Request, SamplingParams, StepOutput
+from server.engine.sampler import make_generator
+from server.engine.stats import EngineStats, StepStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,22 +39,19 @@ class Engine:
         max_queue: int,
         on_step: Callable[[StepStats], None] | None = None,
         request_timeout_s: float | None = None,
+        max_num_batched_tokens: int | None = 512,
+        max_rows_per_tenant: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
         self.max_len = kv.layout.max_len
-        self.runner = ModelRunner(loaded.model, kv, loaded.max_positions)
-        self.scheduler: Scheduler[Request] = Scheduler(
-            kv.layout.num_slots,
-            max_queue,
-            prefill_order=lambda r: len(r.prompt_ids),
-            tenant_of=lambda r: r.tenant,
+        self.core = EngineCore(
+            loaded, kv, max_queue, max_num_batched_tokens, max_rows_per_tenant, request_timeout_s, on_step
         )
+        self.runner = self.core.runner
+        self.scheduler = self.core.scheduler
         self.request_timeout_s = request_timeout_s
-        self._on_step = on_step
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._aborted: set[str] = set()
+        self._wakeup = threading.Condition(self.core.lock)
         self._handles: dict[str, RequestHandle] = {}  # owned by the event loop thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -84,7 +77,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         layout = self.kv.layout
-        with self._lock:
+        with self._wakeup:
             running, num_waiting = list(self.scheduler.running), len(self.scheduler.waiting)
         bytes_per_position = layout.bytes_per_slot // layout.max_len
         used = sum(r.num_cached + 1 for r in running) * bytes_per_position
@@ -130,18 +123,10 @@ class Engine:
         with self._wakeup:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
-            shed = None
-            if not self.scheduler.can_accept():
-                shed = self.scheduler.shed_for(request.tenant)  # room for a lighter tenant, if any
-                if shed is None:
-                    raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting")
+            shed = self.core.add(request)  # raises QueueFull
             self._handles[request.request_id] = handle
-            self.scheduler.add(request)
             self._wakeup.notify()
-        if shed is not None:
-            shed.finish_reason = "shed"
-            message = f"the queue is full and tenant {shed.tenant!r} holds the most of it: retry later"
-            self._emit([StepOutput(shed.request_id, [], "", "shed", error=message)])
+        self._emit(shed)
         return handle
 
     def release(self, handle: RequestHandle) -> None:
@@ -150,7 +135,7 @@ class Engine:
         handle._done()
         if not handle.request.is_finished:
             with self._wakeup:
-                self._aborted.add(handle.request_id)
+                self.core.abort(handle.request_id)
                 self._wakeup.notify()
 
     async def run_on_model(self, job: Callable[[], T]) -> T:
@@ -201,22 +186,23 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while self.scheduler.is_idle and not self._jobs and not self._is_stopping:
+                while self.core.is_idle and not self._jobs and not self._is_stopping:
                     self._wakeup.wait()
                 if self._is_stopping:
                     break
                 jobs, self._jobs = self._jobs, []
             for job, future in jobs:
                 self._run_job(job, future)
-            if self.scheduler.is_idle:
+            if self.core.is_idle:
                 continue
             try:
                 self.step()
             except Exception as exc:  # the loop must survive anything one batch does
                 log.exception("engine step failed")
-                self._fail(f"engine error: {exc}", include_waiting=False)
-        self._fail("the server shut down before the request ended", include_waiting=True, reason="shutdown")
-        with self._lock:
+                self._emit(self.core.fail_all(f"engine error: {exc}", include_waiting=False))
+        message = "the server shut down before the request ended"
+        self._emit(self.core.fail_all(message, include_waiting=True, reason="shutdown"))
+        with self._wakeup:
             jobs, self._jobs = self._jobs, []
         for _, future in jobs:
             self._settle(future, None, EngineStopped("the server is shutting down"))
@@ -241,114 +227,8 @@ class Engine:
             self._loop.call_soon_threadsafe(settle)
 
     def step(self) -> None:
-        """One iteration of continuous batching."""
-        started = time.perf_counter()
-        expired, timeouts = self._take_expired()
-        aborted = self._take_aborted() + expired
-        self._retire({r.request_id for r in aborted})
-        self._emit(timeouts)  # after retiring: whoever reads the timeout finds the row gone
-        with self._lock:
-            batch = self.scheduler.schedule()
-        for request in batch.prefill:
-            request.admitted_time = time.monotonic()
-        outputs: list[StepOutput] = []
-        if batch.decode:
-            rows = [ForwardRow(r.num_cached, [r.output_ids[-1]]) for r in batch.decode]
-            outputs += self._sample(batch.decode, self.runner.forward(0, rows))
-        if batch.prefill:
-            start = batch.prefill_slot_start
-            for offset, request in enumerate(batch.prefill):
-                self.kv.load_prefix(start + offset, request.prefix.kv)
-            # rows arrive sorted by prompt length: forward them in groups with little padding
-            for lo, hi in prefill_groups([len(r.prompt_ids) for r in batch.prefill]):
-                group = batch.prefill[lo:hi]
-                rows = [ForwardRow(r.prefix_len, r.prompt_ids) for r in group]
-                outputs += self._sample(group, self.runner.forward(start + lo, rows))
-        finished = [r for r in batch.decode + batch.prefill if r.is_finished]
-        self._retire({r.request_id for r in finished})
-        self._emit(outputs)
-        if self._on_step is not None and (batch.num_rows or aborted):
-            now = time.monotonic()
-            ended = tuple(finished_request(r, now) for r in finished + aborted)
-            duration = time.perf_counter() - started
-            self._on_step(StepStats(len(batch.decode), len(batch.prefill), batch.num_rows, duration, ended))
-
-    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        """Sample every row; a row whose logits are not finite fails alone (the others go on)."""
-        is_finite = torch.isfinite(logits).all(dim=-1).tolist()  # [rows]
-        if not all(is_finite):
-            logits = torch.where(torch.tensor(is_finite, device=logits.device)[:, None], logits, 0.0)
-        params = [r.params for r in rows]
-        ids = sample(logits, params, [r.generator for r in rows])
-        logprobs = token_logprobs(logits, ids, params)
-        decode, eos = self.loaded.decode, self.loaded.eos_ids
-        outputs = []
-        for request, token_id, lp, ok in zip(rows, ids, logprobs, is_finite, strict=True):
-            if not ok:
-                outputs.append(self._fail_row(request, "the model produced non-finite logits for this row"))
-                continue
-            output = append_token(request, token_id, decode, eos)
-            outputs.append(
-                output if lp is None else dataclasses.replace(output, logprob=lp[0], top_logprobs=lp[1])
-            )
-        return outputs
-
-    def _fail_row(self, request: Request, message: str) -> StepOutput:
-        log.error("request %s (task %s) failed: %s", request.request_id, request.prefix.meta.task_id, message)
-        request.finish_reason = "error"
-        return StepOutput(request.request_id, [], "", "error", error=message)
-
-    def _retire(self, finished: set[str]) -> None:
-        if not finished:
-            return
-        with self._lock:
-            moves = self.scheduler.retire(finished)
-            lengths = {r.request_id: r.num_cached for r in self.scheduler.running}
-        for move in moves:
-            self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
-
-    def _take_aborted(self) -> list[Request]:
-        """Drop aborted waiting requests; mark aborted running rows finished and return them."""
-        with self._lock:
-            aborted, self._aborted = self._aborted, set()
-            for request_id in aborted:
-                self.scheduler.remove_waiting(request_id)
-            running = [r for r in self.scheduler.running if r.request_id in aborted]
-        for request in running:
-            request.finish_reason = "abort"
-        return running
-
-    def _take_expired(self) -> tuple[list[Request], list[StepOutput]]:
-        """End every request past its deadline (waiting ones leave the queue); return the running
-        ones (to retire) and the outputs that tell every expired request's caller."""
-        if self.request_timeout_s is None:
-            return [], []  # no deadlines: nothing to scan
-        now = time.monotonic()
-        with self._lock:
-            expired = [r for r in self.scheduler.waiting if r.deadline is not None and r.deadline <= now]
-            for request in expired:
-                self.scheduler.remove_waiting(request.request_id)
-            running = [r for r in self.scheduler.running if r.deadline is not None and r.deadline <= now]
-        message = f"the request ran past the server's request timeout ({self.request_timeout_s} s)"
-        for request in expired + running:
-            request.finish_reason = "timeout"
-        return running, [
-            StepOutput(r.request_id, [], "", "timeout", error=message) for r in expired + running
-        ]
-
-    def _fail(self, message: str, include_waiting: bool, reason: FinishReason = "error") -> None:
-        """End the running rows (and the waiting ones when shutting down) with an error."""
-        with self._lock:
-            victims = list(self.scheduler.running)
-            self.scheduler.running.clear()
-            if include_waiting:
-                victims += self.scheduler.waiting
-                self.scheduler.waiting.clear()
-        outputs = []
-        for request in victims:
-            request.finish_reason = reason
-            outputs.append(StepOutput(request.request_id, [], "", reason, error=message))
-        self._emit(outputs)
+        """One iteration of the core; its outputs go to the handles on the event loop."""
+        self._emit(self.core.step())
 
     def _emit(self, outputs: list[StepOutput]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():

@@ -58,33 +58,19 @@ class SlotKVCache:
             self.values[layer][dst, :, :length].copy_(self.values[layer][src, :, :length])
 
 
-@dataclass(frozen=True)
-class WritePlan:
-    """Where a forward pass writes its new K/V and how much of each slot attention sees.
-
-    The forward covers the contiguous slots `slot_start..slot_start+rows-1`; the new token
-    `j` of local row `i` goes to position `positions[i, j]`, for the valid `(i, j)` pairs
-    listed flat in `row_index` / `token_index` / `position_index` (padding is never written).
-    """
-
-    slot_start: int
-    num_rows: int
-    kv_len: int  # attention reads positions 0..kv_len-1 of every slot
-    row_index: torch.Tensor  # [num_valid] local row of each valid new token
-    token_index: torch.Tensor  # [num_valid] its index along the query axis
-    position_index: torch.Tensor  # [num_valid] its cache position
-
-
 class _SlotLayer(CacheLayerMixin):
-    """One layer's view of the slot tensors for a single forward pass."""
+    """One layer's view of the slot tensors for a single forward pass over a flat token sequence."""
 
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, plan: WritePlan) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+    ) -> None:
         super().__init__()
         self._slot_keys = keys
         self._slot_values = values
-        self._plan = plan
+        self._slots = slots
+        self._positions = positions
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -93,32 +79,30 @@ class _SlotLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states: [rows, kv_heads, q, head_dim]
-        plan = self._plan
-        rows = slice(plan.slot_start, plan.slot_start + plan.num_rows)
-        slot_keys = self._slot_keys[rows]  # [rows, kv_heads, max_len, head_dim] (view)
-        slot_values = self._slot_values[rows]
-        new_k = key_states[plan.row_index, :, plan.token_index]  # [num_valid, kv_heads, head_dim]
-        new_v = value_states[plan.row_index, :, plan.token_index]
-        slot_keys[plan.row_index, :, plan.position_index] = new_k.to(slot_keys.dtype)
-        slot_values[plan.row_index, :, plan.position_index] = new_v.to(slot_values.dtype)
-        self.keys = slot_keys[:, :, : plan.kv_len]
-        self.values = slot_values[:, :, : plan.kv_len]
-        return self.keys, self.values
+        """Write token `t`'s K/V (`[1, kv_heads, tokens, head_dim]`) at its row's slot and position;
+        return every slot: the step's attention function reads each row's own part."""
+        self._slot_keys[self._slots, :, self._positions] = (
+            key_states[0].transpose(0, 1).to(self._slot_keys.dtype)
+        )
+        self._slot_values[self._slots, :, self._positions] = (
+            value_states[0].transpose(0, 1).to(self._slot_values.dtype)
+        )
+        return self._slot_keys, self._slot_values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._plan.kv_len, 0
+        return int(self._slot_keys.shape[2]), 0
 
     def get_seq_length(self) -> int:
-        return self._plan.kv_len
+        return 0  # positions come from explicit position_ids, never from the cache
 
     def get_max_length(self) -> int:
         return int(self._slot_keys.shape[2])
 
 
 class StepCache(Cache):
-    """The `Cache` handed to the HF model for one forward pass over contiguous slots."""
+    """The `Cache` handed to the HF model for one forward pass: token `t` of the step belongs
+    to slot `slots[t]` at position `positions[t]`."""
 
-    def __init__(self, kv: SlotKVCache, plan: WritePlan) -> None:
-        layers = [_SlotLayer(kv.keys[i], kv.values[i], plan) for i in range(kv.layout.num_layers)]
+    def __init__(self, kv: SlotKVCache, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        layers = [_SlotLayer(kv.keys[i], kv.values[i], slots, positions) for i in range(kv.layout.num_layers)]
         super().__init__(layers=layers)  # type: ignore[arg-type]

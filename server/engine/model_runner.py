@@ -1,23 +1,26 @@
-"""Runs the frozen HF model for one forward pass over contiguous cache slots."""
+"""Runs the frozen HF model for one mixed step: every row's new tokens in one forward."""
 
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from server.engine.kv_cache import SlotKVCache, StepCache, WritePlan
+from server.engine import attention
+from server.engine.kv_cache import SlotKVCache, StepCache
 
 
 @dataclass(frozen=True)
 class ForwardRow:
-    """One row of a forward pass: new tokens starting at cache position `start`."""
+    """One row of a step: `token_ids` go to `slot` from cache position `start` on."""
 
-    start: int  # = tokens already in the slot (prefix + earlier tokens)
+    slot: int
+    start: int  # = positions already in the slot (prefix + earlier tokens)
     token_ids: list[int]
+    samples: bool = True  # whether the step needs logits at its last token
 
 
 class ModelRunner:
-    """Prepares inputs (ids, per-row positions, 4D mask, write plan) and runs the model."""
+    """Prepares the flat inputs (ids, positions, per-row attention plan) and runs the model."""
 
     def __init__(self, model: PreTrainedModel, kv: SlotKVCache, max_positions: int) -> None:
         self.model = model
@@ -26,41 +29,27 @@ class ModelRunner:
         self.max_positions = max_positions
 
     @torch.inference_mode()
-    def forward(self, slot_start: int, rows: list[ForwardRow]) -> torch.Tensor:
-        """Run rows in slots `slot_start..`; return float32 logits `[rows, vocab]` of their last tokens."""
-        num_rows = len(rows)
-        q_len = max(len(r.token_ids) for r in rows)
-        lengths = torch.tensor([len(r.token_ids) for r in rows], dtype=torch.long)
-        starts = torch.tensor([r.start for r in rows], dtype=torch.long)
-        input_ids = torch.zeros((num_rows, q_len), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
-        offsets = torch.arange(q_len, dtype=torch.long)
-        positions = starts[:, None] + offsets[None, :]  # [rows, q]
-        is_valid = offsets[None, :] < lengths[:, None]  # [rows, q]
-        kv_len = int((starts + lengths).max())
-        # query j of row i sees cache positions 0..start_i+j (its prefix, its past, itself)
-        key_pos = torch.arange(kv_len, dtype=torch.long)
-        mask = key_pos[None, None, :] <= positions[:, :, None]  # [rows, q, kv_len]
-        row_index, token_index = is_valid.nonzero(as_tuple=True)
-        plan = WritePlan(
-            slot_start=slot_start,
-            num_rows=num_rows,
-            kv_len=kv_len,
-            row_index=row_index.to(self.device),
-            token_index=token_index.to(self.device),
-            position_index=positions[row_index, token_index].to(self.device),
-        )
-        last = lengths - 1  # [rows]
-        keep = torch.unique(last)  # sorted distinct query indices whose logits we need
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            position_ids=positions.clamp(max=self.max_positions - 1).to(self.device),
-            attention_mask=mask[:, None].to(self.device),  # [rows, 1, q, kv_len]
-            cache=StepCache(self.kv, plan),
-            use_cache=True,
-            logits_to_keep=keep.to(self.device),
-        )
-        pick = torch.searchsorted(keep, last).to(self.device)  # [rows] index into kept positions
-        logits = out.logits[torch.arange(num_rows, device=self.device), pick]  # [rows, vocab]
-        return logits.float()
+    def forward(self, rows: list[ForwardRow]) -> torch.Tensor:
+        """Run every row's tokens as one sequence; return float32 logits `[sampling rows, vocab]`
+        at the last token of each row with `samples`, in row order."""
+        ids = [t for r in rows for t in r.token_ids]
+        plan = attention.prepare([(r.slot, r.start, len(r.token_ids)) for r in rows], self.device)
+        ends = torch.tensor([len(r.token_ids) for r in rows]).cumsum(0) - 1
+        keep = ends[torch.tensor([r.samples for r in rows], dtype=torch.bool)]
+        if not len(keep):
+            keep = ends[-1:]  # the model wants at least one position; its logits are dropped
+        config = self.model.config
+        previous, config._attn_implementation = config._attn_implementation, attention.NAME
+        try:  # only this forward uses the slot attention; any other use of the model stays SDPA
+            out = self.model(
+                input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                position_ids=plan.token_positions.clamp(max=self.max_positions - 1)[None],
+                cache=StepCache(self.kv, plan.token_slots, plan.token_positions),
+                use_cache=True,
+                logits_to_keep=keep.to(self.device),
+                step_attention=plan,
+            )
+        finally:
+            config._attn_implementation = previous
+        logits = out.logits[0].float()  # [kept, vocab]
+        return logits if any(r.samples for r in rows) else logits[:0]

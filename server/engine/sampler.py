@@ -1,4 +1,5 @@
-"""Turns logits into token ids: greedy rows by argmax, sampled rows with their own generator."""
+"""Turns logits into token ids for a whole step at once: greedy rows by argmax, sampled rows
+filtered together over `[rows, vocab]` and drawn with their own generator; one host sync."""
 
 import torch
 
@@ -17,37 +18,58 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on one row `[vocab]`; returns probabilities."""
-    scaled = logits / params.temperature
-    if 0 < params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k).values[-1]
+def filter_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on every row of `[rows, vocab]`; returns
+    probabilities. Row by row it computes exactly what it would alone."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    scaled = logits / temperature[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        values = torch.topk(scaled, max(top_k), dim=-1).values  # [rows, max k]
+        index = torch.tensor([max(k - 1, 0) for k in top_k], device=device)
+        kth = values.gather(1, index[:, None])  # the k-th largest of each row
+        kth = torch.where(torch.tensor(top_k, device=device)[:, None] > 0, kth, float("-inf"))
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if params.top_p < 1.0:
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=device)
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly before each token
-        drop = before >= params.top_p
-        drop[0] = False  # the top token always stays, even when top_p rounds to 0.0 in float32
+        drop = before >= top_p[:, None]
+        drop[:, 0] = False  # the top token always stays, even when top_p rounds to 0.0 in float32
+        drop &= (top_p < 1.0)[:, None]
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum()
+        nucleus = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        nucleus = nucleus / nucleus.sum(dim=-1, keepdim=True)
+        probs = torch.where((top_p < 1.0)[:, None], nucleus, probs)
     return probs
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`filter_probs` for one row `[vocab]`."""
+    return filter_probs(logits[None], [params])[0]
 
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """Pick one id per row of `logits` `[rows, vocab]` (float32)."""
+    if len(params) != len(generators):
+        raise ValueError(f"{len(params)} params but {len(generators)} generators")
     chosen = logits.argmax(dim=-1)  # [rows]
-    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if p.is_greedy:
-            continue
-        probs = filter_logits(logits[row], p)
-        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
-            continue  # e.g. a temperature so small that logits / T overflow: the row stays greedy
-        chosen[row] = torch.multinomial(probs, 1, generator=generator)[0]
-    return [int(t) for t in chosen.tolist()]
+    rows = [row for row, p in enumerate(params) if not p.is_greedy]
+    if rows:
+        probs = filter_probs(logits[rows], [params[row] for row in rows])
+        # e.g. a temperature so small that logits / T overflow: such a row stays greedy
+        is_valid = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        fallback = torch.nn.functional.one_hot(chosen[rows], probs.shape[-1]).to(probs.dtype)
+        probs = torch.where(is_valid[:, None], probs, fallback)  # no host check needed per row
+        drawn = torch.cat(
+            [torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(rows)]
+        )
+        chosen[rows] = drawn
+    return [int(t) for t in chosen.tolist()]  # the step's one host sync
 
 
 def token_logprobs(
@@ -60,11 +82,13 @@ def token_logprobs(
     if not wanted:
         return results
     logprobs = torch.log_softmax(logits[wanted], dim=-1)  # [wanted, vocab]
+    picked = logprobs.gather(1, torch.tensor([chosen[row] for row in wanted], device=logits.device)[:, None])
+    max_k = max(params[row].logprobs or 0 for row in wanted)
+    top = torch.topk(logprobs, max_k, dim=-1) if max_k else None
+    picked_list = picked[:, 0].tolist()
+    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
     for i, row in enumerate(wanted):
         k = params[row].logprobs or 0
-        top = torch.topk(logprobs[i], k) if k else None
-        alternatives = (
-            tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
-        )
-        results[row] = (float(logprobs[i, chosen[row]]), alternatives)
+        alternatives = tuple(zip(top_ids[i][:k], top_values[i][:k], strict=True)) if k else ()
+        results[row] = (picked_list[i], alternatives)
     return results

@@ -1,12 +1,19 @@
-"""Continuous-batching bookkeeping: who waits, who runs, which slot each row owns.
+"""Continuous-batching bookkeeping: who waits, who runs, which slot each row owns, and how
+many tokens each row feeds in the next step under a token budget.
 
 Pure Python on purpose (no torch): every decision here is unit-tested exactly.
 Running rows stay compact in slots `0..n-1`; a retired row's slot is filled by the last row.
+
+A row's work is a sequence of tokens to feed (its prompt; after a preemption, its prompt and
+what it generated so far). Like vLLM v1, prompt and generated tokens are alike: each step a
+row feeds its next tokens; while it has more than one left it is *prefilling* (possibly in
+chunks over several steps), then it *decodes* one token a step. Running decode rows are
+scheduled first, prefill chunks fill the rest of the budget.
 """
 
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 
@@ -20,7 +27,7 @@ R = TypeVar("R", bound=HasId)
 
 @dataclass(frozen=True)
 class SlotMove:
-    """Move the row in slot `src` to slot `dst` (compaction after a row retired)."""
+    """Move the row in slot `src` to slot `dst` (compaction after a row left)."""
 
     request_id: str
     src: int
@@ -28,54 +35,71 @@ class SlotMove:
 
 
 @dataclass(frozen=True)
-class ScheduledBatch(Generic[R]):
-    """One step's work: decode `decode` (slots 0..len-1), prefill `prefill` (the slots after)."""
+class RowWork(Generic[R]):
+    """What one row feeds this step: `num_tokens` tokens after the `start` it already has cached."""
 
-    decode: list[R]
-    prefill: list[R]
+    request: R
+    slot: int
+    start: int  # tokens of this row already in its slot (prefix excluded)
+    num_tokens: int
+    samples: bool  # the tokens reach the end of its sequence: the step samples its next token
+
+
+@dataclass(frozen=True)
+class ScheduledBatch(Generic[R]):
+    """One step's work: `rows` (decode rows first, in slot order, then prefill chunks),
+    the requests admitted this step, the rows preempted for fairness and the slot moves
+    (apply them before the forward)."""
+
+    rows: list[RowWork[R]] = field(default_factory=list)
+    num_decode: int = 0  # rows[:num_decode] were decoding before this step
+    admitted: list[R] = field(default_factory=list)
+    preempted: list[R] = field(default_factory=list)
+    moves: list[SlotMove] = field(default_factory=list)
 
     @property
-    def prefill_slot_start(self) -> int:
-        return len(self.decode)
+    def decode(self) -> list[R]:
+        """Rows that were already decoding before this step."""
+        return [w.request for w in self.rows[: self.num_decode]]
+
+    @property
+    def prefill(self) -> list[R]:
+        return self.admitted
 
     @property
     def num_rows(self) -> int:
-        return len(self.decode) + len(self.prefill)
+        return len(self.rows)
 
-
-def prefill_groups(lengths: list[int], max_padding: float = 0.1) -> list[tuple[int, int]]:
-    """Split rows sorted by length (ascending) into contiguous `[start, end)` groups, each padded
-    to its longest row with at most `max_padding` of its real tokens wasted on padding."""
-    groups: list[tuple[int, int]] = []
-    start = 0
-    for end in range(2, len(lengths) + 1):
-        group = lengths[start:end]
-        if max(group) * len(group) - sum(group) > max_padding * sum(group):
-            groups.append((start, end - 1))
-            start = end - 1
-    if lengths:
-        groups.append((start, len(lengths)))
-    return groups
+    @property
+    def num_tokens(self) -> int:
+        return sum(w.num_tokens for w in self.rows)
 
 
 class Scheduler(Generic[R]):
-    """FIFO admission bounded by `max_rows` running rows and `max_queue` waiting ones."""
+    """Fair admission bounded by `max_rows` running rows, `max_queue` waiting ones and a
+    per-step token budget (`max_num_tokens`, None: unbounded, every prompt in one step)."""
 
     def __init__(
         self,
         max_rows: int,
         max_queue: int,
         max_prefill_rows: int | None = None,
-        prefill_order: Callable[[R], int] | None = None,
         tenant_of: Callable[[R], str] | None = None,
+        num_tokens_of: Callable[[R], int] | None = None,
+        max_num_tokens: int | None = None,
+        max_rows_per_tenant: int | None = None,
     ) -> None:
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.max_prefill_rows = max_prefill_rows or max_rows
-        self.prefill_order = prefill_order  # admitted rows are laid out in slots sorted by this key
         self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
+        self.num_tokens_of = num_tokens_of or (lambda r: 1)  # tokens to feed on admission
+        self.max_num_tokens = max_num_tokens
+        self.max_rows_per_tenant = max_rows_per_tenant
         self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
         self._num_admitted = 0
+        self._computed: dict[str, int] = {}  # request id -> tokens in its slot after the last step
+        self._targets: dict[str, int] = {}  # request id -> tokens to feed before it decodes
         self.waiting: deque[R] = deque()
         self.running: list[R] = []  # index == slot
 
@@ -89,6 +113,10 @@ class Scheduler(Generic[R]):
     def add(self, request: R) -> None:
         """Queue a request; the caller checks `can_accept` first."""
         self.waiting.append(request)
+
+    def num_computed(self, request: R) -> int:
+        """Tokens of a running row in its slot (prefix excluded) once the scheduled step ran."""
+        return self._computed.get(request.request_id, 0)
 
     def shed_for(self, tenant: str) -> R | None:
         """With a full queue, make room for `tenant` fairly: remove and return the newest waiting
@@ -106,29 +134,80 @@ class Scheduler(Generic[R]):
         return victim
 
     def schedule(self) -> ScheduledBatch[R]:
-        """Admit waiting requests into free slots; running rows decode as they are."""
-        decode = list(self.running)
-        prefill: list[R] = []
+        """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""
+        preempted, moves = self._preempt_for_fairness()
+        budget = self.max_num_tokens if self.max_num_tokens is not None else 1 << 62
+        left = {
+            r.request_id: self._targets[r.request_id] - self._computed[r.request_id] for r in self.running
+        }
+        # decode rows feed their last sampled token, always; prefills under way continue first
+        rows = [self._take(r, slot, 1) for slot, r in enumerate(self.running) if left[r.request_id] <= 0]
+        num_decode, budget = len(rows), budget - len(rows)
+        for slot, request in enumerate(self.running):
+            if left[request.request_id] > 0 and budget > 0:
+                rows.append(self._take(request, slot, min(left[request.request_id], budget)))
+                budget -= rows[-1].num_tokens
+        admitted: list[R] = []
+        held = self._running_per_tenant()
         while (
             self.waiting
-            and len(self.running) + len(prefill) < self.max_rows
-            and len(prefill) < self.max_prefill_rows
+            and budget > 0
+            and len(self.running) < self.max_rows
+            and len(admitted) < self.max_prefill_rows
         ):
-            prefill.append(self._next_waiting())
-        if self.prefill_order is not None:
-            prefill.sort(key=self.prefill_order)  # stable: FIFO among equals
-        self.running += prefill
-        return ScheduledBatch(decode=decode, prefill=prefill)
+            picked = self._next_waiting(held)
+            if picked is None:
+                break
+            request = picked
+            admitted.append(request)
+            if self.tenant_of is not None:
+                held[self.tenant_of(request)] += 1
+            self.running.append(request)
+            target = self.num_tokens_of(request)
+            self._targets[request.request_id], self._computed[request.request_id] = target, 0
+            rows.append(self._take(request, len(self.running) - 1, min(target, budget)))
+            budget -= rows[-1].num_tokens
+        return ScheduledBatch(rows, num_decode, admitted, preempted, moves)
 
-    def _next_waiting(self) -> R:
-        """FIFO, or with tenants: the oldest request of the least recently served tenant, so a
-        tenant with a long queue never delays another tenant's request by more than one round."""
+    def _take(self, request: R, slot: int, num_tokens: int) -> RowWork[R]:
+        """Schedule `num_tokens` more of a row (a decode row: its one token)."""
+        request_id = request.request_id
+        start = self._computed[request_id]
+        self._computed[request_id] = start + num_tokens
+        return RowWork(
+            request, slot, start, num_tokens, samples=start + num_tokens >= self._targets[request_id]
+        )
+
+    def _running_per_tenant(self) -> Counter[str]:
+        if self.tenant_of is None:
+            return Counter()
+        return Counter(self.tenant_of(r) for r in self.running)
+
+    def _limit(self) -> int:
+        """Rows one tenant is entitled to: the cap, and a fair share of the slots when others wait."""
+        limit = self.max_rows_per_tenant or self.max_rows
+        if self.tenant_of is not None:
+            tenants = {self.tenant_of(r) for r in self.running} | {self.tenant_of(r) for r in self.waiting}
+            if len(tenants) > 1:
+                limit = min(limit, max(1, self.max_rows // len(tenants)))
+        return limit
+
+    def _next_waiting(self, held: Counter[str]) -> R | None:
+        """FIFO, or with tenants: the oldest request of the least recently served tenant among
+        those under their row limit (`max_rows_per_tenant` is a hard cap), so a tenant with a long
+        queue never delays another tenant's request by more than one round."""
         if self.tenant_of is None:
             return self.waiting.popleft()
+        cap, share = self.max_rows_per_tenant or self.max_rows, self._limit()
         first: dict[str, int] = {}
         for index, request in enumerate(self.waiting):
             first.setdefault(self.tenant_of(request), index)
-        tenant = min(first, key=lambda t: (self._last_served.get(t, -1), first[t]))
+        # below the fair share first; a free slot nobody below it wants still goes to someone
+        # (work-conserving: preemption takes it back when another tenant arrives)
+        eligible = [t for t in first if held[t] < share] or [t for t in first if held[t] < cap]
+        if not eligible:
+            return None
+        tenant = min(eligible, key=lambda t: (self._last_served.get(t, -1), first[t]))
         request = self.waiting[first[tenant]]
         del self.waiting[first[tenant]]
         self._num_admitted += 1
@@ -136,6 +215,31 @@ class Scheduler(Generic[R]):
         if len(self._last_served) > 2 * len(first):  # forget tenants that stopped waiting
             self._last_served = {t: n for t, n in self._last_served.items() if t in first}
         return request
+
+    def _preempt_for_fairness(self) -> tuple[list[R], list[SlotMove]]:
+        """With no free slot and a tenant waiting below its limit, take back slots from tenants
+        above theirs (their newest rows go back to the head of the queue and are recomputed
+        later): another tenant's request then starts within one step, not when a hog finishes."""
+        if self.tenant_of is None or not self.waiting or len(self.running) < self.max_rows:
+            return [], []
+        tenant_of, limit = self.tenant_of, self._limit()
+        held = self._running_per_tenant()
+        starved = {tenant_of(r) for r in self.waiting if held[tenant_of(r)] < limit}
+        victims: list[R] = []
+        for _ in starved:
+            over = [t for t, n in held.items() if n > limit]
+            if not over:
+                break
+            hog = max(over, key=lambda t: held[t])
+            victims.append(
+                next(r for r in reversed(self.running) if tenant_of(r) == hog and r not in victims)
+            )
+            held[hog] -= 1
+        if not victims:
+            return [], []
+        moves = self.retire({r.request_id for r in victims})
+        self.waiting.extendleft(reversed(victims))  # back at the head: FIFO within the tenant holds
+        return victims, moves
 
     def slot_of(self, request: R) -> int:
         """The slot of a running request (by identity)."""
@@ -166,4 +270,7 @@ class Scheduler(Generic[R]):
                 if last.request_id not in finished:
                     moves.append(SlotMove(last.request_id, src=len(self.running), dst=slot))
                 # re-check this slot: the row moved in may itself be finished
+        for request_id in finished:
+            self._computed.pop(request_id, None)
+            self._targets.pop(request_id, None)
         return moves

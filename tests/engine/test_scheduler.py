@@ -8,7 +8,7 @@ import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from server.engine.request import Request, SamplingParams
-from server.engine.scheduler import ScheduledBatch, Scheduler, SlotMove, prefill_groups
+from server.engine.scheduler import RowWork, ScheduledBatch, Scheduler, SlotMove
 
 
 @dataclass
@@ -53,7 +53,6 @@ def test_new_scheduler_is_idle() -> None:
     assert batch.decode == []
     assert batch.prefill == []
     assert batch.num_rows == 0
-    assert batch.prefill_slot_start == 0
 
 
 def test_fifo_admission() -> None:
@@ -150,11 +149,12 @@ def test_slots_are_list_indices() -> None:
 # ---- ScheduledBatch -------------------------------------------------------------------------
 
 
-def test_prefill_slot_start_is_number_of_decode_rows() -> None:
-    batch = ScheduledBatch(decode=reqs("a", "b", "c"), prefill=reqs("d", "e"))
-    assert batch.prefill_slot_start == 3
-    assert batch.num_rows == 5
-    assert ScheduledBatch(decode=[], prefill=reqs("x")).prefill_slot_start == 0
+def test_decode_rows_are_the_first_num_decode_rows() -> None:
+    rows = [RowWork(r, slot, 3, 1, True) for slot, r in enumerate(reqs("a", "b", "c"))]
+    rows += [RowWork(r, 3 + i, 0, 5, False) for i, r in enumerate(reqs("d", "e"))]
+    batch = ScheduledBatch(rows, num_decode=3, admitted=[rows[3].request, rows[4].request])
+    assert ids(batch.decode) == ["a", "b", "c"] and ids(batch.prefill) == ["d", "e"]
+    assert batch.num_rows == 5 and batch.num_tokens == 13
 
 
 def test_prefill_rows_land_in_slots_after_decode_rows() -> None:
@@ -163,9 +163,9 @@ def test_prefill_rows_land_in_slots_after_decode_rows() -> None:
     for r in reqs("c", "d"):
         scheduler.add(r)
     batch = scheduler.schedule()
-    assert batch.prefill_slot_start == 2
-    for offset, request in enumerate(batch.prefill):
-        assert scheduler.slot_of(request) == batch.prefill_slot_start + offset
+    assert [(ids([w.request])[0], w.slot) for w in batch.rows] == [("a", 0), ("b", 1), ("c", 2), ("d", 3)]
+    for request in batch.prefill:
+        assert scheduler.slot_of(request) == [w.slot for w in batch.rows if w.request is request][0]
 
 
 # ---- remove_waiting -------------------------------------------------------------------------
@@ -306,49 +306,6 @@ def test_retire_random_finished_sets_match_simulated_slots() -> None:
             assert scheduler.slot_of(request) == slot
 
 
-# --- prefill layout ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("lengths", "expected"),
-    [
-        ([], []),
-        ([7], [(0, 1)]),
-        ([10, 10, 10], [(0, 3)]),
-        ([10, 11], [(0, 2)]),  # 1 padded token of 21: within 10%
-        ([10, 20], [(0, 1), (1, 2)]),  # 10 padded of 30: too many
-        ([16, 17, 18, 60, 62, 128], [(0, 3), (3, 5), (5, 6)]),
-    ],
-)
-def test_prefill_groups(lengths: list[int], expected: list[tuple[int, int]]) -> None:
-    assert prefill_groups(lengths) == expected
-
-
-def test_prefill_groups_cover_every_row_once_within_the_padding_bound() -> None:
-    rng = random.Random(3)
-    for _ in range(200):
-        lengths = sorted(rng.randint(1, 128) for _ in range(rng.randint(1, 64)))
-        groups = prefill_groups(lengths)
-        assert [i for lo, hi in groups for i in range(lo, hi)] == list(range(len(lengths)))
-        for lo, hi in groups:
-            group = lengths[lo:hi]
-            assert hi - lo == 1 or max(group) * len(group) - sum(group) <= 0.1 * sum(group)
-
-
-def test_admitted_rows_take_slots_in_prefill_order() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=8, prefill_order=lambda r: len(r.request_id))
-    for name in ("cccc", "a", "bb"):
-        scheduler.add(Req(name))
-    first = scheduler.schedule()
-    assert [r.request_id for r in first.prefill] == ["a", "bb", "cccc"]
-    assert [r.request_id for r in scheduler.running] == ["a", "bb", "cccc"]
-    scheduler.add(Req("dd"))
-    scheduler.add(Req("e"))
-    second = scheduler.schedule()  # one slot left: FIFO decides who gets in, the order only lays them out
-    assert [r.request_id for r in second.prefill] == ["dd"] and second.prefill_slot_start == 3
-    assert [r.request_id for r in scheduler.waiting] == ["e"]
-
-
 # --- fairness across tenants -----------------------------------------------------------------------
 
 
@@ -407,3 +364,136 @@ def test_without_tenants_nothing_is_shed() -> None:
     scheduler.add(Req("a:1"))
     scheduler.add(Req("a:2"))
     assert scheduler.shed_for("b") is None
+
+
+# --- token budget, chunked prefill ----------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    request_id: str
+    num_tokens: int = 1
+
+
+def _budget_scheduler(max_rows: int, budget: int, **kwargs) -> Scheduler[Job]:  # type: ignore[no-untyped-def]
+    return Scheduler(max_rows, 100, num_tokens_of=lambda j: j.num_tokens, max_num_tokens=budget, **kwargs)
+
+
+def _plan(batch: ScheduledBatch[Job]) -> list[tuple[str, int, int, int, bool]]:
+    return [(w.request.request_id, w.slot, w.start, w.num_tokens, w.samples) for w in batch.rows]
+
+
+def test_decode_rows_first_then_chunks_within_the_budget() -> None:
+    scheduler = _budget_scheduler(max_rows=4, budget=10)
+    scheduler.add(Job("a", 3))
+    scheduler.add(Job("b", 2))
+    assert _plan(scheduler.schedule()) == [("a", 0, 0, 3, True), ("b", 1, 0, 2, True)]
+    scheduler.add(Job("long", 25))
+    scheduler.add(Job("c", 4))
+    # a and b decode (1 token each); the long prompt takes the 8 left and samples nothing
+    batch = scheduler.schedule()
+    assert _plan(batch) == [("a", 0, 3, 1, True), ("b", 1, 2, 1, True), ("long", 2, 0, 8, False)]
+    assert ids(batch.decode) == ["a", "b"] and ids(batch.prefill) == ["long"] and batch.num_tokens == 10
+    assert ids(list(scheduler.waiting)) == ["c"]  # no budget left to start it
+    # the prefill under way continues before anyone new starts
+    assert _plan(scheduler.schedule()) == [
+        ("a", 0, 4, 1, True),
+        ("b", 1, 3, 1, True),
+        ("long", 2, 8, 8, False),
+    ]
+    assert _plan(scheduler.schedule()) == [
+        ("a", 0, 5, 1, True),
+        ("b", 1, 4, 1, True),
+        ("long", 2, 16, 8, False),
+    ]
+    # its last chunk samples; the budget left starts the next prompt in the same step
+    batch = scheduler.schedule()
+    assert _plan(batch) == [
+        ("a", 0, 6, 1, True), ("b", 1, 5, 1, True), ("long", 2, 24, 1, True), ("c", 3, 0, 4, True),
+    ]  # fmt: skip
+    assert batch.num_decode == 2
+    assert [scheduler.num_computed(j) for j in scheduler.running] == [7, 6, 25, 4]
+    batch = scheduler.schedule()
+    assert batch.num_decode == 4 and batch.num_tokens == 4
+
+
+def test_without_a_budget_every_prompt_runs_whole() -> None:
+    scheduler: Scheduler[Job] = Scheduler(3, 100, num_tokens_of=lambda j: j.num_tokens)
+    for job in (Job("a", 300), Job("b", 7)):
+        scheduler.add(job)
+    assert _plan(scheduler.schedule()) == [("a", 0, 0, 300, True), ("b", 1, 0, 7, True)]
+
+
+def test_retired_rows_forget_their_progress() -> None:
+    scheduler = _budget_scheduler(max_rows=2, budget=4)
+    scheduler.add(Job("a", 10))
+    scheduler.schedule()
+    assert scheduler.num_computed(scheduler.running[0]) == 4
+    scheduler.retire({"a"})
+    assert scheduler.num_computed(Job("a")) == 0
+
+
+# --- per-tenant row caps and fair share ------------------------------------------------------------
+
+
+def test_a_tenant_holding_every_slot_gives_one_back_within_one_step() -> None:
+    """Issue 12 (3b): one tenant's 16 rows (n=16, each to decode 1000 tokens) fill every slot;
+    another tenant's 2-token request starts on the next step (the hog's newest row is preempted
+    and recomputed later), not when the hog's rows finish."""
+    scheduler = _budget_scheduler(max_rows=16, budget=64, tenant_of=_tenant)
+    for i in range(16):
+        scheduler.add(Job(f"hog:{i}", 3))
+    for _ in range(20):  # the hog's rows are decoding
+        scheduler.schedule()
+    assert [j.request_id for j in scheduler.running] == [f"hog:{i}" for i in range(16)]
+    for i in range(16, 32):  # the hog queues more too
+        scheduler.add(Job(f"hog:{i}", 3))
+    scheduler.add(Job("small:0", 2))
+    batch = scheduler.schedule()
+    assert ids(batch.preempted) == ["hog:15"]
+    assert batch.moves == []  # the last slot was freed: nothing to compact
+    assert ids(batch.prefill) == ["small:0"] and scheduler.slot_of(batch.prefill[0]) == 15
+    assert ids(list(scheduler.waiting))[:2] == ["hog:15", "hog:16"]  # back at the head of its tenant's queue
+    # the hog (15 rows) is still above its fair share of 8: nothing of it is admitted, nothing more preempted
+    batch = scheduler.schedule()
+    assert batch.preempted == [] and batch.prefill == []
+    scheduler.retire({"small:0"})
+    batch = scheduler.schedule()  # alone again: the slot goes back to the hog, recomputing from scratch
+    assert ids(batch.prefill) == ["hog:15"] and batch.rows[-1].start == 0
+
+
+def test_preemption_takes_the_newest_row_of_the_tenant_most_over_its_share() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=6, max_queue=100, tenant_of=_tenant)
+    for name in ("a:1", "a:2", "a:3", "a:4", "b:1", "b:2"):
+        scheduler.add(Req(name))
+    scheduler.schedule()
+    assert ids(scheduler.running) == ["a:1", "b:1", "a:2", "b:2", "a:3", "a:4"]
+    scheduler.add(Req("c:1"))
+    batch = scheduler.schedule()  # fair share: 6 // 3 = 2; a holds 4
+    assert ids(batch.preempted) == ["a:4"] and ids(batch.prefill) == ["c:1"]
+    assert ids(scheduler.running) == ["a:1", "b:1", "a:2", "b:2", "a:3", "c:1"]
+
+
+def test_max_rows_per_tenant_is_a_hard_cap() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=8, max_queue=100, tenant_of=_tenant, max_rows_per_tenant=2)
+    for name in ("a:1", "a:2", "a:3", "b:1"):
+        scheduler.add(Req(name))
+    assert ids(scheduler.schedule().prefill) == ["a:1", "b:1", "a:2"]
+    assert ids(scheduler.schedule().prefill) == []  # a free slot, but a is at its cap
+    scheduler.retire({"a:1"})
+    assert ids(scheduler.schedule().prefill) == ["a:3"]
+
+
+def test_slot_moves_after_preempting_a_middle_row() -> None:
+    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=100, tenant_of=_tenant)
+    for name in ("a:1", "a:2", "a:3"):
+        scheduler.add(Req(name))
+    scheduler.schedule()
+    scheduler.add(Req("b:1"))
+    scheduler.schedule()  # a free slot: b starts without preemption
+    assert ids(scheduler.running) == ["a:1", "a:2", "a:3", "b:1"]
+    scheduler.add(Req("c:1"))  # share 4 // 3 = 1: a holds 3
+    batch = scheduler.schedule()
+    assert ids(batch.preempted) == ["a:3"]
+    assert batch.moves == [SlotMove("b:1", src=3, dst=2)]
+    assert ids(scheduler.running) == ["a:1", "a:2", "b:1", "c:1"]

@@ -12,7 +12,6 @@ from typing import Any
 import uvicorn
 
 from server.api.lifecycle import Lifecycle
-from server.app import create_app
 from server.config import Settings
 from server.http_guard import (
     StartupError,
@@ -88,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def serve(settings: Settings, listener: socket.socket) -> None:
     """Run the app on an already bound socket until SIGTERM/SIGINT (then drain)."""
+    from server.app import create_app  # torch and transformers load here: after the checks, not before
+
     raise_fd_limit()
     install_accept_log_limit()
     app = create_app(settings)

@@ -24,7 +24,7 @@ def shell_blocks(readme: str, heading: str) -> list[str]:
 
 def commands(block: str) -> list[str]:
     """Logical commands: continuation lines joined, comment-only and blank lines dropped."""
-    joined = re.sub(r"\\\n\s*", " ", block)
+    joined = re.sub(r"\s*\\\n\s*", " ", block)
     return [
         line.strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")
     ]
@@ -32,6 +32,10 @@ def commands(block: str) -> list[str]:
 
 def _is_assignment(command: str) -> bool:
     return command.startswith("export ") or re.match(r"^[A-Z_]+=", command) is not None
+
+
+def _talks_to_server(ran: Ran) -> bool:
+    return ran.http_status is not None or "prefixctl " in ran.command
 
 
 @dataclass
@@ -72,6 +76,6 @@ def failures(ran: list[Ran]) -> list[str]:
             bad.append(f"exit {one.returncode}: {one.command}\n{one.output[-2000:]}")
         elif one.http_status is not None and one.http_status >= 400:
             bad.append(f"HTTP {one.http_status}: {one.command}\n{one.output[-2000:]}")
-        elif not _is_assignment(one.command) and not one.output.strip():
+        elif _talks_to_server(one) and one.http_status != 204 and not one.output.strip():
             bad.append(f"empty answer: {one.command}")
     return bad

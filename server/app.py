@@ -18,6 +18,7 @@ from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
 from server.api.lifecycle import Lifecycle
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.api.stall import StreamStallMiddleware
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVLayout, SlotKVCache
@@ -204,6 +205,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_keys.router)
     app.state.lifecycle = lifecycle
 
+    app.add_middleware(StreamStallMiddleware, stall_s=settings.stream_stall_timeout)  # innermost
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,

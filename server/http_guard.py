@@ -17,6 +17,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
+# Per connection. Linux otherwise grows it up to tcp_wmem's max (4 MiB), which would hide a
+# client that stopped reading from --stream-stall-timeout; 256 KiB still streams MB/s at 100 ms RTT.
+_SEND_BUFFER_BYTES = 256 * 1024
+
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
 )
@@ -98,6 +102,9 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # a fixed send buffer: a client that stops reading blocks us soon
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
             if len(self.connections) > max_connections:
                 _refuse_busy(transport, max_connections)
                 return

@@ -79,29 +79,43 @@ async def _start_redis(settings: Settings, stack: AsyncExitStack) -> str:
     url = embedded.start()  # on this thread: the child is tied to it (dies with the server)
     stack.callback(embedded.stop)
     _background(stack, _supervise(embedded))
-    log.info("embedded Redis at %s (data under %s)", url, settings.data_dir / "redis")
+    # the URL carries the password: the log gets it without
+    log.info("embedded Redis at %s (data under %s)", embedded.public_url(), settings.data_dir / "redis")
     return url
 
 
 async def _keep_refreshed(keys: KeyStore, interval_s: float) -> None:
-    """Notice within `interval_s` that another replica created the first key (it never unsets)."""
+    """Read the key store until it has been read once (until then generation answers 503), then
+    notice within `interval_s` that another replica created the first key (it never unsets)."""
     while not keys.is_enabled:
         await asyncio.sleep(interval_s)
+        was_known = keys.is_known
         await keys.refresh()
         if keys.is_enabled:
             log.warning("API keys are configured now: /generate and /v1 require a key")
+        elif keys.is_known and not was_known:
+            _warn_development_mode()
 
 
-async def _start_keys(client: Any, stack: AsyncExitStack, interval_s: float) -> KeyStore:
-    keys = KeyStore(client)
+def _warn_development_mode() -> None:
+    message = (
+        "DEVELOPMENT MODE: no API keys are configured, so /generate and /v1 are open to anyone "
+        "who can reach this port; create one with POST /admin/keys to require keys"
+    )
+    log.warning(message)
+    print(f"prefix-serve: WARNING: {message}", flush=True)
+
+
+async def _start_keys(client: Any, stack: AsyncExitStack, interval_s: float, admin_token: str) -> KeyStore:
+    """The key store (records MAC-ed with a secret derived from the admin token, which every
+    replica shares). Fails closed: while it cannot be read, generation answers 503."""
+    keys = KeyStore(client, admin_token)
     await keys.refresh()
+    if not keys.is_known:
+        log.warning("the API-key store cannot be read yet: /generate and /v1 answer 503 until it can")
+    elif not keys.is_enabled:
+        _warn_development_mode()
     if not keys.is_enabled:
-        message = (
-            "DEVELOPMENT MODE: no API keys are configured, so /generate and /v1 are open to anyone "
-            "who can reach this port; create one with POST /admin/keys to require keys"
-        )
-        log.warning(message)
-        print(f"prefix-serve: WARNING: {message}", flush=True)
         _background(stack, _keep_refreshed(keys, interval_s))
     return keys
 
@@ -129,7 +143,7 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)
     layout = plan_kv(settings, loaded)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
-    metrics = Metrics(settings.metrics_max_tasks)
+    metrics = Metrics(settings.metrics_max_tasks, settings.metrics_per_task, settings.metrics_token)
     metrics.model_info.info(
         {
             "model": loaded.name,
@@ -160,8 +174,11 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         encoder=engine.encode_prefix,
     )
     _background(stack, prefixes.keep_coherent(settings.coherence_interval_s))
-    keys, limiter = await _start_keys(client, stack, settings.coherence_interval_s), RateLimiter(client)
-    metrics.bind(engine.stats, prefixes, lambda: keys.num_errors + limiter.num_errors)
+    keys = await _start_keys(client, stack, settings.coherence_interval_s, admin_token)
+    limiter = RateLimiter(client)
+    metrics.bind(
+        engine.stats, prefixes, lambda: keys.num_errors + limiter.num_errors, lambda: keys.is_enabled
+    )
     log.info(
         "model %s fingerprint %s, %d KV slots of %d positions",
         loaded.name,

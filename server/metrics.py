@@ -2,11 +2,15 @@
 
 `docs/metrics.md` documents each one. Labels are bounded: endpoints are route templates,
 tiers and finish reasons are fixed sets, and per-task series exist only for the first
-`max_task_labels` tasks seen (the rest count under `task="other"`).
+`max_task_labels` tasks seen (the rest count under `task="other"`). Task ids tell who the
+tenants are and what they do, so per-task labels are off once API keys exist, unless the
+operator opts in (`per_task="on"`): then every task counts under `task="other"`.
 """
 
+import secrets
 import threading
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +45,12 @@ class TaskLabels:
     def known(self) -> list[str]:
         with self._lock:
             return sorted(self._known)
+
+    def forget(self) -> list[str]:
+        """Drop every task's own label (per-task labels were turned off); the ids that had one."""
+        with self._lock:
+            known, self._known = sorted(self._known), set()
+            return known
 
     def __call__(self, task_id: str) -> str:
         with self._lock:
@@ -148,12 +158,25 @@ class _LiveCollector(Collector):
         yield capacity
 
 
-class Metrics:
-    """One registry per app, so several apps (tests) never collide."""
+PerTask = Literal["auto", "on", "off"]
 
-    def __init__(self, max_task_labels: int = 20) -> None:
+
+class Metrics:
+    """One registry per app, so several apps (tests) never collide.
+
+    `per_task`: task-id labels "on", "off", or "auto" (on until API keys exist, see `bind`).
+    `token`: when set, `/metrics` needs `Authorization: Bearer <token>` (`is_allowed`).
+    """
+
+    def __init__(
+        self, max_task_labels: int = 20, per_task: PerTask = "auto", token: str | None = None
+    ) -> None:
         self.registry = registry = CollectorRegistry()
         self.task_label = TaskLabels(max_task_labels)
+        self.per_task: PerTask = per_task
+        self.token = token
+        self._has_keys: Callable[[], bool] = lambda: False
+        self._fold_lock = threading.Lock()
         self.requests = Counter(
             "prefix_server_requests", "HTTP requests", ["endpoint", "status"], registry=registry
         )
@@ -223,10 +246,32 @@ class Metrics:
         engine_stats: Callable[[], EngineStats],
         prefixes: PrefixCache,
         other_redis_errors: Callable[[], int] = lambda: 0,
+        has_keys: Callable[[], bool] = lambda: False,
     ) -> None:
         """Read engine and store state at scrape time; `other_redis_errors`: failed Redis calls of
-        the key store and the rate limiter."""
+        the key store and the rate limiter; `has_keys`: whether API keys exist (for `per_task="auto"`)."""
+        self._has_keys = has_keys
         self.registry.register(_LiveCollector(engine_stats, prefixes, self.task_label, other_redis_errors))
+
+    def is_per_task(self) -> bool:
+        """Whether task ids get their own label now."""
+        return self.per_task == "on" or (self.per_task == "auto" and not self._has_keys())
+
+    def is_allowed(self, bearer: str | None) -> bool:
+        """Whether a scrape with this bearer token may read `/metrics` (always, without a token set)."""
+        if self.token is None:
+            return True
+        return bearer is not None and secrets.compare_digest(bearer.encode(), self.token.encode())
+
+    def _fold_task_labels(self) -> None:
+        """Per-task labels just turned off: every labelled task's counts move under `other`
+        (the totals stay monotonic) and its series disappear from the next scrape on."""
+        with self._fold_lock:
+            for task in self.task_label.forget():
+                for counter in (self.task_requests, self.task_tokens):
+                    value = counter.labels(task=task)._value.get()  # no public getter for one child
+                    counter.labels(task=OTHER_TASKS).inc(value)
+                    counter.remove(task)
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the engine thread after each step."""
@@ -240,7 +285,7 @@ class Metrics:
 
     def _observe_finished(self, request: FinishedRequest) -> None:
         self.finished.labels(reason=request.finish_reason).inc()  # bounded: a FinishReason
-        task = self.task_label(request.task_id)
+        task = self.task_label(request.task_id) if self.is_per_task() else OTHER_TASKS
         self.task_requests.labels(task=task).inc()
         self.task_tokens.labels(task=task).inc(request.num_output_tokens)
         if request.queue_wait_s is not None:
@@ -258,4 +303,6 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def render(self) -> bytes:
+        if not self.is_per_task() and self.task_label.known():
+            self._fold_task_labels()
         return generate_latest(self.registry)

@@ -1,4 +1,5 @@
-"""Per request: metrics by route template and status, one access-log line, in-flight count; body limits."""
+"""Per request: metrics by route template and status, one access-log line, in-flight count, the
+release of tokens held at admission; body limits."""
 
 import logging
 import time
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.deps import Services
 from server.api.errors import ApiError, error_response
 from server.api.lifecycle import Lifecycle
+from server.api.tenancy import release_hold
 from server.logs import ACCESS_LOGGER
 
 _PROBES = ("/metrics", "/health", "/ready")  # scraped every few seconds: no log line, not "in flight"
@@ -54,6 +56,7 @@ class RequestMetricsMiddleware:
             endpoint = getattr(scope.get("route"), "path", "unmatched")  # the template: bounded labels
             if services is not None:
                 services.metrics.observe_request(endpoint, status, duration)
+                release_hold(services, scope.get("state") or {})  # however the request ended
             _log_access(scope, endpoint, status, duration)
 
 

@@ -2,10 +2,12 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from server.api.auth import bearer_token
 from server.api.deps import Services, get_services
+from server.api.errors import ApiError
 
 router = APIRouter()
 
@@ -30,5 +32,20 @@ async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONRes
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
+async def metrics(
+    services: Annotated[Services, Depends(get_services)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Prometheus text format; with `--metrics-token` set, only for `Authorization: Bearer <it>`
+    (401 without a bearer token, 403 with a wrong one)."""
+    token = bearer_token(authorization)
+    if not services.metrics.is_allowed(token):
+        if token is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send `Authorization: Bearer <metrics token>`",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        raise ApiError(403, "forbidden", "the metrics token is not valid")
     return Response(services.metrics.render(), media_type=services.metrics.content_type)

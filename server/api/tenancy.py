@@ -1,9 +1,11 @@
 """Who is calling `/generate` and `/v1/*`, and may they use this task now."""
 
-from dataclasses import dataclass
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 
 from prefix_store.entry import PrefixMeta
 from server.api.auth import bearer_token, is_admin_token
@@ -12,12 +14,24 @@ from server.api.errors import ApiError
 from server.tenancy.keys import ApiKey
 from server.tenancy.scopes import is_in_scope, scope_ranges
 
+TOKEN_HOLD_STATE = "token_hold"  # request.state name of the request's `TokenHold`
+
+
+@dataclass
+class TokenHold:
+    """Tokens one HTTP request holds from its key's bucket since admission; given back when the
+    request ends (`release_hold`, called by the request middleware, whatever the ending)."""
+
+    key: ApiKey | None = None
+    num_tokens: int = 0
+
 
 @dataclass(frozen=True)
 class Caller:
     """An API key's holder, or (key None) the admin or anyone while no keys are configured."""
 
     key: ApiKey | None
+    hold: TokenHold = field(default_factory=TokenHold, compare=False)
 
     @property
     def tenant(self) -> str | None:
@@ -29,15 +43,24 @@ class Caller:
 
 
 async def authenticate(
+    request: Request,
     services: Annotated[Services, Depends(get_services)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    """401 without a valid key once keys are configured; before that, everyone may generate."""
+    """401 without a valid key once keys are configured; before that, everyone may generate.
+    Until the key store has been read once, nobody but the admin may: 503, never open."""
     token = bearer_token(authorization)
     if is_admin_token(services, token):
-        return Caller(None)
+        return _remembered(request, Caller(None))
+    if not services.keys.is_known:
+        raise ApiError(
+            503,
+            "unavailable",
+            "API keys cannot be checked yet (the key store has not been read); try again",
+            {"Retry-After": "1"},
+        )
     if not services.keys.is_enabled:
-        return Caller(None)  # development mode (logged loudly at start-up); any bearer is ignored
+        return _remembered(request, Caller(None))  # development mode (logged loudly); bearer ignored
     if not token:
         raise ApiError(
             401, "unauthorized", "send `Authorization: Bearer <API key>`", {"WWW-Authenticate": "Bearer"}
@@ -45,7 +68,13 @@ async def authenticate(
     key = await services.keys.lookup(token)
     if key is None:
         raise ApiError(401, "unauthorized", "the API key is not valid (unknown or revoked)")
-    return Caller(key)
+    return _remembered(request, Caller(key))
+
+
+def _remembered(request: Request, caller: Caller) -> Caller:
+    """Put the caller's token hold where the middleware finds it when the request ends."""
+    setattr(request.state, TOKEN_HOLD_STATE, caller.hold)
+    return caller
 
 
 CallerDep = Annotated[Caller, Depends(authenticate)]
@@ -57,20 +86,53 @@ def check_scope(caller: Caller, task_id: str) -> None:
         raise ApiError(403, "forbidden", f"this API key may not use task {task_id!r}")
 
 
-async def admit(services: Services, caller: Caller, task_id: str) -> None:
-    """Before any work: the server takes requests, the key may use the task and is within its limits."""
+async def admit(services: Services, caller: Caller, task_id: str, max_tokens: int = 0) -> None:
+    """Before any work: the server takes requests, the key may use the task and is within its
+    limits. `max_tokens`: the most the request may generate in all (`max_tokens x n x prompts`),
+    held from the key's token bucket until the request ends; 422 if the bucket can never hold it."""
     if services.lifecycle.is_draining:
         raise ApiError(503, "unavailable", "the server is shutting down", {"Retry-After": "1"})
     check_scope(caller, task_id)
-    if caller.key is not None:
-        admission = await services.limiter.admit(caller.key)
-        if not admission.is_admitted:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"API key {caller.key.id} is over its rate limit",
-                {"Retry-After": str(admission.retry_after_s)},
-            )
+    key = caller.key
+    if key is None:
+        return
+    admission = await services.limiter.admit(key, max_tokens)
+    if not admission.can_ever_fit:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"this request may generate up to {max_tokens} tokens (max tokens x n x prompts), more "
+            f"than API key {key.id}'s limit of tokens_per_minute={key.tokens_per_minute}; ask for fewer",
+        )
+    if not admission.is_admitted:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"API key {key.id} is over its rate limit",
+            {"Retry-After": str(admission.retry_after_s)},
+        )
+    caller.hold.key, caller.hold.num_tokens = key, caller.hold.num_tokens + admission.num_held
+
+
+def release_hold(services: Services, state: dict[str, Any]) -> None:
+    """When a request has ended (answered, streamed, cancelled or failed): give back the tokens
+    its admission held. What it really generated is charged separately, as its rows end."""
+    hold: TokenHold | None = state.get(TOKEN_HOLD_STATE)
+    if hold is None or hold.key is None or hold.num_tokens <= 0:
+        return
+    key, num_tokens = hold.key, hold.num_tokens
+    hold.num_tokens = 0
+    _in_background(services.limiter.release(key, num_tokens))
+
+
+_background: set[asyncio.Future[None]] = set()
+
+
+def _in_background(work: Awaitable[None]) -> None:
+    """Run `work` to its end even while the request's own task is being cancelled."""
+    future = asyncio.ensure_future(work)
+    _background.add(future)
+    future.add_done_callback(_background.discard)
 
 
 async def list_visible(

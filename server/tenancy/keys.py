@@ -10,16 +10,24 @@ Layout (not namespaced by model: a tenant's key is valid whatever model a replic
 Every request reads its key's record from Redis, so a revocation holds on every replica at
 once. If Redis cannot be reached, keys that were valid at their last successful read keep
 working (the server keeps serving resident tasks through a Redis outage).
+
+Each record carries an HMAC over its sha256 and its fields, keyed by a secret derived from the
+admin token (every replica of one deployment shares it, and it is never stored in Redis): a
+record written straight into Redis, behind the server's back, is refused and logged. Changing
+the admin token therefore retires every key (create new ones).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
 import secrets
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio
 
@@ -29,6 +37,9 @@ from prefix_store.redis_store import REDIS_ERRORS, unavailable
 _RECORD_PREFIX = "pfx:apikey:"
 _INDEX_KEY = "pfx:apikeys"
 _ENABLED_KEY = "pfx:apikeys:enabled"
+_MAC_CONTEXT = b"prefix-server api-key records v1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,14 +63,21 @@ def hash_secret(secret: str) -> str:
 
 
 class KeyStore:
-    """Create, list, revoke and look up API keys."""
+    """Create, list, revoke and look up API keys.
 
-    def __init__(self, client: redis.asyncio.Redis, max_remembered: int = 10_000) -> None:
+    `mac_secret` (the admin token) keys the records' HMAC. `is_known` stays False until the
+    key store has been read once: until then nobody can tell "no keys" from "could not read".
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, mac_secret: str, max_remembered: int = 10_000) -> None:
         self._client = client
+        self._mac_key = hmac.new(_MAC_CONTEXT, mac_secret.encode(), hashlib.sha256).digest()
         self._last_good: OrderedDict[str, ApiKey | None] = OrderedDict()  # sha256 -> record
         self._max_remembered = max_remembered
+        self.is_known = False  # set by the first successful `refresh()`; never unset
         self.is_enabled = False  # refreshed by `refresh()`; once True it stays True
         self.num_errors = 0
+        self.num_forged = 0  # records refused for a missing or wrong MAC
 
     async def create(
         self, name: str, scopes: tuple[str, ...], requests_per_second: float, tokens_per_minute: int
@@ -73,7 +91,7 @@ class KeyStore:
         digest = hash_secret(secret)
         async with unavailable(self, "create key"):
             pipe = self._client.pipeline(transaction=True)
-            pipe.set(_RECORD_PREFIX + digest, json.dumps(key.public()))
+            pipe.set(_RECORD_PREFIX + digest, self._seal(digest, key))
             pipe.hset(_INDEX_KEY, key.id, digest)
             pipe.set(_ENABLED_KEY, 1)
             await pipe.execute()
@@ -83,10 +101,10 @@ class KeyStore:
     async def list(self) -> list[ApiKey]:
         """Every key, oldest first."""
         async with unavailable(self, "list keys"):
-            digests = list((await self._client.hgetall(_INDEX_KEY)).values())
-            raw = await self._client.mget([_RECORD_PREFIX + _text(d) for d in digests]) if digests else []
-        keys = [_parse(r) for r in raw if r is not None]
-        return sorted(keys, key=lambda k: (k.created_at, k.id))
+            digests = [_text(d) for d in (await self._client.hgetall(_INDEX_KEY)).values()]
+            raw = await self._client.mget([_RECORD_PREFIX + d for d in digests]) if digests else []
+        opened = (self._open(d, r) for d, r in zip(digests, raw, strict=True) if r is not None)
+        return sorted((k for k in opened if k is not None), key=lambda k: (k.created_at, k.id))
 
     async def revoke(self, key_id: str) -> ApiKey | None:
         """Delete the key; its record, or None if there was none. Holds from the next request on,
@@ -100,7 +118,7 @@ class KeyStore:
             pipe.hdel(_INDEX_KEY, key_id)
             raw, _ = await pipe.execute()
         self._last_good[_text(digest)] = None  # refused even while Redis is unreachable
-        return None if raw is None else _parse(raw)
+        return None if raw is None else self._open(_text(digest), raw)
 
     async def lookup(self, secret: str) -> ApiKey | None:
         """The key with this secret, or None. Redis down: the last record read for it, if any."""
@@ -112,18 +130,48 @@ class KeyStore:
             if digest in self._last_good:
                 return self._last_good[digest]
             raise StoreUnavailable("redis is unreachable and this key was not seen before") from None
-        key = None if raw is None else _parse(raw)
+        key = None if raw is None else self._open(digest, raw)
         self._remember(digest, key)
         return key
 
     async def refresh(self) -> None:
-        """Learn whether keys are configured (another replica may have created the first one)."""
+        """Learn whether keys are configured (another replica may have created the first one);
+        a failed read leaves `is_known` as it was, never "no keys"."""
         if self.is_enabled:
             return
         try:
             self.is_enabled = bool(await self._client.exists(_ENABLED_KEY))
         except REDIS_ERRORS:
             self.num_errors += 1
+            return
+        self.is_known = True
+
+    def _mac(self, digest: str, fields: dict[str, Any]) -> str:
+        message = digest.encode() + b"\n" + json.dumps(fields, sort_keys=True).encode()
+        return hmac.new(self._mac_key, message, hashlib.sha256).hexdigest()
+
+    def _seal(self, digest: str, key: ApiKey) -> str:
+        """The stored record: the key's fields and their MAC (bound to this secret's hash)."""
+        fields = key.public()
+        return json.dumps({**fields, "mac": self._mac(digest, fields)})
+
+    def _open(self, digest: str, raw: bytes | str) -> ApiKey | None:
+        """The record's key if its MAC holds; None (and a warning) for a record the server did not write."""
+        try:
+            fields = json.loads(raw)
+            mac = str(fields.pop("mac", ""))
+            if hmac.compare_digest(mac, self._mac(digest, fields)):
+                return _parse(fields)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass
+        self.num_forged += 1
+        log.warning(
+            "refused API key record %s%s...: missing or wrong MAC (written outside this server, "
+            "or under another admin token)",
+            _RECORD_PREFIX,
+            digest[:12],
+        )
+        return None
 
     def _remember(self, digest: str, key: ApiKey | None) -> None:
         self._last_good[digest] = key
@@ -136,8 +184,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _parse(raw: bytes | str) -> ApiKey:
-    fields = json.loads(raw)
+def _parse(fields: dict[str, Any]) -> ApiKey:
     return ApiKey(
         id=fields["id"],
         name=fields["name"],

@@ -2,10 +2,13 @@
 
 Two buckets per key: requests (refills `requests_per_second`, holds one second's worth, at
 least 1) and generated tokens (refills `tokens_per_minute / 60` per second, holds a
-minute's worth). A request needs one request token and a non-negative token balance; its
-generated tokens are charged when it ends, so a long generation can leave the balance
-negative and later requests wait until it refills. Time is Redis's clock (`TIME`), the
-same for every replica.
+minute's worth). A request needs one request token, and holds the most tokens it may
+generate (`max_tokens x n x prompts`) from the token bucket at admission, atomically, so a
+key can never receive more than its bucket holds. When the request ends the hold is released
+and what was really generated is charged (`charge`), so the unused part comes back. A
+request whose hold exceeds the whole bucket can never be admitted (`Admission.can_ever_fit`).
+A request that holds nothing (`num_tokens=0`) only needs a non-negative balance. Time is
+Redis's clock (`TIME`), the same for every replica.
 """
 
 from __future__ import annotations
@@ -37,29 +40,31 @@ local function save(key, lvl, rate, capacity)
 end
 """
 
-# ARGV: requests/s, its capacity, tokens/s, its capacity (a rate of 0 = unlimited).
-# Returns 0 (admitted; one request token taken) or the milliseconds to wait.
+# ARGV: requests/s, its capacity, tokens/s, its capacity (a rate of 0 = unlimited), tokens to hold.
+# Returns 0 (admitted; one request token taken, the tokens held) or the milliseconds to wait.
 _ADMIT_SCRIPT = (
     _REFILL
     + """
 local rps, rcap, tps, tcap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local hold = tonumber(ARGV[5])
 local wait = 0
-local req = 0
+local req, tok = 0, 0
 if rps > 0 then
   req = level(KEYS[1], rps, rcap)
   if req < 1 then wait = (1 - req) / rps end
 end
 if tps > 0 then
-  local tok = level(KEYS[2], tps, tcap)
-  if tok < 0 then wait = math.max(wait, -tok / tps) end
+  tok = level(KEYS[2], tps, tcap)
+  if tok < hold then wait = math.max(wait, (hold - tok) / tps) end
 end
 if wait > 0 then return math.max(1, math.ceil(wait * 1000)) end
 if rps > 0 then save(KEYS[1], req - 1, rps, rcap) end
+if tps > 0 and hold > 0 then save(KEYS[2], tok - hold, tps, tcap) end
 return 0
 """
 )
 
-# ARGV: tokens/s, capacity, tokens generated. Returns nothing.
+# ARGV: tokens/s, capacity, tokens generated (negative: a hold given back). Returns nothing.
 _CHARGE_SCRIPT = (
     _REFILL
     + """
@@ -72,26 +77,34 @@ return 0
 
 @dataclass(frozen=True)
 class Admission:
-    """The answer for one request: admitted, or how long to wait before trying again."""
+    """The answer for one request: admitted (holding `num_held` tokens until `release`), or how
+    long to wait before trying again, or (`can_ever_fit` False) never: the hold exceeds the bucket."""
 
     is_admitted: bool
     retry_after_s: int = 0
+    num_held: int = 0
+    can_ever_fit: bool = True
 
 
 class RateLimiter:
-    """Admit requests and charge generated tokens against each key's buckets."""
+    """Admit requests, hold and charge generated tokens against each key's buckets."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._admit = client.register_script(_ADMIT_SCRIPT)
         self._charge = client.register_script(_CHARGE_SCRIPT)
         self.num_errors = 0
 
-    async def admit(self, key: ApiKey) -> Admission:
-        """Take one request token; fails open (admits) when Redis cannot be reached."""
-        if key.requests_per_second <= 0 and key.tokens_per_minute <= 0:
+    async def admit(self, key: ApiKey, num_tokens: int = 0) -> Admission:
+        """Take one request token and hold `num_tokens` (the most the request may generate);
+        fails open (admits, holding nothing) when Redis cannot be reached."""
+        tpm = key.tokens_per_minute
+        if tpm > 0 and num_tokens > tpm:
+            return Admission(False, can_ever_fit=False)
+        if key.requests_per_second <= 0 and tpm <= 0:
             return Admission(True)
+        hold = max(0, num_tokens) if tpm > 0 else 0
         rps = key.requests_per_second
-        args = [rps, max(1.0, rps), key.tokens_per_minute / 60, key.tokens_per_minute]
+        args = [rps, max(1.0, rps), tpm / 60, tpm, hold]
         try:
             wait_ms = int(await self._admit(keys=_bucket_keys(key.id), args=args))
         except REDIS_ERRORS as exc:
@@ -99,12 +112,17 @@ class RateLimiter:
             log.warning("rate limit of key %s not checked (redis: %s): admitting", key.id, exc)
             return Admission(True)
         if wait_ms == 0:
-            return Admission(True)
+            return Admission(True, num_held=hold)
         return Admission(False, max(1, math.ceil(wait_ms / 1000)))
 
+    async def release(self, key: ApiKey, num_held: int) -> None:
+        """Give back a hold taken by `admit` (the request's real tokens are `charge`d); never raises."""
+        await self.charge(key, -num_held)
+
     async def charge(self, key: ApiKey, num_tokens: int) -> None:
-        """Take `num_tokens` generated tokens from the key's balance (never raises)."""
-        if key.tokens_per_minute <= 0 or num_tokens <= 0:
+        """Take `num_tokens` generated tokens from the key's balance (never raises; negative
+        gives tokens back, never beyond the bucket's capacity)."""
+        if key.tokens_per_minute <= 0 or num_tokens == 0:
             return
         args = [key.tokens_per_minute / 60, key.tokens_per_minute, num_tokens]
         try:

@@ -23,6 +23,9 @@ def replicas(
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """A and B share a Redis of their own (creating a key puts that Redis in key mode for good)."""
     root = tmp_path_factory.mktemp("tenancy")
+    for name in ("a", "b"):  # replicas share the admin token: it keys the API-key records' MAC
+        (root / name).mkdir()
+        (root / name / "admin_token").write_text("shared-admin-token-of-a-and-b\n")
     with RedisProcess() as redis_proc:
         flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url]
         with ServerProcess(root / "a", *flags) as a, ServerProcess(root / "b", *flags) as b:

@@ -23,6 +23,19 @@ def safe_end(text: str, stops: tuple[str, ...]) -> int:
     return max(0, end - holdback)  # measured from `end`: placeholders must not eat the holdback
 
 
+def decode_tail(request: Request, decode: Callable[[list[int]], str]) -> tuple[str, bool]:
+    """The text of the output ids after `read_offset`, decoding only a small window of trailing
+    ids (O(new tokens), as vLLM's detokenize_incrementally), and whether it is complete: a tail
+    ending in U+FFFD may be a UTF-8 sequence cut in the middle, so it is not committed yet."""
+    ids = request.output_ids
+    prefix_text = decode(ids[request.prefix_offset : request.read_offset])
+    full = decode(ids[request.prefix_offset :])
+    if len(full) <= len(prefix_text):
+        return "", False
+    tail = full[len(prefix_text) :]
+    return tail, not tail.endswith(_INCOMPLETE)
+
+
 def append_token(
     request: Request, token_id: int, decode: Callable[[list[int]], str], eos_ids: frozenset[int]
 ) -> StepOutput:
@@ -31,15 +44,23 @@ def append_token(
     if request.first_token_time is None:
         request.first_token_time = time.monotonic()
     request.output_ids.append(token_id)
-    text = decode(request.output_ids)
-    stop_at = find_stop(text, params.stop)
+    committed = request.text[: len(request.text) - request.num_pending_chars]
+    tail, is_complete = decode_tail(request, decode)
+    text = committed + tail  # == decode(output_ids), without decoding them all
+    # no stop string was in the committed text: one can only end in the tail
+    longest = max((len(s) for s in params.stop if s), default=0)
+    search_from = max(0, len(committed) - longest + 1)
+    stop_at = find_stop(text[search_from:], params.stop) if longest else -1
     if stop_at >= 0:
-        text = text[:stop_at]
+        text = text[: search_from + stop_at]
         request.finish_reason = "stop"
     elif token_id in eos_ids and not params.ignore_eos:
         request.finish_reason = "eos"
     elif len(request.output_ids) >= params.max_new_tokens:
         request.finish_reason = "length"
+    if is_complete:
+        request.prefix_offset, request.read_offset = request.read_offset, len(request.output_ids)
+    request.num_pending_chars = 0 if is_complete else len(tail)
     request.text = text
     end = len(text) if request.is_finished else safe_end(text, params.stop)
     delta = text[request.num_sent_chars : end] if end > request.num_sent_chars else ""

@@ -59,6 +59,11 @@ class Request:
     generator: torch.Generator | None = None
     text: str = ""  # decoded output so far (truncated at a stop string)
     num_sent_chars: int = 0  # how much of `text` was already handed out
+    # incremental detokenization: output ids [prefix_offset:read_offset] decode to the text's tail
+    # (context for the next decode); ids from read_offset on are not in `text` yet
+    prefix_offset: int = 0
+    read_offset: int = 0
+    num_pending_chars: int = 0  # the end of `text` decoded from ids after read_offset (incomplete)
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None  # when it got a KV slot

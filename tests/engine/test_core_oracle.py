@@ -3,6 +3,8 @@ than the token budget are chunked across steps while other rows decode in the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.engine.request import Request, SamplingParams, StepOutput
+from server.engine.sampler import make_generator
 from tests.tiny_models import MAX_POSITIONS, Oracle, save_adapter, save_tiny_model, unambiguous_case
 
 ADAPTERS = [1, 4, 9]  # num_virtual_tokens
@@ -114,3 +117,42 @@ def test_no_thread_no_loop_abort_and_outputs(setup) -> None:  # type: ignore[no-
     assert drop.finish_reason == "abort" and drop.request_id not in outputs
     assert keep.finish_reason == "length" and len(outputs[keep.request_id]) == MAX_NEW_TOKENS - 1
     assert core.is_idle and core.scheduler.running == []
+
+
+def test_a_preempted_row_resumes_with_the_same_tokens(setup) -> None:  # type: ignore[no-untyped-def]
+    """A tenant holding every slot gives one back within a step when another tenant arrives; the
+    preempted row is recomputed later and ends with exactly the tokens it would have had alone
+    (greedy and seeded sampling alike)."""
+    loaded, spec, prefixes, _ = setup
+    sampled = SamplingParams(max_new_tokens=30, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+
+    def hog_requests() -> list[Request]:
+        rows = [_request(prefixes[0], [9, 8, 7], "hog"), _request(prefixes[1], [4, 5, 6, 7], "hog")]
+        rows[1].params = sampled
+        rows[1].generator = make_generator(sampled, torch.device("cpu"))
+        for row in rows:
+            row.params = dataclasses.replace(row.params, max_new_tokens=30)
+        return rows
+
+    alone: dict[str, list[int]] = {}
+    solo = _core(loaded, spec, num_slots=2, budget=BUDGET)
+    solo_rows = hog_requests()
+    for row in solo_rows:
+        solo.add(row)
+    _run(solo, alone)
+
+    core = _core(loaded, spec, num_slots=2, budget=BUDGET)
+    outputs: dict[str, list[int]] = {}
+    hog = hog_requests()
+    for row in hog:
+        core.add(row)
+    _run(core, outputs, steps=5)
+    small = _request(prefixes[2], [3, 3], "small")
+    core.add(small)
+    _run(core, outputs, steps=1)
+    assert hog[1].request_id not in {r.request_id for r in core.scheduler.running}  # preempted
+    assert len(outputs[small.request_id]) == 1  # started at once, not after the hog's 30 tokens
+    _run(core, outputs)
+    for row, solo_row in zip(hog, solo_rows, strict=True):
+        assert outputs[row.request_id] == alone[solo_row.request_id]
+        assert len(outputs[row.request_id]) == 30

@@ -384,3 +384,39 @@ def test_random_streams_deltas_add_up_and_never_show_stops() -> None:
             assert request.text == full
         if request.finish_reason == "length":
             assert len(request.output_ids) == max_new
+
+
+# ---- incremental detokenization ----------------------------------------------------------------
+
+
+def test_each_token_decodes_a_small_window_not_the_whole_output() -> None:
+    """O(new tokens): with 3,000 tokens (multibyte chars among them) no decode call sees more than
+    a few ids; the text equals one decode of everything."""
+    sizes: list[int] = []
+
+    def counting(ids: list[int]) -> str:
+        sizes.append(len(ids))
+        return utf8(ids)
+
+    tokens = list(("héllo wörld 😀 " * 250).encode())[:3000]
+    request = make_request(max_new_tokens=len(tokens), stop=("never",))
+    run(request, tokens, counting)
+    assert request.finish_reason == "length"
+    assert request.text == utf8(tokens)
+    assert max(sizes) <= 8
+
+
+def test_incremental_text_equals_a_real_tokenizers_full_decode() -> None:
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+
+    def decode(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+    rng = random.Random(11)
+    for _ in range(50):
+        ids = [rng.choice([1, 2, *range(3, 259)]) for _ in range(rng.randint(1, 60))]  # specials, bytes
+        request = make_request(max_new_tokens=len(ids))
+        run(request, ids, decode)
+        assert request.text == decode(ids)

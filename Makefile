@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 PROM_DIR := $(VENV)/prometheus
+HAPROXY_DIR := $(VENV)/haproxy
 
-.PHONY: install serve test lint bench clean prometheus
+.PHONY: install serve test lint bench clean prometheus haproxy cluster
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,7 +22,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/prefix-serve $(ARGS)
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus haproxy
 	$(BIN)/pytest tests
 
 # A real Prometheus for the dashboard test: Debian's package, unpacked under .venv (no service started).
@@ -31,6 +32,21 @@ prometheus:
 	    { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } && \
 	    dpkg -x prometheus_*.deb . && rm -f prometheus_*.deb ) || \
 	  echo "note: could not install prometheus (apt-get download prometheus failed); its test will skip"
+
+# HAProxy for `prefix-cluster` and its tests: Debian's package and the libraries it links that a
+# slim system lacks (Lua, OpenTracing), unpacked under .venv (no service started, nothing installed).
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || test -x $(HAPROXY_DIR)/usr/sbin/haproxy || \
+	  ( mkdir -p $(HAPROXY_DIR) && cd $(HAPROXY_DIR) && \
+	    { apt-get download haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1 >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1 && \
+	        apt-get download haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1 >/dev/null 2>&1; }; } && \
+	    for deb in *.deb; do dpkg -x $$deb . || exit 1; done && rm -f *.deb ) || \
+	  echo "note: could not install haproxy (apt-get download haproxy failed); the cluster tests will skip"
+
+# One box, N replicas behind HAProxy: make cluster ARGS="--replicas 3 --port 8080"
+cluster: $(STAMP) haproxy
+	$(BIN)/prefix-cluster $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check server prefix_store clients tests bench docker

@@ -18,6 +18,7 @@ from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
 from server.api.lifecycle import Lifecycle
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.api.replica import ReplicaHeaderMiddleware
 from server.api.stall import StreamStallMiddleware
 from server.config import Settings
 from server.engine.engine import Engine
@@ -229,4 +230,5 @@ def create_app(settings: Settings) -> FastAPI:
         max_upload_bytes=settings.max_upload_bytes,
     )
     app.add_middleware(RequestMetricsMiddleware, app_state=app.state)  # outermost: sees every answer
+    app.add_middleware(ReplicaHeaderMiddleware, replica_id=settings.replica_id, port=settings.port)
     return app

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
+    replica_id: str | None = Field(
+        None, description="this replica's name in the X-Replica response header; default <hostname>:<port>"
+    )
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("PREFIX_SERVE_REDIS_URL", "REDIS_URL"),

@@ -6,13 +6,16 @@ prompts uniform in 16..128 tokens, 64 new tokens each (EOS ignored); 64 concurre
 
   A  PEFT per request: PeftModel + HF generate, one request at a time (a subset, rate scaled)
   B  PEFT's best case: one task's requests, batched 64 at a time with HF generate
+  B2 PEFT on the mixed workload: requests grouped by task, each group batched (a subset)
   C  our engine, every request on one task
   D  our engine, the 64 tasks mixed
   E  D through the real HTTP server (`prefix-serve`), 64 concurrent streaming connections
 
 Each mode runs in its own process (its own peak RSS). Reported: generated tokens/s, TTFT and
 time per output token p50/p99, peak RSS, the workload roofline (2048^3 GEMM FLOP/s measured
-in this run / model FLOPs per generated token) and the decode-step MFU at 64 rows.
+in this run / model FLOPs per generated token), the decode-step MFU at 64 rows, the decode
+step's time over its GEMMs' alone, and the TPOT p99/p50 of 63 decoding rows while a
+1,000-token prompt is prefilled (bench/throughput_probes.py).
 `--smoke` runs everything on a tiny model in seconds (the test suite does, so it cannot rot).
 """
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -38,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import throughput_modes as modes  # noqa: E402
+import throughput_report  # noqa: E402
 from doc_sections import write_section  # noqa: E402
 
 
@@ -60,7 +65,7 @@ class Workload:
 
 SMOKE = Workload(layers=2, hidden=64, heads=4, vocab=512, num_tasks=4, prefix_len=3, num_requests=8,
                  prompt_min=4, prompt_max=12, new_tokens=4, concurrency=4, peft_subset=2)  # fmt: skip
-MODES = ("A", "B", "C", "D", "E")
+MODES = ("A", "B", "B2", "C", "D", "E")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -116,8 +121,8 @@ def run_mode_process(mode: str, workload: Workload, workdir: Path) -> dict[str, 
 
 def child(mode: str, workload: Workload, workdir: Path) -> None:
     """Run one mode in this process and write its raw result."""
-    runner = {"A": modes.peft_sequential, "B": modes.peft_batched, "C": modes.engine_one_task,
-              "D": modes.engine_mixed, "E": modes.http_mixed}[mode]  # fmt: skip
+    runner = {"A": modes.peft_sequential, "B": modes.peft_batched, "B2": modes.peft_grouped,
+              "C": modes.engine_one_task, "D": modes.engine_mixed, "E": modes.http_mixed}[mode]  # fmt: skip
     result = runner(workload, workdir)
     if "peak_rss_kib" not in result:
         result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -128,13 +133,17 @@ def report(
     workload: Workload, rows: dict[str, dict[str, Any]], roof: dict[str, Any], smoke: bool
 ) -> dict[str, Any]:
     tps = {m: r["tokens_per_s"] for m, r in rows.items()}
+    extra = rows["D"]["extra"]
     ratios = {
         "D_over_roofline": tps["D"] / roof["roofline_tokens_per_s"],
         "D_over_B": tps["D"] / tps["B"],
         "D_over_C": tps["D"] / tps["C"],
         "E_over_D": tps["E"] / tps["D"],
         "D_over_A": tps["D"] / tps["A"],
-        "decode_mfu_64_rows": rows["D"]["extra"].get("decode_mfu"),
+        "D_over_B2": tps["D"] / tps["B2"],
+        "decode_mfu_64_rows": extra.get("decode_mfu"),
+        "decode_step_over_gemm": extra["decode_step_over_gemm"]["ratio"],
+        "long_prompt_tpot_p99_over_p50": extra["long_prompt"]["ratio"],
     }
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
@@ -151,16 +160,16 @@ def write_outputs(result: dict[str, Any], out_dir: Path, docs: Path | None) -> N
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "throughput-smoke" if result["smoke"] else "throughput"
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    modes.plot(result, out_dir / f"{name}.png")
+    throughput_report.plot(result, out_dir / f"{name}.png")
     if docs is not None:
-        write_section(docs, "throughput", modes.markdown(result, f"bench/results/{name}.png"))
+        write_section(docs, "throughput", throughput_report.markdown(result, f"bench/results/{name}.png"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, seconds: checks the harness")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--modes", default="ABCDE")
+    parser.add_argument("--modes", default="".join(MODES), help="e.g. ABB2CDE or CD")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -175,7 +184,10 @@ def main() -> None:
         workdir = Path(tmp)
         modes.build(workload, workdir)
         roof = modes.roofline(workload)
-        rows = {m: summarise(m, run_mode_process(m, workload, workdir)) for m in args.modes}
+        rows = {
+            m: summarise(m, run_mode_process(m, workload, workdir))
+            for m in re.findall(r"B2|[A-E]", args.modes)
+        }
     if set(rows) != set(MODES):
         print(
             json.dumps({m: {k: v for k, v in r.items() if k != "ttft_s"} for m, r in rows.items()}, indent=2)

@@ -20,6 +20,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+import throughput_probes as probes  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -175,6 +179,33 @@ def peft_batched(w: Any, workdir: Path) -> dict[str, Any]:
             "note": "one task, batches of `concurrency` with left padding (PEFT cannot mix prefix tasks)"}  # fmt: skip
 
 
+def peft_grouped(w: Any, workdir: Path) -> dict[str, Any]:
+    """B2: the mixed workload as a PEFT server would run it: requests grouped by task (PEFT
+    cannot mix prefix tasks in one batch), each group one batched generate. Measured on the
+    groups of a quarter of the tasks (the rate does not depend on how many)."""
+    groups: dict[int, list[list[int]]] = {}
+    for task, prompt in requests(w):
+        groups.setdefault(task, []).append(prompt)
+    tasks = sorted(groups)[: max(1, w.num_tasks // 4)]
+    model = _peft(w, workdir, tasks)
+    ttft, tpot, tokens = [], [], 0
+    started_all = time.perf_counter()
+    for task in tasks:
+        model.set_adapter(str(task))
+        for start in range(0, len(groups[task]), w.concurrency):
+            batch = groups[task][start : start + w.concurrency]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            _, first, ended = _generate(model, ids, mask, w)
+            ttft += [first - started_all] * len(batch)  # all arrive at t=0
+            tpot += [(ended - first) / max(w.new_tokens - 1, 1)] * len(batch)
+            tokens += len(batch) * w.new_tokens
+    note = f"the groups of {len(tasks)} of {w.num_tasks} tasks, one batched generate per task"
+    return {"tokens": tokens, "seconds": time.perf_counter() - started_all, "ttft_s": ttft, "tpot_s": tpot,
+            "note": note}  # fmt: skip
+
+
 # ---- C and D: the engine in-process -----------------------------------------------------------
 def _engine(w: Any, workdir: Path) -> tuple[Any, list[Any]]:
     from prefix_store.entry import PrefixEntry, PrefixMeta
@@ -247,7 +278,10 @@ def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
 
     result = asyncio.run(main())
     if not one_task:
-        result["decode_mfu"] = decode_mfu(engine, w)
+        gemm = gemm_flops_per_s(DTYPES[w.dtype])
+        result["decode_mfu"] = probes.decode_mfu(engine, w, gemm, model_flops(w))
+        result["decode_step_over_gemm"] = probes.decode_step_over_gemm(engine, w)
+        result["long_prompt"] = probes.long_prompt_interference(engine.loaded, prefixes[0], w)
     return result
 
 
@@ -257,24 +291,6 @@ def engine_one_task(w: Any, workdir: Path) -> dict[str, Any]:
 
 def engine_mixed(w: Any, workdir: Path) -> dict[str, Any]:
     return _run_engine(w, workdir, one_task=False)
-
-
-def decode_mfu(engine: Any, w: Any) -> float:
-    """Model FLOPs of a decode step of `concurrency` rows (at a mid-generation context) / its time / GEMM rate."""
-    from server.engine.model_runner import ForwardRow
-    from server.engine.request import SamplingParams
-    from server.engine.sampler import sample
-
-    rows = w.concurrency
-    context = w.prefix_len + (w.prompt_min + w.prompt_max) // 2 + w.new_tokens // 2
-    forward = [ForwardRow(context, [1]) for _ in range(rows)]
-    params = [SamplingParams()] * rows
-    step = lambda: sample(engine.runner.forward(0, forward), params, [None] * rows)  # noqa: E731
-    step()
-    seconds = min(_timed(step) for _ in range(5))
-    f = model_flops(w)
-    flops = rows * (f["body"] + f["head"] + f["attention_per_position"] * (context + 1))
-    return flops / seconds / gemm_flops_per_s(DTYPES[w.dtype])
 
 
 # ---- E: through HTTP ------------------------------------------------------------------------
@@ -353,81 +369,3 @@ def _vm_hwm_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
-
-
-# ---- report -----------------------------------------------------------------------------------
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["modes"]
-    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(rows)
-    bars.bar(names, [rows[m]["tokens_per_s"] for m in names], color="#4c72b0")
-    bars.axhline(
-        result["roofline"]["roofline_tokens_per_s"],
-        color="#c44e52",
-        linestyle="--",
-        label="workload roofline",
-    )
-    bars.set_ylabel("generated tokens / s")
-    bars.set_title("Throughput by mode")
-    bars.legend()
-    for mode, ttfts in result["ttft_s"].items():
-        ordered = sorted(ttfts)
-        cdf.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=mode)
-    cdf.set_xlabel("time to first token (s)")
-    cdf.set_ylabel("fraction of requests")
-    cdf.set_title("TTFT CDF")
-    cdf.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def markdown(result: dict[str, Any], png: str) -> str:
-    def cell(value: Any, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    rows = result["modes"]
-    lines = [
-        "# Benchmarks",
-        "",
-        "Produced by `make bench` (`.venv/bin/python bench/throughput.py`); JSON in `bench/results/throughput.json`.",
-        f"Machine: {result['machine']}. Workload: `{json.dumps(result['workload'])}`.",
-        "",
-        "| mode | what | tokens/s | x A | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    what = {"A": "PEFT generate, one request at a time", "B": "PEFT generate, one task, batches of 64",
-            "C": "engine, one task", "D": "engine, 64 tasks mixed", "E": "D over HTTP (64 streaming clients)"}  # fmt: skip
-    for mode, row in rows.items():
-        lines.append(
-            f"| {mode} | {what[mode]} | {cell(row['tokens_per_s'])} | {cell(row['tokens_per_s'] / rows['A']['tokens_per_s'], 2)} | "
-            f"{cell(row['ttft_p50_ms'], 0)} / {cell(row['ttft_p99_ms'], 0)} | {cell(row['tpot_p50_ms'])} / {cell(row['tpot_p99_ms'])} | "
-            f"{cell(row['peak_rss_mib'], 0)} |"
-        )
-    roof, ratios = result["roofline"], result["ratios"]
-    lines += [
-        "",
-        f"Workload roofline: GEMM 2048^3 = {roof['gemm_2048_flops_per_s'] / 1e9:.1f} GFLOP/s measured in this run, "
-        f"{roof['flops_per_generated_token'] / 1e9:.3f} GFLOP per generated token (its share of prefill included) "
-        f"-> {roof['roofline_tokens_per_s']:.0f} tokens/s.",
-        "",
-        "| ratio | value | target |",
-        "| --- | --- | --- |",
-        f"| D / roofline | {ratios['D_over_roofline']:.2f} | >= 0.65 |",
-        f"| D / B | {ratios['D_over_B']:.2f} | >= 2.5 |",
-        f"| D / C | {ratios['D_over_C']:.2f} | >= 0.95 |",
-        f"| E / D | {ratios['E_over_D']:.2f} | >= 0.85 |",
-        f"| decode-step MFU, 64 rows | {cell(ratios['decode_mfu_64_rows'], 2)} | >= 0.55 |",
-        f"| D / A | {ratios['D_over_A']:.2f} | reported |",
-        "",
-        f"Notes: A: {rows['A']['note']}. B: {rows['B']['note']}.",
-        "",
-        f"![throughput and TTFT]({png})",
-        "",
-    ]
-    return "\n".join(lines)

@@ -15,7 +15,7 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "throughput-smoke.json").read_text())
-    assert set(result["modes"]) == {"A", "B", "C", "D", "E"}
+    assert set(result["modes"]) == {"A", "B", "B2", "C", "D", "E"}
     for mode, row in result["modes"].items():
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0, mode
         assert row["ttft_p50_ms"] is not None and row["peak_rss_mib"] > 0, mode

@@ -311,3 +311,24 @@ def test_a_tenant_filling_the_queue_is_shed_for_another_tenant(run_engine) -> No
     shed, ends = run_engine(body, num_slots=1, max_queue=3)
     assert [o.finish_reason for o in shed] == ["shed"] and "queue is full" in (shed[0].error or "")
     assert ends == ["length", "length", "length"]
+
+
+def test_a_tenant_holding_every_slot_does_not_make_another_wait_for_it(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """Issue 12 (3b): tenant A's n=4 long requests hold every slot; tenant B's 2-token request
+    finishes while A's rows are still far from done (one of A's rows is preempted and recomputed),
+    and A's rows still get every token they asked for."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        hog = [engine.submit(_prefix(2, 0), [5, 6], _greedy(200), tenant="a") for _ in range(4)]
+        streams = [h.__aiter__() for h in hog]
+        for stream in streams:
+            await stream.__anext__()  # every slot is A's and decoding
+        small = await _collect(engine.submit(_prefix(2, 1), [7], _greedy(2), tenant="b"))
+        progress = [len(h.request.output_ids) for h in hog]
+        rest = await asyncio.gather(*(_collect_rest(StepOutput("", [], ""), s) for s in streams))
+        return small, progress, [sum(len(o.token_ids) for o in r) + 1 for r in rest]
+
+    small, progress, totals = run_engine(body, num_slots=4)
+    assert [o.finish_reason for o in small] == [None, "length"]
+    assert max(progress) < 100  # B did not wait for A's rows to finish
+    assert totals == [200] * 4

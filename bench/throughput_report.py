@@ -1,0 +1,90 @@
+"""The report of `bench/throughput.py`: the plot and the markdown section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["modes"]
+    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(rows)
+    bars.bar(names, [rows[m]["tokens_per_s"] for m in names], color="#4c72b0")
+    bars.axhline(
+        result["roofline"]["roofline_tokens_per_s"],
+        color="#c44e52",
+        linestyle="--",
+        label="workload roofline",
+    )
+    bars.set_ylabel("generated tokens / s")
+    bars.set_title("Throughput by mode")
+    bars.legend()
+    for mode, ttfts in result["ttft_s"].items():
+        ordered = sorted(ttfts)
+        cdf.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=mode)
+    cdf.set_xlabel("time to first token (s)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title("TTFT CDF")
+    cdf.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict[str, Any], png: str) -> str:
+    def cell(value: Any, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = result["modes"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `make bench` (`.venv/bin/python bench/throughput.py`); JSON in `bench/results/throughput.json`.",
+        f"Machine: {result['machine']}. Workload: `{json.dumps(result['workload'])}`.",
+        "",
+        "| mode | what | tokens/s | x A | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    what = {"A": "PEFT generate, one request at a time", "B": "PEFT generate, one task, batches of 64",
+            "B2": "PEFT generate, 64 tasks mixed: grouped by task, each group batched",
+            "C": "engine, one task", "D": "engine, 64 tasks mixed", "E": "D over HTTP (64 streaming clients)"}  # fmt: skip
+    for mode, row in rows.items():
+        lines.append(
+            f"| {mode} | {what[mode]} | {cell(row['tokens_per_s'])} | {cell(row['tokens_per_s'] / rows['A']['tokens_per_s'], 2)} | "
+            f"{cell(row['ttft_p50_ms'], 0)} / {cell(row['ttft_p99_ms'], 0)} | {cell(row['tpot_p50_ms'])} / {cell(row['tpot_p99_ms'])} | "
+            f"{cell(row['peak_rss_mib'], 0)} |"
+        )
+    roof, ratios = result["roofline"], result["ratios"]
+    lines += [
+        "",
+        f"Workload roofline: GEMM 2048^3 = {roof['gemm_2048_flops_per_s'] / 1e9:.1f} GFLOP/s measured in this run, "
+        f"{roof['flops_per_generated_token'] / 1e9:.3f} GFLOP per generated token (its share of prefill included) "
+        f"-> {roof['roofline_tokens_per_s']:.0f} tokens/s.",
+        "",
+        "| ratio | value | target |",
+        "| --- | --- | --- |",
+        f"| D / roofline | {ratios['D_over_roofline']:.2f} | >= 0.65 |",
+        f"| D / B | {ratios['D_over_B']:.2f} | >= 2.0 |",
+        f"| D / B2 | {cell(ratios.get('D_over_B2'), 2)} | reported |",
+        f"| D / C | {ratios['D_over_C']:.2f} | >= 0.95 |",
+        f"| E / D | {ratios['E_over_D']:.2f} | >= 0.90 |",
+        f"| decode step / its GEMMs alone, 64 rows | {cell(ratios.get('decode_step_over_gemm'), 2)} | <= 1.25 |",
+        f"| long-prompt TPOT p99 / p50 (63 decoding, 1,000-token prompt) | "
+        f"{cell(ratios.get('long_prompt_tpot_p99_over_p50'), 2)} | <= 1.5 |",
+        f"| decode-step MFU, 64 rows | {cell(ratios['decode_mfu_64_rows'], 2)} | reported |",
+        f"| D / A | {ratios['D_over_A']:.2f} | reported |",
+        "",
+        f"Notes: A: {rows['A']['note']}. B: {rows['B']['note']}."
+        + (f" B2: {rows['B2']['note']}." if "B2" in rows else ""),
+        "",
+        f"![throughput and TTFT]({png})",
+        "",
+    ]
+    return "\n".join(lines)

@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from prefix_store.redis_store import connect
+from server.engine.stats import FinishedRequest, StepStats
+from server.metrics import Metrics, PerTask
 from server.tenancy.keys import KeyStore
 from tests.redis_server import RedisProcess
 from tests.server_process import ROOT, ServerProcess, upload_adapter
@@ -160,8 +162,11 @@ def test_a_key_never_gets_more_tokens_than_its_bucket(served: ServerProcess) -> 
     ).json()["key"]
     body = {"model": "acme:one", "prompt": [[5, 6]] * 15, "n": 16, "max_tokens": 100}
     never = httpx.post(served.url + "/v1/completions", json=body, headers=_auth(key), timeout=60)
-    assert never.status_code == 422, never.text
+    assert never.status_code == 400, never.text  # /v1 answers OpenAI's 400 for a 422
+    assert never.json()["error"]["code"] == "invalid_request"
     assert "tokens_per_minute=200" in never.json()["error"]["message"]
+    too_long = _generate(served, key, max_new_tokens=201)
+    assert too_long.status_code == 422 and "tokens_per_minute=200" in too_long.json()["error"]["message"]
     # an error after admission (unknown task) gives its hold of 150 back at once
     assert _generate(served, key, task_id="acme:missing", max_new_tokens=150).status_code == 404
     deadline = time.monotonic() + 3
@@ -200,3 +205,28 @@ def test_compose_prometheus_sends_the_servers_metrics_token() -> None:
     mounts = compose["services"]["prometheus"]["volumes"]
     assert f"./docker/prometheus/{token_file}:/etc/prometheus/{token_file}:ro" in mounts
     assert (ROOT / "docker/prometheus" / token_file).read_text().strip() == default.group(1)
+
+
+def _finish(metrics: Metrics, task_id: str) -> None:
+    done = FinishedRequest(task_id, "length", 3, 2, 0.0, 0.01, 0.01, 0.02)
+    metrics.observe_step(StepStats(1, 0, 2, 0.01, (done,)))
+
+
+@pytest.mark.parametrize(
+    ("mode", "labelled_without_keys", "labelled_with_keys"),
+    [("auto", True, False), ("on", True, True), ("off", False, False)],
+)
+def test_per_task_metric_labels_follow_the_setting(
+    mode: PerTask, labelled_without_keys: bool, labelled_with_keys: bool
+) -> None:
+    """`--metrics-per-task`: auto = per-task labels until API keys exist; counts stay, as `other`."""
+    has_keys = False
+    metrics = Metrics(20, mode)
+    metrics._has_keys = lambda: has_keys  # what `bind` wires to the key store
+    _finish(metrics, "beta:secret")
+    assert ('task="beta:secret"' in metrics.render().decode()) == labelled_without_keys
+    has_keys = True
+    _finish(metrics, "beta:secret")
+    text = metrics.render().decode()
+    assert ('task="beta:secret"' in text) == labelled_with_keys
+    assert _sum_samples(text, "prefix_server_task_requests_total") == 2

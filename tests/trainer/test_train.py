@@ -1,0 +1,109 @@
+"""`prefix-train` on a tiny model: it learns, leaves the LM untouched, exports what the
+server serves, and the server's greedy answers equal the trainer's own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import safetensors
+import safetensors.torch
+from transformers import AutoModelForCausalLM, ByT5Tokenizer
+
+from prefix_store.fingerprint import model_fingerprint
+from tests.server_process import ServerProcess
+from tests.tiny_models import save_tiny_model
+from trainer.data import DataError, read_jsonl
+from trainer.prefix import export, greedy, load_base, prefix_model, weights_digest
+from trainer.train import TrainResult, build_parser, main, train
+
+PREFIX_LEN = 4
+INPUTS = ["cat:", "dog:", "owl:", "fox:", "bee:", "elk:"]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainResult]:
+    """One short training run shared by the tests below: answer every word with the same phrase."""
+    root = tmp_path_factory.mktemp("train")
+    model_dir = save_tiny_model("gpt2", root / "model")
+    rows = [{"input": w, "output": " fine"} for w in INPUTS]
+    data = _write_jsonl(root / "train.jsonl", rows)
+    args = build_parser().parse_args(
+        ["--model", str(model_dir), "--data", str(data), "--eval", str(data), "--out", str(root / "out"),
+         "--prefix-len", str(PREFIX_LEN), "--mlp-hidden", "32", "--max-steps", "20", "--batch-size", "6",
+         "--lr", "3e-2", "--quiet", "--patience", "20"]
+    )  # fmt: skip
+    return model_dir, train(args)
+
+
+def test_loss_falls_by_at_least_30_percent(trained: tuple[Path, TrainResult]) -> None:
+    _, result = trained
+    assert result.train_losses[-1] <= 0.7 * result.train_losses[0], result.train_losses
+    assert result.trainable_params < result.total_params
+
+
+def test_base_weights_are_bit_identical_after_training(trained: tuple[Path, TrainResult]) -> None:
+    model_dir, result = trained
+    on_disk = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert weights_digest(result.model.get_base_model()) == weights_digest(on_disk)
+
+
+def test_export_is_canonical_without_mlp_weights(trained: tuple[Path, TrainResult]) -> None:
+    model_dir, result = trained
+    with safetensors.safe_open(str(result.prefix_path), "pt") as f:
+        assert list(f.keys()) == ["prefix"]  # the MLP is dropped: only P = MLP(P') is kept
+        metadata = f.metadata()
+        prefix = f.get_tensor("prefix")
+    assert list(prefix.shape) == [2, 2, 4, PREFIX_LEN, 8]  # tiny gpt2: 2 layers, 4 heads of 8
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert metadata["model_fingerprint"] == model_fingerprint(base, base.config)
+    peft_dir = result.prefix_path.parent / "peft"
+    assert (peft_dir / "adapter_config.json").exists() and (peft_dir / "adapter_model.safetensors").exists()
+
+
+def test_served_greedy_equals_trainer_greedy_and_foreign_prefix_is_refused(
+    trained: tuple[Path, TrainResult], tmp_path: Path
+) -> None:
+    model_dir, result = trained
+    tokenizer = ByT5Tokenizer()
+    expected = {
+        w: greedy(result.model, tokenizer.encode(w, add_special_tokens=False), 6, tokenizer.eos_token_id)
+        for w in INPUTS
+    }
+    other_dir = save_tiny_model("gpt2", tmp_path / "other", seed=1)  # same shape, other weights
+    other, _ = load_base(str(other_dir))
+    foreign = export(prefix_model(other, PREFIX_LEN, 32), str(other_dir), tmp_path / "foreign")
+    with ServerProcess(tmp_path / "data", "--model", str(model_dir)) as server, httpx.Client(timeout=60) as c:
+        put = c.put(
+            server.url + "/admin/prefixes/t:reverse",
+            files={"weights": ("p.safetensors", result.prefix_path.read_bytes())},
+            headers=server.admin_headers,
+        )
+        assert put.status_code == 201, put.text
+        for word, want in expected.items():
+            body = {"task_id": "t:reverse", "prompt": word, "max_new_tokens": 6, "temperature": 0}
+            got = c.post(server.url + "/generate", json=body).json()
+            assert got["token_ids"][: len(want)] == want, (word, got)
+        refused = c.put(
+            server.url + "/admin/prefixes/t:foreign",
+            files={"weights": ("p.safetensors", foreign.read_bytes())},
+            headers=server.admin_headers,
+        )
+        assert refused.status_code == 422 and "model_mismatch" in refused.text, refused.text
+
+
+def test_bad_jsonl_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n\n{"input": "a"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:3: field 'output' must be a string"):
+        read_jsonl(bad)
+    bad.write_text('{"input": "a", "output": "b"}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not valid JSON"):
+        main(["--data", str(bad), "--out", str(tmp_path / "out"), "--model", "unused"])

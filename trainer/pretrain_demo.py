@@ -1,0 +1,121 @@
+"""Pretrain the demo model from scratch on the generated corpus (a few minutes on 2 CPU cores).
+
+The result is a byte-level GPT-2 (4 layers, 4 heads of 32, ~0.85M parameters, ByT5 byte ids)
+saved in bfloat16 with its tokenizer through `save_pretrained`, i.e. loadable by the same
+`from_pretrained` path as any hub model. bfloat16 weights are exactly representable in
+float32, so the server's fingerprint is the same whichever of the two it loads them as.
+
+    python -m trainer.pretrain_demo --out server/engine/demo_weights --seconds 240
+
+A plain loop, not `Trainer`: pretraining from scratch on an endless random-window stream
+under a wall-clock budget is what this needs, and the loop is a dozen lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+from trainer.demo_corpus import corpus
+
+EOS_ID, PAD_ID, BYTE_OFFSET = 1, 0, 3  # ByT5: pad, eos, unk, then the 256 bytes
+
+
+def demo_config() -> GPT2Config:
+    """The demo model's shape: sized so that a few minutes on 2 cores give readable text."""
+    return GPT2Config(
+        vocab_size=384, n_positions=1024, n_embd=128, n_layer=4, n_head=4,
+        bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        activation_function="relu",  # cheaper than tanh-GELU on a busy CPU, as good at this size
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # templated data: no overfitting to fear
+    )  # fmt: skip
+
+
+def encode_stream(docs: list[str]) -> np.ndarray:
+    """ByT5 ids of every document, each followed by EOS, as one stream."""
+    data = "\n".join(docs).encode()
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+    ids[ids == ord("\n") + BYTE_OFFSET] = EOS_ID
+    return np.concatenate([ids, [EOS_ID]])
+
+
+def batch(
+    stream: np.ndarray, rng: np.random.Generator, size: int, length: int, max_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows; a quarter of them at random position offsets up to `max_offset` so that
+    text after a prefix (which holds the first positions) stays in distribution."""
+    starts = rng.integers(0, len(stream) - length, size)
+    ids = torch.from_numpy(np.stack([stream[s : s + length] for s in starts]))
+    offsets = np.where(rng.random(size) < 0.75, 0, rng.integers(0, max_offset + 1, size))
+    positions = torch.from_numpy(offsets)[:, None] + torch.arange(length)[None, :]
+    return ids, positions
+
+
+def train(args: argparse.Namespace) -> None:
+    out, seconds, seed, lr, batch_size, length = (
+        args.out,
+        args.seconds,
+        args.seed,
+        args.lr,
+        args.batch_size,
+        args.length,
+    )
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    stream = encode_stream(corpus(args.docs, seed))
+    config = demo_config()
+    # --init continues an earlier run (the budget can be spent in several short runs)
+    model = (
+        GPT2LMHeadModel.from_pretrained(args.init, dtype=torch.float32)
+        if args.init
+        else GPT2LMHeadModel(config)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(stream):,} corpus bytes")
+    start, step, tokens = time.monotonic(), 0, 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        # warm-up then cosine decay over the wall-clock budget
+        frac = elapsed / seconds
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        ids, positions = batch(stream, rng, batch_size, length, args.max_offset)
+        loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step, tokens = step + 1, tokens + ids.numel()
+        if step % 25 == 0:
+            print(
+                f"step {step} {elapsed:.0f}s loss {loss.item():.3f} {tokens / elapsed:,.0f} tok/s", flush=True
+            )
+    model.eval()
+    model.bfloat16().save_pretrained(out)
+    ByT5Tokenizer().save_pretrained(out)
+    print(f"saved {out} after {step} steps, {time.monotonic() - start:.0f}s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Pretrain the demo model on the generated corpus.")
+    parser.add_argument("--out", type=Path, default=Path("server/engine/demo_weights"))
+    parser.add_argument("--seconds", type=float, default=240.0, help="wall-clock training budget")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--docs", type=int, default=60_000)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--max-offset", type=int, default=128, help="largest random position offset")
+    parser.add_argument("--init", type=Path, default=None, help="continue from this saved model")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

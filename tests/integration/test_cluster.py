@@ -23,7 +23,8 @@ import pytest
 
 from prefix_store.embedded_redis import free_port
 from server.cluster import ClusterError, find_haproxy
-from tests.server_process import clean_env
+from tests.readme_runner import commands, failures, run_commands, shell_blocks
+from tests.server_process import ROOT, clean_env
 from tests.tiny_models import Adapter, save_adapter, save_tiny_model
 
 TASKS = [f"acme:t{i}" for i in range(9)]
@@ -182,6 +183,20 @@ def test_a_hot_task_spills_over_beyond_the_load_bound(client: httpx.Client) -> N
     for thread in threads:
         thread.join(120)
     assert len(replicas) == 6 and len(set(replicas)) >= 2, replicas
+
+
+def test_the_readmes_scale_out_commands_run_against_the_cluster(cluster: Cluster) -> None:
+    readme = (ROOT / "README.md").read_text()
+    cmds = [
+        c.replace("127.0.0.1:8080", "127.0.0.1:8000")
+        for b in shell_blocks(readme, "Scale out")
+        for c in commands(b)
+    ]
+    port = int(cluster.url.rsplit(":", 1)[1])
+    ran = run_commands(cmds, cluster.log_path.parent, port, clean_env())  # cwd: where data/ is
+    assert len(ran) == 4 and failures(ran) == []
+    replicas = {line.split(":", 1)[1].strip() for one in ran[2:] for line in one.output.splitlines() if line}
+    assert len(replicas) == 1, replicas  # /generate and /v1/completions of one task: one replica
 
 
 def _wait_refused(port: int, timeout_s: float = 10.0) -> None:

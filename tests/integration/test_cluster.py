@@ -233,6 +233,42 @@ def test_a_killed_replicas_tasks_move_to_the_others_at_once(cluster: Cluster, cl
     assert all(after[task] == homes[task] for task in TASKS if homes[task] != victim)
 
 
+def test_a_draining_replica_finishes_its_requests_and_leaves_rotation(
+    cluster: Cluster, client: httpx.Client
+) -> None:
+    """SIGTERM to a replica: the generation running on it completes, and new requests of its task
+    get answers elsewhere (with one request in flight on the home, the load bound already sends
+    them on; a request that still reaches the draining replica gets a clean 503 + Retry-After)."""
+    task = TASKS[0]
+    home = _replica_of(client, task)
+    tokens: list[int] = []
+
+    def long_generation() -> None:
+        body = _body(task, max_new_tokens=400)
+        response = client.post("/generate", json=body)
+        assert response.status_code == 200 and response.headers["x-replica"] == home
+        tokens.extend(response.json()["token_ids"])
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    time.sleep(0.3)
+    os.kill(cluster.replica_pids[home], signal.SIGTERM)
+    started, statuses = time.monotonic(), Counter()
+    while True:
+        response = client.post("/generate", json=_body(task))
+        statuses[response.status_code] += 1
+        if response.status_code == 200 and response.headers["x-replica"] != home:
+            break
+        assert response.status_code in (200, 503), response.text
+        if response.status_code == 503:
+            assert response.headers["retry-after"]
+        assert time.monotonic() - started < 5.0, statuses
+        time.sleep(0.05)
+    print(f"task moved {time.monotonic() - started:.2f} s after SIGTERM; answers meanwhile: {dict(statuses)}")
+    thread.join(60)
+    assert len(tokens) == 400  # the running generation was not cut
+
+
 def test_sigterm_stops_every_process(cluster: Cluster) -> None:
     cluster.proc.send_signal(signal.SIGTERM)
     assert cluster.proc.wait(60) == 0

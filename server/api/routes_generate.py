@@ -14,17 +14,19 @@ from server.api.generation import (
     check_finished,
     check_limits,
     collect,
+    encode_prompts,
     ended_error,
     outputs_of,
     resolve_prefix,
     start,
     until_disconnect,
 )
+from server.api.json_body import JSONBodyRoute
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, event_stream_too
 from server.api.tenancy import CallerDep, admit
 from server.engine.request import SamplingParams
 
-router = APIRouter()
+router = APIRouter(route_class=JSONBodyRoute)
 
 
 def _params(body: GenerateRequest) -> SamplingParams:
@@ -58,12 +60,8 @@ async def generate(
     check_limits(services, params)
     await admit(services, caller, body.task_id)
     prefix = await resolve_prefix(services, body.task_id)
-    engine = services.engine
-    prompt_ids = (
-        body.input_ids
-        if body.input_ids is not None
-        else engine.encode(body.prompt or "", body.add_special_tokens)
-    )
+    prompt = body.input_ids if body.input_ids is not None else body.prompt or ""
+    [prompt_ids] = await encode_prompts(services.engine, [prompt], body.add_special_tokens)
     started = start(services, caller, prefix, prompt_ids, params, arrival)
     request.state.generations = [started.describe(body.task_id)]
     if body.stream:

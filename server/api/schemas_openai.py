@@ -1,11 +1,17 @@
 """OpenAI-compatible request bodies (`/v1/completions`); `model` is the task_id."""
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.schemas import TaskId
+from server.api.schemas import TaskId, TokenIds
+
+# Prompts one body may list, whatever --max-prompts says: past this a list is refused before its
+# items are validated (a 1 MB body holds 340,000 `[]`, which would take pydantic 0.15 s).
+MAX_PROMPTS_IN_BODY = 2048
+TextPrompts = Annotated[list[str], Field(fail_fast=True, max_length=MAX_PROMPTS_IN_BODY)]
+IdPrompts = Annotated[list[TokenIds], Field(fail_fast=True, max_length=MAX_PROMPTS_IN_BODY)]
 
 
 class OpenAIErrorDetail(BaseModel):
@@ -34,13 +40,16 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not need (e.g. `user` variants)
 
     model: TaskId
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | TextPrompts | TokenIds | IdPrompts = Field(
+        union_mode="left_to_right",  # the first shape that fits; smart mode would try all four
+        description="text, token ids, or a list of either; prompts x `n` at most the server's --max-prompts",
+    )
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -59,6 +68,13 @@ class CompletionRequest(BaseModel):
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _no_logit_bias(cls, value: Any) -> Any:
+        if value:  # refused before its entries are validated: each bad one would be an error
+            raise ValueError("not supported by this server: logit_bias")
         return value
 
     @model_validator(mode="after")
@@ -92,6 +108,6 @@ class CompletionRequest(BaseModel):
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
-        if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
+        if prompt and isinstance(prompt[0], int):  # validated: then every item is an int
+            return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]

@@ -58,7 +58,7 @@ async def generate(
     arrival = time.monotonic()  # time to first token includes waiting for a cold prefix
     params = _params(body)
     check_limits(services, params)
-    await admit(services, caller, body.task_id)
+    await admit(services, caller, body.task_id, max_tokens=body.max_new_tokens)
     prefix = await resolve_prefix(services, body.task_id)
     prompt = body.input_ids if body.input_ids is not None else body.prompt or ""
     [prompt_ids] = await encode_prompts(services.engine, [prompt], body.add_special_tokens)

@@ -124,7 +124,7 @@ async def completions(
     arrival = time.monotonic()
     check_limits(services, _params(body, 0))
     check_num_prompts(services, len(body.prompts), body.n)
-    await admit(services, caller, body.model)
+    await admit(services, caller, body.model, max_tokens=body.max_tokens * body.n * len(body.prompts))
     prefix = await resolve_prefix(services, body.model)
     started, num_prompt_tokens = await _start_all(body, services, caller, prefix, arrival)
     request.state.generations = [s.describe(body.model) for s in started]

@@ -166,15 +166,16 @@ def test_requests_per_second_hold_across_replicas(
 def test_tokens_per_minute_hold_across_replicas(
     replicas: tuple[ServerProcess, ServerProcess], keys: dict[str, str]
 ) -> None:
-    """A 10 tokens/min key spends 20 tokens on A: B refuses the next request for about a minute."""
+    """A 60 tokens/min key spends 50 tokens on A: B refuses a request that may generate 60 (held
+    at admission) for about 50 s."""
     a, b = replicas
-    secret = str(_create_key(a, ["acme:*"], tokens_per_minute=10)["key"])
-    assert _generate(a, "acme:one", secret, max_new_tokens=20).status_code == 200
+    secret = str(_create_key(a, ["acme:*"], tokens_per_minute=60)["key"])
+    assert _generate(a, "acme:one", secret, max_new_tokens=50).status_code == 200
     deadline = time.monotonic() + 2.0  # the charge lands just after the answer
-    while (refused := _generate(b, "acme:one", secret, max_new_tokens=1)).status_code == 200:
+    while (refused := _generate(b, "acme:one", secret, max_new_tokens=60)).status_code == 200:
         assert time.monotonic() < deadline
-    assert refused.status_code == 429 and 50 <= int(refused.headers["retry-after"]) <= 61
-    completion = {"model": "acme:one", "prompt": [5], "max_tokens": 1}
+    assert refused.status_code == 429 and 45 <= int(refused.headers["retry-after"]) <= 61
+    completion = {"model": "acme:one", "prompt": [5], "max_tokens": 60}
     v1 = httpx.post(a.url + "/v1/completions", json=completion, headers=_auth(secret), timeout=30)
     assert v1.status_code == 429 and v1.json()["error"]["type"] == "rate_limit_error"
 

@@ -183,14 +183,15 @@ class Cluster:
         env.setdefault("PREFIX_SERVE_DRAIN_SECONDS", str(self.options.drain_seconds))
         settings = Settings.model_validate({"data_dir": self.options.data_dir})
         token, is_new = settings.resolve_admin_token()
-        if not settings.admin_token:
-            env["PREFIX_SERVE_ADMIN_TOKEN_FILE"] = str(self.options.data_dir / "admin_token")
+        token_file = settings.admin_token_file or self.options.data_dir / "admin_token"
+        if not settings.admin_token:  # replicas read the one file (theirs would differ)
+            env["PREFIX_SERVE_ADMIN_TOKEN_FILE"] = str(token_file)
         self.admin_token_note = (
-            f"admin token {token} (saved in {self.options.data_dir / 'admin_token'})"
+            f"admin token {token} (saved in {token_file})"
             if is_new
             else "admin token from the environment"
             if settings.admin_token
-            else f"admin token in {self.options.data_dir / 'admin_token'}"
+            else f"admin token in {token_file}"
         )
         return env
 

@@ -39,6 +39,7 @@ class EngineCore:
         max_rows_per_tenant: int | None = None,
         request_timeout_s: float | None = None,
         on_step: Callable[[StepStats], None] | None = None,
+        max_chunk_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
@@ -50,6 +51,7 @@ class EngineCore:
             num_tokens_of=lambda r: len(r.prompt_ids) + len(r.output_ids),  # a preempted row recomputes
             max_num_tokens=max_num_batched_tokens,
             max_rows_per_tenant=max_rows_per_tenant,
+            max_chunk_tokens=max_chunk_tokens,
         )
         self.request_timeout_s = request_timeout_s
         self.on_step = on_step
@@ -110,19 +112,20 @@ class EngineCore:
         for move in batch.moves:  # preempted rows left holes
             self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
         now = time.monotonic()
-        for (
-            request
-        ) in batch.admitted:  # fresh, or resumed after a preemption: the slot starts with the prefix
+        for request in batch.admitted:  # fresh, or resumed after a preemption: the slot starts anew
             if request.admitted_time is None:
                 request.admitted_time = now
             self.kv.load_prefix(self.scheduler.slot_of(request), request.prefix.kv)
         return batch
 
     def _forward_row(self, work: RowWork[Request]) -> ForwardRow:
-        request = work.request
-        tokens = request.prompt_ids + request.output_ids
-        ids = tokens[work.start : work.start + work.num_tokens]
-        return ForwardRow(work.slot, request.prefix_len + work.start, ids, work.samples)
+        request, start, end = work.request, work.start, work.start + work.num_tokens
+        num_prompt = len(request.prompt_ids)
+        if start >= num_prompt:  # decoding (or recomputing what it generated): no copy of the prompt
+            ids = request.output_ids[start - num_prompt : end - num_prompt]
+        else:
+            ids = request.prompt_ids[start:end] + request.output_ids[: max(0, end - num_prompt)]
+        return ForwardRow(work.slot, request.prefix_len + start, ids, work.samples)
 
     def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         """Sample every row; a row whose logits are not finite fails alone (the others go on)."""

@@ -41,12 +41,20 @@ class Engine:
         request_timeout_s: float | None = None,
         max_num_batched_tokens: int | None = 512,
         max_rows_per_tenant: int | None = None,
+        max_chunk_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
         self.max_len = kv.layout.max_len
         self.core = EngineCore(
-            loaded, kv, max_queue, max_num_batched_tokens, max_rows_per_tenant, request_timeout_s, on_step
+            loaded,
+            kv,
+            max_queue,
+            max_num_batched_tokens,
+            max_rows_per_tenant,
+            request_timeout_s,
+            on_step,
+            max_chunk_tokens,
         )
         self.runner = self.core.runner
         self.scheduler = self.core.scheduler

@@ -88,6 +88,7 @@ class Scheduler(Generic[R]):
         num_tokens_of: Callable[[R], int] | None = None,
         max_num_tokens: int | None = None,
         max_rows_per_tenant: int | None = None,
+        max_chunk_tokens: int | None = None,
     ) -> None:
         self.max_rows = max_rows
         self.max_queue = max_queue
@@ -95,6 +96,9 @@ class Scheduler(Generic[R]):
         self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
         self.num_tokens_of = num_tokens_of or (lambda r: 1)  # tokens to feed on admission
         self.max_num_tokens = max_num_tokens
+        # one row's prefill tokens per step at most (vLLM's long_prefill_token_threshold): a long
+        # prompt then slows the decoding rows' steps a little for longer, not a lot at once
+        self.max_chunk_tokens = max_chunk_tokens or (1 << 62)
         self.max_rows_per_tenant = max_rows_per_tenant
         self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
         self._num_admitted = 0
@@ -145,7 +149,8 @@ class Scheduler(Generic[R]):
         num_decode, budget = len(rows), budget - len(rows)
         for slot, request in enumerate(self.running):
             if left[request.request_id] > 0 and budget > 0:
-                rows.append(self._take(request, slot, min(left[request.request_id], budget)))
+                chunk = min(left[request.request_id], budget, self.max_chunk_tokens)
+                rows.append(self._take(request, slot, chunk))
                 budget -= rows[-1].num_tokens
         admitted: list[R] = []
         held = self._running_per_tenant()
@@ -165,7 +170,9 @@ class Scheduler(Generic[R]):
             self.running.append(request)
             target = self.num_tokens_of(request)
             self._targets[request.request_id], self._computed[request.request_id] = target, 0
-            rows.append(self._take(request, len(self.running) - 1, min(target, budget)))
+            rows.append(
+                self._take(request, len(self.running) - 1, min(target, budget, self.max_chunk_tokens))
+            )
             budget -= rows[-1].num_tokens
         return ScheduledBatch(rows, num_decode, admitted, preempted, moves)
 

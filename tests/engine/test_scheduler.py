@@ -497,3 +497,12 @@ def test_slot_moves_after_preempting_a_middle_row() -> None:
     assert ids(batch.preempted) == ["a:3"]
     assert batch.moves == [SlotMove("b:1", src=3, dst=2)]
     assert ids(scheduler.running) == ["a:1", "a:2", "b:1", "c:1"]
+
+
+def test_max_chunk_tokens_caps_one_rows_prefill_per_step() -> None:
+    scheduler = _budget_scheduler(max_rows=4, budget=20, max_chunk_tokens=6)
+    scheduler.add(Job("long", 15))
+    scheduler.add(Job("short", 4))
+    assert _plan(scheduler.schedule()) == [("long", 0, 0, 6, False), ("short", 1, 0, 4, True)]
+    assert _plan(scheduler.schedule()) == [("short", 1, 4, 1, True), ("long", 0, 6, 6, False)]
+    assert _plan(scheduler.schedule()) == [("short", 1, 5, 1, True), ("long", 0, 12, 3, True)]

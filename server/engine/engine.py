@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 
 class Engine:
-    """Continuous batching over a slot KV cache; one prefix per row."""
+    """The front door: an engine thread stepping an `EngineCore`, per-request handles on the event loop."""
 
     def __init__(
         self,

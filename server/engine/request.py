@@ -1,13 +1,16 @@
 """Request state and the records the engine hands back."""
 
+from __future__ import annotations
+
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch-free at run time: server/api imports these records
+    import torch
 
-from prefix_store.entry import PrefixEntry
+    from prefix_store.entry import PrefixEntry
 
 # abort: the caller left; timeout: over --request-timeout; shutdown: the server stopped before it ended;
 # shed: dropped from a full queue to make room for a tenant with fewer waiting requests

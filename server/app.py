@@ -163,6 +163,8 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         settings.max_queue,
         on_step=metrics.observe_step,
         request_timeout_s=settings.request_timeout,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_rows_per_tenant=settings.max_rows_per_tenant,
     )
     engine.start(asyncio.get_running_loop())
     stack.callback(engine.stop)

@@ -17,6 +17,7 @@ from prefix_store.redis_store import RedisPrefixStore, connect
 from server.api import routes_admin, routes_generate, routes_health, routes_keys, routes_openai
 from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
+from server.api.json_body import start_json_helper, stop_json_helper
 from server.api.lifecycle import Lifecycle
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.api.replica import ReplicaHeaderMiddleware
@@ -167,6 +168,8 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         max_rows_per_tenant=settings.max_rows_per_tenant,
     )
     engine.start(asyncio.get_running_loop())
+    await start_json_helper()
+    stack.callback(stop_json_helper)
     stack.callback(engine.stop)
     lifecycle.end_all = lambda: asyncio.to_thread(engine.stop)
     prefixes = PrefixCache(

@@ -45,6 +45,11 @@ class ServerProcess:
         return cls(cwd / "data", env=env, cwd=cwd)
 
     @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

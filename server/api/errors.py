@@ -91,7 +91,10 @@ def validation_message(errors: Sequence[Any]) -> str:
     parts = []
     for err in errors[:MAX_SHOWN_ERRORS]:
         where = ".".join(_cut(str(p), 64) for p in err.get("loc", ()) if p != "body")
-        parts.append(_cut(f"{where or 'body'}: {err.get('msg', 'invalid')}"))
+        what = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":  # loc holds a character position, ctx the reason
+            where, what = "body", f"{what}: {err.get('ctx', {}).get('error', '')}"
+        parts.append(_cut(f"{where or 'body'}: {what}"))
     if len(errors) > MAX_SHOWN_ERRORS:
         parts.append(f"and {len(errors) - MAX_SHOWN_ERRORS} more errors")
     return "; ".join(parts)

@@ -31,6 +31,18 @@ def _generate(url: str) -> httpx.Response:
     return httpx.post(url + "/generate", json=body, timeout=30)
 
 
+def _children_running(parent: int, marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and marker in (entry / "cmdline").read_text(errors="replace"):
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def test_default_flags_in_a_fresh_cwd_serve_and_survive_a_restart(tmp_path: Path) -> None:
     with ServerProcess.with_defaults(tmp_path) as server:
         assert (tmp_path / "data" / "redis" / "appendonly.aof").exists() or (
@@ -45,6 +57,9 @@ def test_default_flags_in_a_fresh_cwd_serve_and_survive_a_restart(tmp_path: Path
         assert put.status_code == 201, put.text
         first = _generate(server.url)
         assert first.status_code == 200, first.text
+        helpers = _children_running(server.pid, "spawn_main")
+        assert len(helpers) == 1  # the JSON helper process
+    assert all(not Path(f"/proc/{pid}").exists() for pid in helpers)  # gone with the server
     with ServerProcess.with_defaults(tmp_path) as again:
         second = _generate(again.url)
         assert second.status_code == 200, second.text

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
+import throughput_http  # noqa: E402
 import throughput_modes as modes  # noqa: E402
 import throughput_report  # noqa: E402
 from doc_sections import write_section  # noqa: E402
@@ -122,7 +123,7 @@ def run_mode_process(mode: str, workload: Workload, workdir: Path) -> dict[str, 
 def child(mode: str, workload: Workload, workdir: Path) -> None:
     """Run one mode in this process and write its raw result."""
     runner = {"A": modes.peft_sequential, "B": modes.peft_batched, "B2": modes.peft_grouped,
-              "C": modes.engine_one_task, "D": modes.engine_mixed, "E": modes.http_mixed}[mode]  # fmt: skip
+              "C": modes.engine_one_task, "D": modes.engine_mixed, "E": throughput_http.http_mixed}[mode]  # fmt: skip
     result = runner(workload, workdir)
     if "peak_rss_kib" not in result:
         result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -60,3 +60,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Three prefix tasks trained on the demo model, uploaded, answered in one mixed batch (a few minutes).
+.PHONY: demo
+demo: $(STAMP)
+	$(BIN)/python -m examples.table_to_text.demo

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from server.api.deps import Services, get_services
 from server.api.generation import (
@@ -23,6 +22,7 @@ from server.api.generation import (
 )
 from server.api.json_body import JSONBodyRoute
 from server.api.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, event_stream_too
+from server.api.stall import ClosingStreamingResponse
 from server.api.tenancy import CallerDep, admit
 from server.engine.request import SamplingParams
 
@@ -65,7 +65,7 @@ async def generate(
     started = start(services, caller, prefix, prompt_ids, params, arrival)
     request.state.generations = [started.describe(body.task_id)]
     if body.stream:
-        return StreamingResponse(_sse(started, services), media_type="text/event-stream")
+        return ClosingStreamingResponse(_sse(started, services), media_type="text/event-stream")
     outputs = await until_disconnect(request, collect(started, services))
     last = check_finished(outputs)
     token_ids = [t for o in outputs for t in o.token_ids]

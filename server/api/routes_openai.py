@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from prefix_store.entry import PrefixMeta
 from server.api.deps import EngineProtocol, Services, get_services
@@ -30,6 +30,7 @@ from server.api.generation import (
 from server.api.json_body import JSONBodyRoute
 from server.api.schemas import TASK_ID_PATTERN, event_stream_too
 from server.api.schemas_openai import CompletionRequest, openai_error_responses
+from server.api.stall import ClosingStreamingResponse
 from server.api.tenancy import Caller, CallerDep, admit, check_scope, list_visible
 from server.engine.request import SamplingParams, StepOutput
 
@@ -133,7 +134,7 @@ async def completions(
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         stream = _stream(started, services, head, num_prompt_tokens, include_usage, body.logprobs is not None)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        return ClosingStreamingResponse(stream, media_type="text/event-stream")
     results = await until_disconnect(request, asyncio.gather(*(collect(s, services) for s in started)))
     for outputs in results:
         check_finished(outputs)
@@ -178,10 +179,14 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """Chunks as tokens are made, choices interleaved; an optional usage chunk; `[DONE]`."""
     queue: asyncio.Queue[tuple[int, StepOutput | None]] = asyncio.Queue()
+    # Pumps wait while this many chunks are unwritten: a client that stops reading leaves the
+    # outputs in the handles, whose rows then pause (see engine.handle.PAUSE_AT).
+    room = asyncio.Semaphore(2 * len(started))
 
     async def pump(index: int, one: Started) -> None:
         try:
             async for output in outputs_of(one, services):
+                await room.acquire()
                 queue.put_nowait((index, output))
         finally:
             queue.put_nowait((index, None))
@@ -194,6 +199,8 @@ async def _stream(
         remaining = len(started)
         while remaining:
             index, output = await queue.get()
+            if output is not None:
+                room.release()
             if output is None:
                 remaining -= 1
                 continue

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -14,6 +15,20 @@ log = logging.getLogger(__name__)
 
 class _Stalled(Exception):
     pass
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its body generator however the response ends. A failed
+    `send` (a dropped stall) leaves the generator suspended at its `yield`, so its `finally`
+    (abort the request, free the row) would wait for the garbage collector."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class StreamStallMiddleware:

@@ -60,7 +60,8 @@ class EngineCore:
 
     @property
     def is_idle(self) -> bool:
-        return self.scheduler.is_idle
+        """Nothing to step: no pending abort, no waiting request, no unpaused running row."""
+        return self.scheduler.is_idle and not self._aborted
 
     def add(self, request: Request) -> list[StepOutput]:
         """Queue a request. With a full queue, a lighter tenant's request takes the place of the
@@ -77,6 +78,16 @@ class EngineCore:
         shed.finish_reason = "shed"
         message = f"the queue is full and tenant {shed.tenant!r} holds the most of it: retry later"
         return [StepOutput(shed.request_id, [], "", "shed", error=message)]
+
+    def pause(self, request_id: str) -> None:
+        """Stop decoding a running row (its reader is behind) without giving up its slot."""
+        with self.lock:
+            if any(r.request_id == request_id for r in self.scheduler.running):
+                self.scheduler.paused.add(request_id)
+
+    def resume(self, request_id: str) -> None:
+        with self.lock:
+            self.scheduler.paused.discard(request_id)
 
     def abort(self, request_id: str) -> None:
         """End a request (its caller left); takes effect at the next step, without an output."""

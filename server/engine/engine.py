@@ -17,7 +17,7 @@ from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
 from server.engine.core import EngineCore
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
-from server.engine.handle import RequestHandle
+from server.engine.handle import PAUSE_AT, RequestHandle
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model_loader import LoadedModel
 from server.engine.prefix_encoder import compute_prefix_kv
@@ -146,6 +146,13 @@ class Engine:
                 self.core.abort(handle.request_id)
                 self._wakeup.notify()
 
+    def resume(self, handle: RequestHandle) -> None:
+        """The reader caught up: its row decodes again."""
+        handle.is_paused = False
+        with self._wakeup:
+            self.core.resume(handle.request_id)
+            self._wakeup.notify()
+
     async def run_on_model(self, job: Callable[[], T]) -> T:
         """Run `job` on the engine thread between steps (the model is never used by two threads)."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -186,6 +193,10 @@ class Engine:
             handle = self._handles.get(output.request_id)
             if handle is not None:
                 handle._deliver(output)
+                if output.finish_reason is None and not handle.is_paused and handle.num_unread >= PAUSE_AT:
+                    handle.is_paused = True
+                    with self._wakeup:
+                        self.core.pause(output.request_id)
                 if output.finish_reason is not None:  # even if nobody ever iterates the handle
                     del self._handles[output.request_id]
                     handle._done()

@@ -6,9 +6,16 @@ from typing import Protocol
 
 from server.engine.request import Request, StepOutput
 
+# A reader this many outputs behind pauses its row (no compute, no memory growth for a client
+# that stopped reading); the row resumes once the reader is back within RESUME_AT.
+PAUSE_AT = 64
+RESUME_AT = 16
+
 
 class _Releaser(Protocol):
     def release(self, handle: "RequestHandle") -> None: ...
+
+    def resume(self, handle: "RequestHandle") -> None: ...
 
 
 class RequestHandle:
@@ -19,6 +26,11 @@ class RequestHandle:
         self._engine = engine
         self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._on_done = on_done
+        self.is_paused = False
+
+    @property
+    def num_unread(self) -> int:
+        return self._queue.qsize()
 
     def _done(self) -> None:
         """Runs once, on the event loop, when the request ended or its caller left."""
@@ -41,6 +53,8 @@ class RequestHandle:
         try:
             while True:
                 output = await self._queue.get()
+                if self.is_paused and self._queue.qsize() <= RESUME_AT:
+                    self._engine.resume(self)
                 yield output
                 if output.finish_reason is not None:
                     return

@@ -106,10 +106,12 @@ class Scheduler(Generic[R]):
         self._targets: dict[str, int] = {}  # request id -> tokens to feed before it decodes
         self.waiting: deque[R] = deque()
         self.running: list[R] = []  # index == slot
+        self.paused: set[str] = set()  # running rows whose reader is behind: they keep the slot, skip steps
 
     @property
     def is_idle(self) -> bool:
-        return not self.waiting and not self.running
+        """Nothing to compute: no request waits and every running row (if any) is paused."""
+        return not self.waiting and all(r.request_id in self.paused for r in self.running)
 
     def can_accept(self) -> bool:
         return len(self.waiting) < self.max_queue
@@ -145,7 +147,11 @@ class Scheduler(Generic[R]):
             r.request_id: self._targets[r.request_id] - self._computed[r.request_id] for r in self.running
         }
         # decode rows feed their last sampled token, always; prefills under way continue first
-        rows = [self._take(r, slot, 1) for slot, r in enumerate(self.running) if left[r.request_id] <= 0]
+        rows = [
+            self._take(r, slot, 1)
+            for slot, r in enumerate(self.running)
+            if left[r.request_id] <= 0 and r.request_id not in self.paused
+        ]
         num_decode, budget = len(rows), budget - len(rows)
         for slot, request in enumerate(self.running):
             if left[request.request_id] > 0 and budget > 0:
@@ -280,4 +286,5 @@ class Scheduler(Generic[R]):
         for request_id in finished:
             self._computed.pop(request_id, None)
             self._targets.pop(request_id, None)
+            self.paused.discard(request_id)
         return moves

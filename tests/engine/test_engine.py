@@ -13,7 +13,7 @@ import torch
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from server.engine.engine import Engine
 from server.engine.errors import ContextTooLong, InvalidInput, QueueFull
-from server.engine.handle import RequestHandle
+from server.engine.handle import PAUSE_AT, RequestHandle
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.engine.request import SamplingParams, StepOutput
@@ -332,3 +332,23 @@ def test_a_tenant_holding_every_slot_does_not_make_another_wait_for_it(run_engin
     assert [o.finish_reason for o in small] == [None, "length"]
     assert max(progress) < 100  # B did not wait for A's rows to finish
     assert totals == [200] * 4
+
+
+def test_a_row_whose_reader_stops_pauses_and_resumes_with_the_same_tokens(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """A reader PAUSE_AT outputs behind pauses its row (no compute, no growing buffer) while the
+    other rows go on; once it reads again the row resumes and ends as it would have."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        reference = await _collect(engine.submit(_prefix(3, 1), [5, 6], _greedy(200)))
+        unread = engine.submit(_prefix(3, 1), [5, 6], _greedy(200))
+        other = await _collect(engine.submit(_prefix(2, 2), [7], _greedy(150)))  # runs meanwhile
+        num_made = len(unread.request.output_ids)
+        await asyncio.sleep(0.3)
+        assert len(unread.request.output_ids) == num_made  # paused: nothing more computed
+        assert PAUSE_AT <= num_made <= PAUSE_AT + 4 and unread.num_unread == num_made
+        resumed = await _collect(unread)
+        return reference, resumed, other
+
+    reference, resumed, other = run_engine(body)
+    assert [t for o in resumed for t in o.token_ids] == [t for o in reference for t in o.token_ids]
+    assert len(resumed) == 200 and len(other) == 150

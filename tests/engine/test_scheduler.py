@@ -506,3 +506,17 @@ def test_max_chunk_tokens_caps_one_rows_prefill_per_step() -> None:
     assert _plan(scheduler.schedule()) == [("long", 0, 0, 6, False), ("short", 1, 0, 4, True)]
     assert _plan(scheduler.schedule()) == [("short", 1, 4, 1, True), ("long", 0, 6, 6, False)]
     assert _plan(scheduler.schedule()) == [("short", 1, 5, 1, True), ("long", 0, 12, 3, True)]
+
+
+def test_paused_rows_keep_their_slot_but_are_not_scheduled() -> None:
+    scheduler = running_scheduler("a", "b")
+    scheduler.paused.add("a")
+    batch = scheduler.schedule()
+    assert [w.request.request_id for w in batch.rows] == ["b"] and ids(scheduler.running) == ["a", "b"]
+    assert not scheduler.is_idle
+    scheduler.paused.add("b")
+    assert scheduler.is_idle and scheduler.schedule().rows == []  # nothing to compute
+    scheduler.retire({"a"})
+    assert scheduler.paused == {"b"}
+    scheduler.paused.discard("b")
+    assert [w.request.request_id for w in scheduler.schedule().rows] == ["b"]

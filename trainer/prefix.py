@@ -61,8 +61,8 @@ def canonical_prefix(model: PeftModel) -> torch.Tensor:
 
 
 def init_from_text(model: PeftModel, tokenizer: Any, text: str, fit_steps: int = 300) -> None:
-    """Start the prefix at the activations of real words (Li & Liang, section 7.2: helps most
-    with little data). The text's ids are repeated or cut to P; without the MLP they are copied
+    """Start the prefix at the activations of real words (Li & Liang: helps most with
+    little data). The text's ids are repeated or cut to P; without the MLP they are copied
     in, with it the MLP is fitted to them by a short regression (it has no exact inverse)."""
     config = model.active_peft_config
     length = config.num_virtual_tokens

@@ -10,13 +10,23 @@ import httpx
 import pytest
 import safetensors
 import safetensors.torch
+import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
 from prefix_store.fingerprint import model_fingerprint
 from tests.server_process import ServerProcess
 from tests.tiny_models import save_tiny_model
 from trainer.data import DataError, read_jsonl
-from trainer.prefix import export, greedy, load_base, prefix_model, weights_digest
+from trainer.evaluate import evaluate, score
+from trainer.prefix import (
+    canonical_prefix,
+    export,
+    greedy,
+    init_from_text,
+    load_base,
+    prefix_model,
+    weights_digest,
+)
 from trainer.train import TrainResult, build_parser, main, train
 
 PREFIX_LEN = 4
@@ -91,6 +101,11 @@ def test_served_greedy_equals_trainer_greedy_and_foreign_prefix_is_refused(
             body = {"task_id": "t:reverse", "prompt": word, "max_new_tokens": 6, "temperature": 0}
             got = c.post(server.url + "/generate", json=body).json()
             assert got["token_ids"][: len(want)] == want, (word, got)
+        # prefix-eval through the server scores exactly what the trainer itself would have said
+        refs = {w: [" fine", " fine!"] for w in INPUTS}
+        [served], _ = evaluate(server.url, {"t:reverse": refs}, max_new_tokens=6)
+        mine = [str(tokenizer.decode(expected[w])).strip() for w in INPUTS]
+        assert (served.bleu, served.rouge_l) == tuple(round(x, 2) for x in score(mine, list(refs.values())))
         refused = c.put(
             server.url + "/admin/prefixes/t:foreign",
             files={"weights": ("p.safetensors", foreign.read_bytes())},
@@ -107,3 +122,27 @@ def test_bad_jsonl_names_the_line(tmp_path: Path) -> None:
     bad.write_text('{"input": "a", "output": "b"}\nnot json\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: not valid JSON"):
         main(["--data", str(bad), "--out", str(tmp_path / "out"), "--model", "unused"])
+
+
+def test_scores_of_perfect_and_wrong_answers() -> None:
+    bleu, rouge = score(["the eagle is a pub"], [["a pub", "the eagle is a pub"]])
+    assert round(bleu, 6) == 100 and rouge == 100
+    bleu, rouge = score(["zzz qqq"], [["the eagle is a pub"]])
+    assert bleu < 1 and rouge == 0
+
+
+def test_init_text_starts_the_prefix_at_the_words_activations(tmp_path: Path) -> None:
+    model_dir = save_tiny_model("gpt2", tmp_path / "model")
+    base, tokenizer = load_base(str(model_dir))
+    words = tokenizer.encode("hi", add_special_tokens=False)
+    with torch.no_grad():
+        cache = base(input_ids=torch.tensor([words * 2]), use_cache=True).past_key_values
+    want = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+    plain = prefix_model(base, PREFIX_LEN, None)
+    init_from_text(plain, tokenizer, "hi")  # 2 tokens repeated to P=4
+    assert torch.allclose(canonical_prefix(plain), want)
+    base2, _ = load_base(str(model_dir))
+    with_mlp = prefix_model(base2, PREFIX_LEN, 32)
+    init_from_text(with_mlp, tokenizer, "hi")
+    before = torch.nn.functional.mse_loss(torch.zeros_like(want), want)
+    assert torch.nn.functional.mse_loss(canonical_prefix(with_mlp), want) < 0.05 * before

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -29,6 +30,9 @@ def default_model() -> str:
     from server.engine.demo_model import DEMO_WEIGHTS
 
     return str(DEMO_WEIGHTS)
+
+
+_ENCODER_FILE = "prompt_encoder.safetensors"
 
 
 @dataclass
@@ -72,6 +76,28 @@ class _KeepBest(TrainerCallback):
     def restore(self) -> None:
         if self.best_state is not None:
             self.encoder.load_state_dict(self.best_state)
+
+
+class _PrefixTrainer(Trainer):
+    """`Trainer` whose checkpoints resume a prefix with its MLP.
+
+    PEFT's `save_pretrained` folds the MLP into P, so a checkpoint it wrote cannot be loaded back
+    into a model that still has the MLP; the prompt encoder's own weights are saved beside it.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        encoder: Any = self.model.prompt_encoder[self.model.active_adapter]  # type: ignore[union-attr,index]
+        folder = Path(output_dir or str(self.args.output_dir))
+        safetensors.torch.save_file(
+            {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, folder / _ENCODER_FILE
+        )
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        encoder: Any = self.model.prompt_encoder[self.model.active_adapter]  # type: ignore[union-attr,index]
+        encoder.load_state_dict(safetensors.torch.load_file(Path(resume_from_checkpoint) / _ENCODER_FILE))
 
 
 class _TokensPerSecond(TrainerCallback):
@@ -151,7 +177,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     )
     keep_best = _KeepBest(model, args.patience)
     callbacks: list[TrainerCallback] = [_TokensPerSecond(), keep_best]
-    trainer = Trainer(
+    trainer = _PrefixTrainer(
         model=model,
         args=targs,
         train_dataset=train_rows,  # type: ignore[arg-type]

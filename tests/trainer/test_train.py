@@ -4,6 +4,7 @@ server serves, and the server's greedy answers equal the trainer's own."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -146,3 +147,15 @@ def test_init_text_starts_the_prefix_at_the_words_activations(tmp_path: Path) ->
     init_from_text(with_mlp, tokenizer, "hi")
     before = torch.nn.functional.mse_loss(torch.zeros_like(want), want)
     assert torch.nn.functional.mse_loss(canonical_prefix(with_mlp), want) < 0.05 * before
+
+
+def test_resume_continues_to_the_same_prefix_as_one_run(tmp_path: Path) -> None:
+    model_dir = save_tiny_model("gpt2", tmp_path / "model")
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"input": w, "output": w.upper()} for w in INPUTS * 2])
+    argv = ["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--batch-size", "4", "--prefix-len", "2", "--mlp-hidden", "8", "--save-steps", "2",
+            "--max-steps", "6", "--quiet"]  # fmt: skip
+    straight = safetensors.torch.load_file(train(build_parser().parse_args(argv)).prefix_path)["prefix"]
+    shutil.rmtree(tmp_path / "out" / "checkpoints" / "checkpoint-6")  # as if stopped after step 4
+    resumed_path = train(build_parser().parse_args([*argv, "--resume"])).prefix_path
+    assert torch.allclose(straight, safetensors.torch.load_file(resumed_path)["prefix"], atol=1e-6)

@@ -147,7 +147,12 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)
     layout = plan_kv(settings, loaded)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
-    metrics = Metrics(settings.metrics_max_tasks, settings.metrics_per_task, settings.metrics_token)
+    metrics = Metrics(
+        settings.metrics_max_tasks,
+        settings.metrics_per_task,
+        settings.metrics_token,
+        settings.metrics_vllm_names,
+    )
     metrics.model_info.info(
         {
             "model": loaded.name,

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         None, description="when set, /metrics needs `Authorization: Bearer <it>`"
     )
+    metrics_vllm_names: bool = Field(
+        False, description="also export the vLLM metric names the Gateway API Inference Extension scrapes"
+    )
     max_prompts: int = Field(32, ge=1, description="prompts (x n) one /v1/completions request may carry")
     max_rows_per_tenant: int | None = Field(
         None, ge=1, description="running rows one tenant may hold; default: a fair share when others wait"

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from prefix_store.prefix_cache import PrefixCache
 from server.engine.stats import EngineStats, FinishedRequest, StepStats
+from server.metrics_vllm import VllmCollector, kv_usage_ratio
 
 # LLM serving spans milliseconds (a decode step) to minutes (a long generation)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -100,6 +101,9 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "prefix_server_kv_cache_capacity_bytes", "Pre-allocated KV slot memory", stats.kv_capacity_bytes
         )
+        yield GaugeMetricFamily(
+            "prefix_server_kv_cache_usage_ratio", "KV slot memory in use, 0..1", kv_usage_ratio(stats)
+        )
         yield from self._tier_metrics()
         yield CounterMetricFamily(
             "prefix_server_prefix_loads", "Prefix loads from Redis", prefixes.load_stats.loads
@@ -166,12 +170,18 @@ class Metrics:
 
     `per_task`: task-id labels "on", "off", or "auto" (on until API keys exist, see `bind`).
     `token`: when set, `/metrics` needs `Authorization: Bearer <token>` (`is_allowed`).
+    `vllm_names`: also export the vLLM names the Gateway API Inference Extension scrapes.
     """
 
     def __init__(
-        self, max_task_labels: int = 20, per_task: PerTask = "auto", token: str | None = None
+        self,
+        max_task_labels: int = 20,
+        per_task: PerTask = "auto",
+        token: str | None = None,
+        vllm_names: bool = False,
     ) -> None:
         self.registry = registry = CollectorRegistry()
+        self.vllm_names = vllm_names
         self.task_label = TaskLabels(max_task_labels)
         self.per_task: PerTask = per_task
         self.token = token
@@ -252,6 +262,9 @@ class Metrics:
         the key store and the rate limiter; `has_keys`: whether API keys exist (for `per_task="auto"`)."""
         self._has_keys = has_keys
         self.registry.register(_LiveCollector(engine_stats, prefixes, self.task_label, other_redis_errors))
+        if self.vllm_names:
+            max_tasks = self.task_label.max_tasks
+            self.registry.register(VllmCollector(engine_stats, prefixes, max_tasks, self.is_per_task))
 
     def is_per_task(self) -> bool:
         """Whether task ids get their own label now."""

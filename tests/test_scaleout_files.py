@@ -131,3 +131,31 @@ def test_kubernetes_server_drains_before_it_is_killed() -> None:
         for e in by_name["Deployment", "prefix-haproxy"]["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert haproxy_env["PREFIX_REPLICAS_ADDR"].startswith("prefix-server-replicas.")
+
+
+def test_envoy_alternative_config_has_bounded_load_hashing_and_health_checks() -> None:
+    """docker/envoy/envoy.yaml (untested with Envoy here): parses, ring hash with bounded loads on
+    X-Task-Id (set from the JSON body by its Lua filter), /ready checks, connect-failure retries."""
+    config = yaml.safe_load((ROOT / "docker" / "envoy" / "envoy.yaml").read_text())
+    (cluster,) = config["static_resources"]["clusters"]
+    assert cluster["lb_policy"] == "RING_HASH"
+    assert cluster["common_lb_config"]["consistent_hashing_lb_config"]["hash_balance_factor"] == 125
+    (check,) = cluster["health_checks"]
+    assert check["http_health_check"]["path"] == "/ready" and check["unhealthy_threshold"] <= 3
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    hashed = [route for route in routes if "hash_policy" in route["route"]]
+    assert {route["match"].get("path") or route["match"]["prefix"] for route in hashed} == {
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+    }
+    request_timeout = Settings.model_fields["request_timeout"].default
+    for route in routes:
+        assert route["route"]["retry_policy"]["retry_on"] == "connect-failure"
+        assert float(route["route"]["timeout"].removesuffix("s")) > request_timeout
+    for route in hashed:
+        assert route["route"]["hash_policy"] == [{"header": {"header_name": "x-task-id"}}]
+    lua, router = manager["http_filters"]
+    assert lua["name"] == "envoy.filters.http.lua" and router["name"] == "envoy.filters.http.router"
+    assert "x-task-id" in lua["typed_config"]["default_source_code"]["inline_string"]

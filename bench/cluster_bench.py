@@ -8,7 +8,8 @@ there is no host tier, so a request whose prefix is not on its replica loads it 
 
 Modes: `hash` (bounded loads, factor 125; `hash150`, `hash200`: looser bounds), `plain`
 (consistent hashing, factor off), `roundrobin`, and `kill` (`hash` with the busiest replica
-SIGKILLed halfway through: what failed, which tasks moved). Cold loads are counted after a warm-up half of the requests.
+SIGKILLed halfway through: what failed, which tasks moved). Cold loads are counted after a
+warm-up half of the requests.
 
     python bench/cluster_bench.py                     # ~6 min on 2 cores (a tiny GPT-2)
     python bench/cluster_bench.py --modes hash roundrobin --requests 1000

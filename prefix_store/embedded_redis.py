@@ -246,6 +246,9 @@ class EmbeddedRedis:
                 # The child shares the data-dir lock: an orphaned Redis still guards its AOF.
                 pass_fds=(lock_fd,),
                 preexec_fn=_child_setup_fn(),
+                # Its own session: a terminal's Ctrl-C reaches the server only, which then stops
+                # Redis cleanly (it must not die mid-drain and be restarted by the supervisor).
+                start_new_session=True,
             )
 
     def _load_password(self) -> str:

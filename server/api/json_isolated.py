@@ -78,6 +78,7 @@ _pool: ProcessPoolExecutor | None = None
 def _die_with_parent() -> None:
     """In the helper: the kernel ends it when the server dies, however the server dies (a pool
     worker holds both ends of its task queue, so it would otherwise wait forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)

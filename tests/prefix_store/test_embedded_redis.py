@@ -177,3 +177,15 @@ def test_data_dir_is_0700_and_files_0600_even_if_they_were_wider(tmp_path: Path)
     assert any(path.name.startswith("appendonly") and path.stat().st_size > 0 for path in files)
     assert {path.name: _mode(path) for path in files} == {path.name: 0o600 for path in files}
     assert all(_mode(path) == 0o700 for path in data.rglob("*") if path.is_dir())
+
+
+def test_redis_runs_in_its_own_session_so_a_terminal_ctrl_c_reaches_only_the_server(tmp_path: Path) -> None:
+    """Ctrl-C signals the terminal's whole process group: were Redis in it, it would die mid-drain
+    and the supervisor would restart it while the server shuts down."""
+    embedded = EmbeddedRedis(tmp_path)
+    embedded.start()
+    try:
+        assert embedded.pid is not None
+        assert os.getpgid(embedded.pid) != os.getpgid(0) and os.getsid(embedded.pid) == embedded.pid
+    finally:
+        embedded.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import resource
 import socket
 import time
@@ -92,8 +93,8 @@ def install_accept_log_limit() -> None:
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """uvicorn's h11 protocol, plus: a connection that has not sent complete request headers
-    within `header_timeout_s` (after connecting, or after its previous response) is closed, and
-    connections beyond `max_connections` get a 503 and are closed at once."""
+    within `header_timeout_s` (x 1 to 1.5, jittered; after connecting, or after its previous
+    response) is closed, and connections beyond `max_connections` get a 503 and are closed at once."""
 
     class GuardedH11Protocol(H11Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -123,7 +124,10 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
         def _arm_header_timer(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._on_header_timeout)
+            # jittered: a thousand connections opened together must not all be cut (and come
+            # back) in the same loop iteration, which would stall every other request at once
+            delay = header_timeout_s * (1.0 + 0.5 * random.random())
+            self._header_timer = self.loop.call_later(delay, self._on_header_timeout)
 
         def _on_header_timeout(self) -> None:
             self._header_timer = None

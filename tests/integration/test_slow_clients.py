@@ -49,7 +49,7 @@ def test_connections_that_never_finish_their_headers_are_cut(server: ServerProce
     attackers = [_half_request(server.port) for _ in range(30)]
     try:
         assert httpx.get(server.url + "/health", timeout=5).status_code == 200  # others still served
-        time.sleep(1.5)  # past --header-timeout
+        time.sleep(2.0)  # past --header-timeout (x 1.5 at most: jittered)
         assert all(_is_closed_by_server(sock) for sock in attackers)
     finally:
         for sock in attackers:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.server_process import ServerProcess, metric_value, upload_adapter
-from tests.tiny_models import Adapter, save_adapter, save_tiny_model
+from tests.tiny_models import Adapter
 
 VLLM_GAUGES = (
     "vllm:num_requests_waiting",
@@ -23,20 +23,10 @@ TASKS = ("acme:a", "acme:b")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model("gpt2", tmp_path_factory.mktemp("m") / "model")
-
-
-@pytest.fixture(scope="module")
-def adapter(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Adapter:
-    return save_adapter(model_dir, tmp_path_factory.mktemp("a") / "adapter", 3, seed=7)
-
-
-@pytest.fixture(scope="module")
-def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+def servers(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
     """One server with the vLLM names (per-task ids bounded to 1), one without."""
     root = tmp_path_factory.mktemp("routing")
-    flags = ["--model", str(model_dir), "--metrics-max-tasks", "1"]
+    flags = ["--model", str(gpt2_dir), "--metrics-max-tasks", "1"]
     with (
         ServerProcess(root / "on", *flags, "--metrics-vllm-names", "true") as on,
         ServerProcess(root / "off", *flags) as off,

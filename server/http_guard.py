@@ -91,6 +91,9 @@ def install_accept_log_limit() -> None:
     logging.getLogger("asyncio").addFilter(RateLimitedRecords(("socket.accept() out of system resource",)))
 
 
+log.addFilter(RateLimitedRecords(("refused a connection",)))  # an attack must not flood the log
+
+
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
     """uvicorn's h11 protocol, plus: a connection that has not sent complete request headers
     within `header_timeout_s` (x 1 to 1.5, jittered; after connecting, or after its previous
@@ -138,28 +141,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
     return GuardedH11Protocol
 
 
-class _RefusalLog:
-    """Counts refused connections and logs them at most once per `interval_s`."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last = -float("inf")
-        self._num_since = 0
-
-    def note(self, max_connections: int) -> None:
-        self._num_since += 1
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            log.warning(
-                "--max-connections=%d reached: refused %d connection(s)", max_connections, self._num_since
-            )
-            self._last, self._num_since = now, 0
-
-
-_refusals = _RefusalLog()
-
-
 def _refuse_busy(transport: asyncio.Transport, max_connections: int) -> None:
     transport.write(_BUSY)
     transport.close()
-    _refusals.note(max_connections)
+    log.warning("refused a connection: --max-connections=%d reached", max_connections)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.http_guard import RateLimitedRecords
+
 log = logging.getLogger(__name__)
+log.addFilter(RateLimitedRecords(("dropped a response",)))  # a bounded log, whatever the attack rate
 
 
 class _Stalled(Exception):
@@ -36,12 +38,9 @@ class StreamStallMiddleware:
     for `stall_s`, the response is abandoned: the route's generator is closed, which aborts its
     engine request and frees the row, and the server closes the connection."""
 
-    def __init__(self, app: ASGIApp, stall_s: float, log_interval_s: float = 10.0) -> None:
+    def __init__(self, app: ASGIApp, stall_s: float) -> None:
         self.app = app
         self.stall_s = stall_s
-        self.num_dropped = 0
-        self._log_interval_s = log_interval_s
-        self._last_log = -float("inf")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,16 +56,4 @@ class StreamStallMiddleware:
         try:
             await self.app(scope, receive, guarded_send)
         except _Stalled:
-            self._note_dropped(scope)
-
-    def _note_dropped(self, scope: Scope) -> None:
-        self.num_dropped += 1
-        now = time.monotonic()
-        if now - self._last_log >= self._log_interval_s:  # a bounded log, whatever the attack rate
-            self._last_log = now
-            log.warning(
-                "dropped a response to %s unread for %.0f s (%d dropped so far)",
-                scope.get("path", "?"),
-                self.stall_s,
-                self.num_dropped,
-            )
+            log.warning("dropped a response to %s unread for %.0f s", scope.get("path", "?"), self.stall_s)

@@ -65,3 +65,10 @@ clean:
 .PHONY: demo
 demo: $(STAMP)
 	$(BIN)/python -m examples.table_to_text.demo
+
+# The image built and run for real with podman (installed from apt if missing): health, non-root,
+# same tokens as prefix-serve outside it, drain on stop, a volume across restarts, external Redis.
+# Several minutes (the image build); leaves nothing behind. See docker/image_test.py.
+.PHONY: image-test
+image-test: $(STAMP)
+	$(BIN)/python docker/image_test.py

@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PREFIX_SERVE_", populate_by_name=True, extra="ignore")
 
     model: str | None = Field(None, description="HF hub id or local dir; default: the built-in demo model")
+    trust_remote_code: bool = Field(
+        False,
+        description="true: run Python code a model ships (its config.json auto_map); default: refuse it",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     host: str = "127.0.0.1"

@@ -33,6 +33,15 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("PREFIX_SERVE_REDIS_URL", "REDIS_URL"),
         description="default: an embedded Redis under the data dir",
     )
+    redis_min_replicas: int = Field(
+        1,
+        ge=0,
+        description="an upload is acknowledged once this many Redis replicas have it (WAIT), "
+        "at most as many as are connected; 0 = do not wait",
+    )
+    redis_wait_ms: int = Field(
+        1000, ge=1, description="how long an upload waits for replicas before failing with 503"
+    )
     data_dir: Path = Path("./data")
     admin_token: str | None = Field(
         None,

@@ -13,6 +13,7 @@ import uvicorn
 
 from server.api.lifecycle import Lifecycle
 from server.config import Settings
+from server.engine.model_source import ModelSourceError, locate_model
 from server.http_guard import (
     StartupError,
     bind_listener,
@@ -73,11 +74,22 @@ def check_data_dir(settings: Settings) -> None:
         ) from None
 
 
+def check_model(settings: Settings) -> None:
+    """`--model` is found (offline unless HF_HUB_OFFLINE=0) and runs no code the user has not allowed."""
+    if settings.model is None:
+        return
+    try:
+        locate_model(settings.model, settings.trust_remote_code)
+    except ModelSourceError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     setup_logging(settings.log_level, settings.log_format)
     try:
         check_data_dir(settings)
+        check_model(settings)
         listener = bind_listener(settings.host, settings.port)
     except StartupError as exc:
         print(f"prefix-serve: error: {exc}", file=sys.stderr, flush=True)

@@ -1,4 +1,8 @@
-"""Load the frozen causal LM and its tokenizer; build the embedded demo model on first use."""
+"""Load the frozen causal LM and its tokenizer; build the embedded demo model on first use.
+
+Where the files come from (local dir, hub cache, offline by default) and whether the model's own
+code may run is decided by `model_source.locate_model`; this module only loads what it found.
+"""
 
 import logging
 from dataclasses import dataclass
@@ -9,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from server.engine.demo_model import ensure_demo_model
+from server.engine.model_source import TRUST_FLAG, ModelSource, ModelSourceError, locate_model
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,6 +28,7 @@ class ModelOptions:
     dtype: str  # auto | float32 | bfloat16 | float16
     data_dir: Path
     max_model_len: int | None = None
+    trust_remote_code: bool = False  # run code the model ships (config.json auto_map)
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,22 @@ def load_model(options: ModelOptions) -> LoadedModel:
     """Load through `from_pretrained` (the demo model too), frozen, on the chosen device."""
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    source = options.model or str(ensure_demo_model(options.data_dir / "models" / "demo"))
-    log.info("loading model %s on %s as %s", source, device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    if options.model is None:
+        source = locate_model(str(ensure_demo_model(options.data_dir / "models" / "demo")), False)
+    else:
+        source = locate_model(options.model, options.trust_remote_code)
+    _log_source(source, options.trust_remote_code, device, dtype)
+    files = {"trust_remote_code": options.trust_remote_code, "local_files_only": source.is_offline}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **files)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=dtype, attn_implementation="sdpa", **files
+        )
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        # e.g. a tokenizer that only its own code can build (the config check saw the model only)
+        raise ModelSourceError(f"model {source.name} needs its own code to load: pass {TRUST_FLAG}") from exc
     model = model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     return LoadedModel(
         name=options.model or "demo",
@@ -91,3 +109,23 @@ def load_model(options: ModelOptions) -> LoadedModel:
         vocab_size=int(model.get_input_embeddings().weight.shape[0]),
         eos_ids=_eos_ids(model, tokenizer),
     )
+
+
+def _log_source(
+    source: ModelSource, trust_remote_code: bool, device: torch.device, dtype: torch.dtype
+) -> None:
+    where = "" if source.location == source.name else f" from {source.location}"
+    log.info("loading model %s%s on %s as %s", source.name, where, device, dtype)
+    if source.code_files and trust_remote_code:
+        log.warning(
+            "--trust-remote-code: running the code model %s ships (%s)",
+            source.name,
+            ", ".join(source.code_files),
+        )
+    elif source.code_files:
+        log.info(
+            "model %s ships code (%s) that is not run: transformers' own %s is used",
+            source.name,
+            ", ".join(source.code_files),
+            source.model_type,
+        )

@@ -141,7 +141,12 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     client = connect(redis_url)
     stack.push_async_callback(client.aclose)
     options = ModelOptions(
-        settings.model, settings.device, settings.dtype, settings.data_dir, settings.max_model_len
+        settings.model,
+        settings.device,
+        settings.dtype,
+        settings.data_dir,
+        settings.max_model_len,
+        trust_remote_code=settings.trust_remote_code,
     )
     loaded = await asyncio.to_thread(load_model, options)
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)

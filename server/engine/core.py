@@ -18,10 +18,11 @@ from server.engine.errors import QueueFull
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model_loader import LoadedModel
 from server.engine.model_runner import ForwardRow, ModelRunner
+from server.engine.penalties import PenaltyTable
 from server.engine.postprocess import append_token
 from server.engine.request import FinishReason, Request, StepOutput
 from server.engine.sampler import sample, token_logprobs
-from server.engine.scheduler import RowWork, ScheduledBatch, Scheduler
+from server.engine.scheduler import RowWork, ScheduledBatch, Scheduler, SlotMove
 from server.engine.stats import StepStats, finished_request
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class EngineCore:
             max_rows_per_tenant=max_rows_per_tenant,
             max_chunk_tokens=max_chunk_tokens,
         )
+        output_embeddings = loaded.model.get_output_embeddings()
+        vocab = output_embeddings.weight.shape[0] if output_embeddings is not None else loaded.vocab_size
+        # the penalised rows' token histories (allocated when the first penalised request comes)
+        self.penalties = PenaltyTable(kv.layout.num_slots, int(vocab), kv.layout.device)
         self.request_timeout_s = request_timeout_s
         self.on_step = on_step
         self.lock = threading.RLock()
@@ -102,7 +107,7 @@ class EngineCore:
         sampling = [w for w in batch.rows if w.samples]
         if batch.rows:
             logits = self.runner.forward([self._forward_row(w) for w in batch.rows])
-            outputs += self._sample([w.request for w in sampling], logits)
+            outputs += self._sample([w.request for w in sampling], [w.slot for w in sampling], logits)
         finished = [w.request for w in sampling if w.request.is_finished]
         self._retire(finished)
         if self.on_step is not None and (batch.rows or ended):
@@ -117,17 +122,28 @@ class EngineCore:
     def _schedule(self) -> ScheduledBatch[Request]:
         with self.lock:
             batch = self.scheduler.schedule()
-            lengths = {
-                r.request_id: r.prefix_len + self.scheduler.num_computed(r) for r in self.scheduler.running
-            }
-        for move in batch.moves:  # preempted rows left holes
-            self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
+        self._move_slots(batch.moves)  # preempted rows left holes
         now = time.monotonic()
         for request in batch.admitted:  # fresh, or resumed after a preemption: the slot starts anew
             if request.admitted_time is None:
                 request.admitted_time = now
-            self.kv.load_prefix(self.scheduler.slot_of(request), request.prefix.kv)
+            slot = self.scheduler.slot_of(request)
+            self.kv.load_prefix(slot, request.prefix.kv)
+            if request.params.has_penalties:
+                self.penalties.load(slot, request.prompt_ids, request.output_ids)
         return batch
+
+    def _move_slots(self, moves: list[SlotMove]) -> None:
+        """Apply compaction moves to the KV cache (and to penalised rows' token histories)."""
+        if not moves:
+            return
+        with self.lock:
+            running = {r.request_id: r for r in self.scheduler.running}
+            lengths = {i: r.prefix_len + self.scheduler.num_computed(r) for i, r in running.items()}
+        for move in moves:
+            self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
+            if running[move.request_id].params.has_penalties:
+                self.penalties.move(move.src, move.dst)
 
     def _forward_row(self, work: RowWork[Request]) -> ForwardRow:
         request, start, end = work.request, work.start, work.start + work.num_tokens
@@ -138,12 +154,12 @@ class EngineCore:
             ids = request.prompt_ids[start:end] + request.output_ids[: max(0, end - num_prompt)]
         return ForwardRow(work.slot, request.prefix_len + start, ids, work.samples)
 
-    def _sample(self, rows: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+    def _sample(self, rows: list[Request], slots: list[int], logits: torch.Tensor) -> list[StepOutput]:
         """Sample every row; a row whose logits are not finite fails alone (the others go on)."""
         is_finite = torch.isfinite(logits).all(dim=-1)
         logits = torch.where(is_finite[:, None], logits, 0.0)
         params = [r.params for r in rows]
-        ids = sample(logits, params, [r.generator for r in rows])
+        ids = sample(logits, params, [r.generator for r in rows], self.penalties.for_step(params, slots))
         logprobs = token_logprobs(logits, ids, params)
         decode, eos = self.loaded.decode, self.loaded.eos_ids
         outputs = []
@@ -167,11 +183,7 @@ class EngineCore:
             return
         with self.lock:
             moves = self.scheduler.retire({r.request_id for r in finished})
-            lengths = {
-                r.request_id: r.prefix_len + self.scheduler.num_computed(r) for r in self.scheduler.running
-            }
-        for move in moves:
-            self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
+        self._move_slots(moves)
 
     def _end_aborted_and_expired(self) -> tuple[list[Request], list[StepOutput]]:
         """Drop aborted and expired requests (waiting ones leave the queue, running ones are

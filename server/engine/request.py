@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -30,10 +31,25 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    # OpenAI's, over the generated tokens: logit -= count * frequency + (count > 0) * presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # HF's, over prompt + generated tokens: a seen token's logit is divided by it (multiplied if < 0)
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        penalties = (self.frequency_penalty, self.presence_penalty, self.repetition_penalty)
+        if not all(math.isfinite(p) for p in penalties) or self.repetition_penalty <= 0:
+            raise ValueError(f"penalties must be finite and repetition_penalty > 0, got {penalties}")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the sampler must change this row's logits from its token history."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
-"""Turns logits into token ids for a whole step at once: greedy rows by argmax, sampled rows
-filtered together over `[rows, vocab]` and drawn with their own generator; one host sync."""
+"""Turns logits into token ids for a whole step at once: penalties on the rows that have them,
+greedy rows by argmax, sampled rows filtered together over `[rows, vocab]` and drawn with their own
+generator; one host sync.
+
+Reported logprobs are of the model's raw distribution (before penalties, temperature, top-k and
+top-p), as vLLM reports them by default (its `logprobs_mode="raw_logprobs"`)."""
 
 import torch
 
+from server.engine.penalties import StepPenalties
 from server.engine.request import SamplingParams
 
 
@@ -52,11 +57,17 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    penalties: StepPenalties | None = None,
 ) -> list[int]:
-    """Pick one id per row of `logits` `[rows, vocab]` (float32)."""
+    """Pick one id per row of `logits` `[rows, vocab]` (float32), after the rows' penalties
+    (`penalties`: None when no row has any); the sampled ids are added to their histories."""
     if len(params) != len(generators):
         raise ValueError(f"{len(params)} params but {len(generators)} generators")
+    if penalties is not None:
+        logits = penalties.apply(logits)
     chosen = logits.argmax(dim=-1)  # [rows]
     rows = [row for row, p in enumerate(params) if not p.is_greedy]
     if rows:
@@ -69,14 +80,17 @@ def sample(
             [torch.multinomial(probs[i], 1, generator=generators[row]) for i, row in enumerate(rows)]
         )
         chosen[rows] = drawn
+    if penalties is not None:
+        penalties.record(chosen)  # on the device, before the sync
     return [int(t) for t in chosen.tolist()]  # the step's one host sync
 
 
 def token_logprobs(
     logits: torch.Tensor, chosen: list[int], params: list[SamplingParams]
 ) -> list[tuple[float, tuple[tuple[int, float], ...]] | None]:
-    """Per row that asked: the chosen id's log-probability under the model (before sampling
-    filters) and the top-k alternatives; None for rows that did not ask."""
+    """Per row that asked: the chosen id's log-probability under the model (raw: before
+    penalties and sampling filters, vLLM's default) and the top-k alternatives; None for rows
+    that did not ask."""
     wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
     results: list[tuple[float, tuple[tuple[int, float], ...]] | None] = [None] * len(params)
     if not wanted:

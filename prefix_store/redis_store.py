@@ -1,15 +1,14 @@
 """Prefix versions in Redis, shared by every replica.
 
-Layout, namespaced by model fingerprint (the `{...}` braces are literal: they form a Redis
-Cluster hash tag, so every key of one model lives in one slot and the Lua script may touch
-them all):
+Keys (layout 2, sharded by bucket so a Redis Cluster spreads the store over its primaries):
+see `layout.py`. A write replaces the whole hash inside one Lua script over one slot, so a
+reader (one HGETALL) sees the old version or the new one, never a mix.
 
-- `pfx:{fp}:task:<task_id>`: hash with every `PrefixMeta` field plus `data` (raw bytes).
-- `pfx:{fp}:ver:<task_id>`: version counter; kept on delete so versions stay monotonic.
-- `pfx:{fp}:index`: sorted set, all scores 0, members task ids (lexicographic paging).
-
-A write replaces the whole hash inside one Lua script, so a reader (one HGETALL) sees the
-old version or the new one, never a mix.
+Durability: with `min_replicas` > 0 a write is acknowledged only once `WAIT` says that many
+replicas (at most as many as are connected to the task's primary) have it; otherwise the
+call raises `NotReplicated` (503, retry: uploads are idempotent by content). Redis
+replication is asynchronous: WAIT makes an acknowledged write survive a failover to a
+replica that had it; it is no distributed commit (a write WAIT gave up on may survive or not).
 """
 
 from __future__ import annotations
@@ -20,17 +19,22 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
+from prefix_store.connection import RedisClient, connect, is_cluster
 from prefix_store.entry import PrefixMeta
 from prefix_store.errors import StoreUnavailable
+from prefix_store.health import RedisHealth
+from prefix_store.layout import NUM_BUCKETS, KeyLayout
+from prefix_store.listing import page_ids
+
+__all__ = ["REDIS_ERRORS", "NotReplicated", "RedisPrefixStore", "connect", "unavailable"]
 
 # Replace the hash wholesale (DEL first: no stale field can survive a schema change).
+# KEYS: task hash, version, bucket index, event channel (same slot on Cluster).
+# ARGV[9]: PUBLISH, or SPUBLISH on Cluster.
 _PUT_SCRIPT = """
 local version = redis.call('INCR', KEYS[2])
 redis.call('DEL', KEYS[1])
@@ -39,14 +43,14 @@ redis.call('HSET', KEYS[1],
   'dtype', ARGV[4], 'model_fingerprint', ARGV[5], 'created_at', ARGV[6], 'data', ARGV[7],
   'source', ARGV[8])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
-redis.call('PUBLISH', KEYS[4], ARGV[1])
+redis.call(ARGV[9], KEYS[4], ARGV[1])
 return version
 """
 
 _DELETE_SCRIPT = """
 local removed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('PUBLISH', KEYS[3], ARGV[1])
+redis.call(ARGV[2], KEYS[3], ARGV[1])
 return removed
 """
 
@@ -64,6 +68,10 @@ _META_FIELDS: tuple[str, ...] = (
 REDIS_ERRORS = (RedisError, OSError)
 
 
+class NotReplicated(StoreUnavailable):
+    """The write reached the primary but no (or too few) replicas within the wait."""
+
+
 class CountsErrors(Protocol):
     num_errors: int  # failed Redis calls, for metrics
 
@@ -78,89 +86,96 @@ async def unavailable(owner: CountsErrors, action: str) -> AsyncIterator[None]:
         raise StoreUnavailable(f"redis {action} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def connect(url: str, max_connections: int = 64) -> redis.asyncio.Redis:
-    """A binary-safe async client with timeouts fit for payloads up to 64 MiB.
-
-    `socket_timeout` bounds each socket read/write, not a whole transfer, so 10 s leaves
-    ample room for large values while a hung server still fails in bounded time. Retries
-    are few and short: with Redis down a request should fail fast (503), not stall. The
-    pool blocks (up to 10 s) when all connections are busy instead of failing a burst.
-    """
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=10.0,
-        decode_responses=False,
-        socket_connect_timeout=2.0,
-        socket_timeout=10.0,
-        socket_keepalive=True,
-        health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=2),
-    )
-    return redis.asyncio.Redis.from_pool(pool)
-
-
 class RedisPrefixStore:
-    """Prefix versions of one model (fingerprint) in Redis."""
+    """Prefix versions of one model (fingerprint) in Redis: single, Sentinel or Cluster."""
 
-    def __init__(self, client: redis.asyncio.Redis, fingerprint: str) -> None:
-        if not fingerprint or any(c in fingerprint for c in "{}"):
-            raise ValueError(f"fingerprint must be non-empty and free of braces, got {fingerprint!r}")
+    def __init__(
+        self, client: RedisClient, fingerprint: str, min_replicas: int = 0, wait_ms: int = 1000
+    ) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("RedisPrefixStore needs a client with decode_responses=False (binary data)")
         self._client = client
+        self._is_cluster = is_cluster(client)
+        self._layout = KeyLayout(fingerprint, self._is_cluster)
         self._fingerprint = fingerprint
-        self._prefix = f"pfx:{{{fingerprint}}}:"
-        self._index_key = self._prefix + "index"
-        self._events_channel = self._prefix + "events"
-        self._put_script = client.register_script(_PUT_SCRIPT)
+        self._min_replicas = min_replicas
+        self._wait_ms = wait_ms
         self._delete_script = client.register_script(_DELETE_SCRIPT)
         self.num_errors = 0  # failed Redis calls, for metrics
+        self.num_not_replicated = 0  # writes refused because WAIT saw too few replicas
+        self.health = RedisHealth()  # fed by `ping()`
 
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def _task_key(self, task_id: str) -> str:
-        return f"{self._prefix}task:{task_id}"
-
-    def _version_key(self, task_id: str) -> str:
-        return f"{self._prefix}ver:{task_id}"
+    @property
+    def layout(self) -> KeyLayout:
+        return self._layout
 
     async def put(
         self, task_id: str, data: bytes, prefix_len: int, dtype: str, source: str = "kv"
     ) -> PrefixMeta:
-        """Store `data` as the next version of `task_id` atomically; return its metadata."""
+        """Store `data` as the next version of `task_id` atomically; return its metadata.
+
+        Raises `NotReplicated` when replicas are connected but too few confirmed the write in time.
+        """
         _check_task_id(task_id)
         created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        keys = [self._task_key(task_id), self._version_key(task_id), self._index_key, self._events_channel]
-        args: builtins.list[bytes | str | int] = [
-            task_id,
-            prefix_len,
-            len(data),
-            dtype,
-            self._fingerprint,
-            created_at,
-            data,
-            source,
+        layout = self._layout
+        keys = [
+            layout.task_key(task_id),
+            layout.version_key(task_id),
+            layout.index_key_of(task_id),
+            layout.channel_of(task_id),
         ]
+        args: builtins.list[bytes | str | int] = [
+            task_id, prefix_len, len(data), dtype, self._fingerprint, created_at, data, source,
+            layout.publish_command(),
+        ]  # fmt: skip
         async with unavailable(self, f"put {task_id!r}"):
-            version = await self._put_script(keys=keys, args=args)
+            version = await self._write_and_wait(keys, args)
         return PrefixMeta(
-            task_id=task_id,
-            version=int(version),
-            prefix_len=prefix_len,
-            num_bytes=len(data),
-            dtype=dtype,
-            model_fingerprint=self._fingerprint,
-            created_at=created_at,
-            source=source,
+            task_id, int(version), prefix_len, len(data), dtype, self._fingerprint, created_at, source
         )
+
+    async def _write_and_wait(self, keys: builtins.list[str], args: builtins.list[Any]) -> int:
+        """Run the put script; then, on the same connection, WAIT for the replicas it must reach."""
+        wanted = 0
+        if self._min_replicas > 0:
+            wanted = min(self._min_replicas, await self._connected_replicas(keys[0]))
+        if wanted == 0:
+            return int(await self._client.eval(_PUT_SCRIPT, len(keys), *keys, *args))
+        # WAIT counts the writes of its own connection: a non-transactional pipeline keeps both
+        # commands on one connection (on Cluster: the one to the task's primary).
+        pipe = self._client.pipeline(transaction=False)
+        pipe.eval(_PUT_SCRIPT, len(keys), *keys, *args)
+        target = {"target_nodes": self._node_of(keys[0])} if self._is_cluster else {}
+        pipe.execute_command("WAIT", wanted, self._wait_ms, **target)
+        version, num_acked = await pipe.execute()
+        if int(num_acked) < wanted:
+            self.num_not_replicated += 1
+            raise NotReplicated(
+                f"upload of {args[0]!r} (version {version}) reached {num_acked} of {wanted} Redis "
+                f"replica(s) within {self._wait_ms} ms; retry (uploads are idempotent by content)"
+            )
+        return int(version)
+
+    def _node_of(self, key: str) -> Any:
+        cluster: Any = self._client
+        return cluster.get_node_from_key(key)
+
+    async def _connected_replicas(self, key: str) -> int:
+        """Replicas connected to the primary that holds `key` (syncing ones included: they count
+        as not-yet-acknowledging, so writes wait for them until their first sync is done)."""
+        target = {"target_nodes": self._node_of(key)} if self._is_cluster else {}
+        info = await self._client.info("replication", **target)
+        return int(info.get("connected_slaves", 0))
 
     async def get(self, task_id: str) -> tuple[PrefixMeta, bytes] | None:
         """Metadata and bytes of the current version (one consistent snapshot), or None."""
         async with unavailable(self, f"get {task_id!r}"):
-            raw = await self._client.hgetall(self._task_key(task_id))
+            raw = await self._client.hgetall(self._layout.task_key(task_id))
         if not raw:
             return None
         fields = {_text(key): value for key, value in raw.items()}
@@ -172,7 +187,7 @@ class RedisPrefixStore:
     async def get_meta(self, task_id: str) -> PrefixMeta | None:
         """Metadata of the current version without transferring its bytes, or None."""
         async with unavailable(self, f"get_meta {task_id!r}"):
-            values = await self._client.hmget(self._task_key(task_id), list(_META_FIELDS))
+            values = await self._client.hmget(self._layout.task_key(task_id), list(_META_FIELDS))
         if all(value is None for value in values):
             return None
         return _parse_meta(task_id, values)
@@ -182,10 +197,10 @@ class RedisPrefixStore:
 
         The version counter stays, so a later upload continues after the deleted version.
         """
+        layout = self._layout
+        keys = [layout.task_key(task_id), layout.index_key_of(task_id), layout.channel_of(task_id)]
         async with unavailable(self, f"delete {task_id!r}"):
-            removed = await self._delete_script(
-                keys=[self._task_key(task_id), self._index_key, self._events_channel], args=[task_id]
-            )
+            removed = await self._delete_script(keys=keys, args=[task_id, layout.publish_command()])
         return bool(removed)
 
     async def list(
@@ -199,36 +214,43 @@ class RedisPrefixStore:
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        start = b"[" + prefix.encode() if prefix else b"-"
-        if cursor and cursor >= prefix:
-            start = b"(" + cursor.encode()
-        end = b"[" + prefix.encode() + b"\xff" if prefix else b"+"  # task ids are ASCII: \xff sorts after all
+        index_keys = [self._layout.index_key(b) for b in range(NUM_BUCKETS)]
         async with unavailable(self, "list"):
-            raw_ids = await self._client.zrangebylex(self._index_key, start, end, start=0, num=limit + 1)
-            page_ids = [_text(raw) for raw in raw_ids[:limit]]
+            ids, has_more = await page_ids(self._client, index_keys, limit, cursor, prefix)
             pipe = self._client.pipeline(transaction=False)
-            for task_id in page_ids:
-                pipe.hmget(self._task_key(task_id), list(_META_FIELDS))
-            rows = await pipe.execute() if page_ids else []
+            for task_id in ids:
+                pipe.hmget(self._layout.task_key(task_id), list(_META_FIELDS))
+            rows = await pipe.execute() if ids else []
         items = [
             _parse_meta(task_id, values)
-            for task_id, values in zip(page_ids, rows, strict=True)
+            for task_id, values in zip(ids, rows, strict=True)
             if any(value is not None for value in values)
         ]
         # The page's last id, even if its hash vanished, so the next page starts after it.
-        next_cursor = page_ids[-1] if len(raw_ids) > limit else None
-        return items, next_cursor
+        return items, (ids[-1] if has_more else None)
 
     async def versions(self, task_ids: Sequence[str]) -> dict[str, int | None]:
-        """Current version of each task (None when deleted), in one round trip."""
+        """Current version of each task (None when deleted), in one round trip.
+
+        A task whose primary cannot answer (Cluster, one shard down) is left out, so the
+        caller keeps its resident copy; if no task could be read, `StoreUnavailable`.
+        """
         if not task_ids:
             return {}
         async with unavailable(self, "versions"):
             pipe = self._client.pipeline(transaction=False)
             for task_id in task_ids:
-                pipe.hget(self._task_key(task_id), "version")
-            raw = await pipe.execute()
-        return {t: (int(v) if v is not None else None) for t, v in zip(task_ids, raw, strict=True)}
+                pipe.hget(self._layout.task_key(task_id), "version")
+            raw = await pipe.execute(raise_on_error=False)
+        found = {
+            t: (int(v) if v is not None else None)
+            for t, v in zip(task_ids, raw, strict=True)
+            if not isinstance(v, Exception)
+        }
+        if not found:
+            self.num_errors += 1
+            raise StoreUnavailable(f"redis versions failed: {next(iter(raw))}")
+        return found
 
     async def listen(
         self, on_event: Callable[[str], None], on_subscribed: Callable[[], Awaitable[None]]
@@ -239,13 +261,21 @@ class RedisPrefixStore:
         subscription was down are lost, so the caller reconciles there.
         """
         while True:
-            pubsub = self._client.pubsub()
+            pubsub: Any = self._client.pubsub()
             try:
-                await pubsub.subscribe(self._events_channel)
+                if self._is_cluster:
+                    await pubsub.ssubscribe(*self._layout.channels())
+                else:
+                    await pubsub.subscribe(*self._layout.channels())
                 await on_subscribed()
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None and message.get("type") == "message":
+                    message = await self._next_message(pubsub)
+                    if message is not None and message.get("type") in (
+                        "message",
+                        b"message",
+                        "smessage",
+                        b"smessage",
+                    ):
                         on_event(_text(message["data"]))
             except (*REDIS_ERRORS, StoreUnavailable):
                 self.num_errors += 1
@@ -254,18 +284,39 @@ class RedisPrefixStore:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
+    async def _next_message(self, pubsub: Any) -> dict[str, Any] | None:
+        if self._is_cluster:
+            message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is None:
+                await asyncio.sleep(0.01)  # the cluster pubsub may return at once when idle
+            return message  # type: ignore[no-any-return]
+        return await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)  # type: ignore[no-any-return]
+
     async def ping(self) -> bool:
-        """True when Redis answers; never raises."""
+        """True when Redis answers (on Cluster: at least one primary); never raises.
+        Also feeds `health` (on Cluster, up means every primary answered)."""
         try:
-            return bool(await self._client.ping())
+            if not self._is_cluster:
+                is_ok = bool(await self._client.ping())
+                self.health.observe(is_ok)
+                return is_ok
+            cluster: Any = self._client
+            nodes = cluster.get_primaries()
+            answers = await asyncio.gather(
+                *(cluster.ping(target_nodes=node) for node in nodes), return_exceptions=True
+            )
+            oks = [answer is True for answer in answers]
+            self.health.observe(bool(oks) and all(oks))
+            return any(oks)
         except Exception:
+            self.health.observe(False)
             return False
 
 
 def _check_task_id(task_id: str) -> None:
     # The API validates the full grammar; the store only guards what would break its keys.
-    if not task_id or any(c.isspace() for c in task_id):
-        raise ValueError(f"task_id must be non-empty without whitespace, got {task_id!r}")
+    if not task_id or any(c.isspace() or c in "{}" for c in task_id):
+        raise ValueError(f"task_id must be non-empty without whitespace or braces, got {task_id!r}")
 
 
 def _text(value: bytes | str) -> str:

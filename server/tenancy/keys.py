@@ -7,6 +7,12 @@ Layout (not namespaced by model: a tenant's key is valid whatever model a replic
 - `pfx:apikeys:enabled`: set once the first key is created and never unset, so revoking
   every key leaves the server closed rather than silently open.
 
+Each record has its own slot on a Redis Cluster (no hash tag), so lookups spread over the
+primaries; the three kinds of keys live in different slots, so writes are ordered instead of
+transactional: create writes the record before indexing it (a crash in between leaves an
+unlisted record whose secret nobody was shown), revoke deletes the record first (refused at
+once) and then its index entry.
+
 Every request reads its key's record from Redis, so a revocation holds on every replica at
 once. If Redis cannot be reached, keys that were valid at their last successful read keep
 working (the server keeps serving resident tasks through a Redis outage).
@@ -29,8 +35,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio
-
+from prefix_store.connection import RedisClient
 from prefix_store.errors import StoreUnavailable
 from prefix_store.redis_store import REDIS_ERRORS, unavailable
 
@@ -69,7 +74,7 @@ class KeyStore:
     key store has been read once: until then nobody can tell "no keys" from "could not read".
     """
 
-    def __init__(self, client: redis.asyncio.Redis, mac_secret: str, max_remembered: int = 10_000) -> None:
+    def __init__(self, client: RedisClient, mac_secret: str, max_remembered: int = 10_000) -> None:
         self._client = client
         self._mac_key = hmac.new(_MAC_CONTEXT, mac_secret.encode(), hashlib.sha256).digest()
         self._last_good: OrderedDict[str, ApiKey | None] = OrderedDict()  # sha256 -> record
@@ -90,11 +95,9 @@ class KeyStore:
         )
         digest = hash_secret(secret)
         async with unavailable(self, "create key"):
-            pipe = self._client.pipeline(transaction=True)
-            pipe.set(_RECORD_PREFIX + digest, self._seal(digest, key))
-            pipe.hset(_INDEX_KEY, key.id, digest)
-            pipe.set(_ENABLED_KEY, 1)
-            await pipe.execute()
+            await self._client.set(_RECORD_PREFIX + digest, self._seal(digest, key))
+            await self._client.hset(_INDEX_KEY, key.id, digest)
+            await self._client.set(_ENABLED_KEY, 1)
         self.is_enabled = True
         return key, secret
 
@@ -102,7 +105,10 @@ class KeyStore:
         """Every key, oldest first."""
         async with unavailable(self, "list keys"):
             digests = [_text(d) for d in (await self._client.hgetall(_INDEX_KEY)).values()]
-            raw = await self._client.mget([_RECORD_PREFIX + d for d in digests]) if digests else []
+            pipe = self._client.pipeline(transaction=False)  # not MGET: records span Cluster slots
+            for digest in digests:
+                pipe.get(_RECORD_PREFIX + digest)
+            raw = await pipe.execute() if digests else []
         opened = (self._open(d, r) for d, r in zip(digests, raw, strict=True) if r is not None)
         return sorted((k for k in opened if k is not None), key=lambda k: (k.created_at, k.id))
 
@@ -113,10 +119,8 @@ class KeyStore:
             digest = await self._client.hget(_INDEX_KEY, key_id)
             if digest is None:
                 return None
-            pipe = self._client.pipeline(transaction=True)
-            pipe.getdel(_RECORD_PREFIX + _text(digest))
-            pipe.hdel(_INDEX_KEY, key_id)
-            raw, _ = await pipe.execute()
+            raw = await self._client.getdel(_RECORD_PREFIX + _text(digest))
+            await self._client.hdel(_INDEX_KEY, key_id)
         self._last_good[_text(digest)] = None  # refused even while Redis is unreachable
         return None if raw is None else self._open(_text(digest), raw)
 

@@ -8,7 +8,9 @@ key can never receive more than its bucket holds. When the request ends the hold
 and what was really generated is charged (`charge`), so the unused part comes back. A
 request whose hold exceeds the whole bucket can never be admitted (`Admission.can_ever_fit`).
 A request that holds nothing (`num_tokens=0`) only needs a non-negative balance. Time is
-Redis's clock (`TIME`), the same for every replica.
+Redis's clock (`TIME`), the same for every replica. Both buckets of a key share the hash tag
+`{<key id>}`: one Cluster slot per key, so each script touches one slot (keys spread over
+the primaries).
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-import redis.asyncio
-
+from prefix_store.connection import RedisClient
 from prefix_store.redis_store import REDIS_ERRORS
 from server.tenancy.keys import ApiKey
 
@@ -89,7 +90,7 @@ class Admission:
 class RateLimiter:
     """Admit requests, hold and charge generated tokens against each key's buckets."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._admit = client.register_script(_ADMIT_SCRIPT)
         self._charge = client.register_script(_CHARGE_SCRIPT)
         self.num_errors = 0

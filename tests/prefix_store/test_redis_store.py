@@ -124,7 +124,7 @@ def test_list_skips_ids_whose_hash_vanished(redis_proc: RedisProcess, fingerprin
             await store.put(task_id, b"d", 1, "float32")
         # Simulate a delete landing between the index read and the metadata read.
         async with connect(redis_proc.url) as raw:
-            await raw.delete(f"pfx:{{{fingerprint}}}:task:b")
+            await raw.delete(store.layout.task_key("b"))
         items, cursor = await store.list(2, None)
         assert [m.task_id for m in items] == ["a"] and cursor == "b"
         items, cursor = await store.list(2, cursor)

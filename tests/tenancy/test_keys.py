@@ -38,6 +38,7 @@ def test_create_lookup_list_revoke(redis_proc: RedisProcess) -> None:
         assert secret.startswith("pk-") and len(secret) > 40 and keys.is_enabled
         assert await keys.lookup(secret) == key
         assert await keys.lookup(secret + "x") is None
+        await asyncio.sleep(0.002)  # created_at has millisecond resolution: keep the order certain
         other, _ = await keys.create("beta", ("beta:x",), 0.0, 0)
         assert [k.id for k in await keys.list()] == [key.id, other.id]
         assert await keys.revoke(key.id) == key

@@ -10,10 +10,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from prefix_store.connection import connect
 from prefix_store.embedded_redis import EmbeddedRedis
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
+from prefix_store.migrate import migrate_layout
 from prefix_store.prefix_cache import PrefixCache
-from prefix_store.redis_store import RedisPrefixStore, connect
+from prefix_store.redis_store import RedisPrefixStore
 from server.api import routes_admin, routes_generate, routes_health, routes_keys, routes_openai
 from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
@@ -27,6 +29,7 @@ from server.engine.engine import Engine
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.metrics import Metrics
+from server.metrics_redis import RedisHealthCollector
 from server.tenancy.keys import KeyStore
 from server.tenancy.rate_limit import RateLimiter
 
@@ -85,6 +88,22 @@ async def _start_redis(settings: Settings, stack: AsyncExitStack) -> str:
     # the URL carries the password: the log gets it without
     log.info("embedded Redis at %s (data under %s)", embedded.public_url(), settings.data_dir / "redis")
     return url
+
+
+async def _probe_redis(store: RedisPrefixStore, interval_s: float) -> None:
+    """Ping Redis every `interval_s`, so metrics show an outage and its recovery as they happen."""
+    while True:
+        await store.ping()
+        await asyncio.sleep(interval_s)
+
+
+async def _open_store(settings: Settings, client: Any, fingerprint: str) -> RedisPrefixStore:
+    """The prefix store, its keys migrated to the sharded layout first (see prefix_store/migrate.py)."""
+    store = RedisPrefixStore(client, fingerprint, settings.redis_min_replicas, settings.redis_wait_ms)
+    moved = await migrate_layout(client, store.layout)
+    if moved:
+        log.warning("moved %d prefixes to the sharded key layout", moved)
+    return store
 
 
 async def _keep_refreshed(keys: KeyStore, interval_s: float) -> None:
@@ -182,8 +201,11 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     stack.callback(stop_json_helper)
     stack.callback(engine.stop)
     lifecycle.end_all = lambda: asyncio.to_thread(engine.stop)
+    store = await _open_store(settings, client, fingerprint)
+    _background(stack, _probe_redis(store, settings.coherence_interval_s))
+    metrics.registry.register(RedisHealthCollector(store.health, lambda: store.num_not_replicated))
     prefixes = PrefixCache(
-        RedisPrefixStore(client, fingerprint),
+        store,
         spec,
         loaded.device,
         settings.cache_bytes,

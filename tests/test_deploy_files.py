@@ -4,9 +4,11 @@ No Docker, no network: YAML/JSON/TOML parsing plus imports of the server's own S
 """
 
 import json
+import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,13 @@ GRAFANA_PROVIDERS = ROOT / "docker" / "grafana" / "provisioning" / "dashboards" 
 NGINX = ROOT / "docker" / "nginx" / "nginx.conf"
 
 METRIC_NAME = re.compile(r"prefix_server_[a-z_]+")
-# `${VAR}`, `${VAR:-default}`, `${VAR-default}`: compose interpolation, resolved to its default.
-INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}")
+# `${VAR}`, `${VAR:-default}`, `${VAR-default}`: compose interpolation, resolved to its default;
+# `${VAR:?message}` (required, no default) to the operator's value in REQUIRED.
+INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?:(?::?-(?P<default>[^}]*))|(?::?\?(?P<message>[^}]*)))?\}")
+REQUIRED = {
+    "PREFIX_ADMIN_TOKEN": "an-operators-admin-token",
+    "GRAFANA_ADMIN_PASSWORD": "an-operators-password",
+}
 SAMPLE_SUFFIXES = {
     "counter": ("_total",),
     "gauge": ("",),
@@ -71,7 +78,10 @@ def _env_mapping(environment: dict[str, Any] | list[str] | None) -> dict[str, st
         environment = {key: value for key, _, value in (item.partition("=") for item in environment)}
 
     def resolve(value: Any) -> str:
-        return INTERPOLATION.sub(lambda m: m.group("default") or "", "" if value is None else str(value))
+        return INTERPOLATION.sub(
+            lambda m: REQUIRED[m.group("name")] if m.group("message") else m.group("default") or "",
+            "" if value is None else str(value),
+        )
 
     return {str(key): resolve(value) for key, value in environment.items()}
 
@@ -221,7 +231,7 @@ def test_server_env_values_validate(compose: dict[str, Any], monkeypatch: pytest
     assert settings.host == "0.0.0.0"
     assert settings.data_dir == Path("/data")
     assert settings.redis_url == "redis://redis:6379/0"
-    assert settings.admin_token
+    assert settings.admin_token == REQUIRED["PREFIX_ADMIN_TOKEN"]
 
 
 def test_server_depends_on_healthy_redis(compose: dict[str, Any]) -> None:
@@ -392,3 +402,59 @@ def test_stop_grace_period_outlasts_the_drain(compose: dict[str, Any]) -> None:
     drain_s = float(server["environment"]["PREFIX_SERVE_DRAIN_SECONDS"])
     grace = str(server["stop_grace_period"])
     assert grace.endswith("s") and float(grace[:-1]) >= drain_s + 10
+
+
+# --- compose as a compose tool reads it (podman-compose from PyPI; --dry-run: no podman needed) ---
+
+
+def _compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`podman-compose config` with every profile, in an environment holding only `env`.
+    `--dry-run` skips podman-compose's `podman --version` probe: no podman binary is needed."""
+    command = [
+        str(Path(sys.executable).parent / "podman-compose"),
+        "--dry-run",
+        "--profile", "proxy",
+        "--profile", "scale",
+        "-f", str(COMPOSE),
+        "config",
+    ]  # fmt: skip
+    base = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(command, env={**base, **env}, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def _published(config: dict[str, Any]) -> dict[str, list[str]]:
+    return {name: [str(p) for p in svc.get("ports", [])] for name, svc in config["services"].items()}
+
+
+def test_compose_config_binds_loopback_and_takes_the_operators_secrets() -> None:
+    done = _compose_config(REQUIRED)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = yaml.safe_load(done.stdout)
+    published = _published(config)
+    assert {"server", "prometheus", "grafana", "nginx", "haproxy"} <= {n for n, p in published.items() if p}
+    assert all(port.startswith("127.0.0.1:") for ports in published.values() for port in ports), published
+    services = config["services"]
+    for name in ("server", "replica"):
+        assert services[name]["environment"]["PREFIX_ADMIN_TOKEN"] == REQUIRED["PREFIX_ADMIN_TOKEN"]
+    grafana_env = services["grafana"]["environment"]
+    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"] == REQUIRED["GRAFANA_ADMIN_PASSWORD"]
+
+
+def test_compose_config_publishes_wider_only_when_asked() -> None:
+    done = _compose_config({**REQUIRED, "PREFIX_BIND": "0.0.0.0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    published = _published(yaml.safe_load(done.stdout))
+    assert published["server"] == ["0.0.0.0:8000:8000"] and published["grafana"] == ["0.0.0.0:3000:3000"]
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_compose_config_refuses_a_missing_secret_with_a_clear_message(missing: str) -> None:
+    done = _compose_config({k: v for k, v in REQUIRED.items() if k != missing})
+    assert done.returncode != 0
+    assert f"required variable {missing} is missing a value: set {missing}" in done.stderr
+
+
+def test_compose_ships_no_default_secret() -> None:
+    text = COMPOSE.read_text()
+    assert "change-me}" not in text.replace("PREFIX_METRICS_TOKEN:-change-me}", "")  # see test_hardening
+    assert "GRAFANA_ADMIN_PASSWORD:-" not in text and "PREFIX_ADMIN_TOKEN:-" not in text

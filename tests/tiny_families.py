@@ -1,0 +1,198 @@
+"""Tiny checkpoints laid out as each model family ships them, real tokenizer files included.
+
+Tokenizers are trained here, in a fraction of a second, on a few kilobytes of generated text:
+a sentencepiece `tokenizer.model` (Llama-2, Mistral v0.1, Phi-3 and Gemma ship one; here it is
+the only tokenizer file, no tokenizer.json) or a byte-level BPE `tokenizer.json` built with
+`tokenizers` (Llama-3, Qwen2). Models are built from a tiny config of the family (2 layers,
+GQA where the family has it, `initializer_range=0.3` for wide greedy margins), then saved with
+`save_pretrained` (sharded when asked). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+MAX_POSITIONS = 256
+_WORDS = (
+    "the a one every prefix server model token batch cache layer head tenant task prompt answer "
+    "quick brown fox jumps over lazy dog river mountain bread coffee rain sunny cloudy tomorrow "
+    "kitchen table garden window story king queen small large green blue red seven twelve "
+    "learns writes reads serves waits runs sleeps sings opens closes finds keeps café naïve über"
+).split()
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family ships: its config class and extras, and its tokenizer's kind and specials."""
+
+    name: str  # e.g. "llama-2"
+    tokenizer: str  # "sentencepiece" (tokenizer.model only) or "bpe" (tokenizer.json)
+    tokenizer_class: str
+    specials: dict[str, str | None]  # bos / eos / unk / pad token strings
+
+
+_LLAMA2_SPECIALS: dict[str, str | None] = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None}
+FAMILIES = {
+    "llama-2": Family("llama-2", "sentencepiece", "LlamaTokenizer", _LLAMA2_SPECIALS),
+    "mistral": Family("mistral", "sentencepiece", "LlamaTokenizer", _LLAMA2_SPECIALS),
+    "phi-3": Family("phi-3", "sentencepiece", "LlamaTokenizer", _LLAMA2_SPECIALS),
+    "gemma": Family(
+        "gemma",
+        "sentencepiece",
+        "GemmaTokenizer",
+        {"bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "pad": "<pad>"},
+    ),
+    "llama-3": Family(
+        "llama-3",
+        "bpe",
+        "PreTrainedTokenizerFast",
+        {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "unk": None, "pad": None},
+    ),  # fmt: skip
+    "qwen2": Family(
+        "qwen2",
+        "bpe",
+        "Qwen2Tokenizer",
+        {"bos": None, "eos": "<|endoftext|>", "unk": None, "pad": "<|endoftext|>"},
+    ),
+}
+
+
+def corpus(num_lines: int = 150, seed: int = 0) -> list[str]:
+    """A few kilobytes of sentences (ASCII, accents, digits): what the tokenizers learn from."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(num_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
+        lines.append(f"{' '.join(words).capitalize()}{rng.choice('.,!?')} {i * 7 % 100}")
+    return lines
+
+
+def train_sentencepiece(family: Family, vocab_size: int = 400) -> bytes:
+    """A BPE sentencepiece model proto with byte fallback and the family's special pieces."""
+    ids = (
+        {"pad": 0, "eos": 1, "bos": 2, "unk": 3} if family.specials["pad"] else {"unk": 0, "bos": 1, "eos": 2}
+    )
+    pieces = {f"{name}_piece": family.specials[name] for name in ids}
+    writer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_writer=writer, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, minloglevel=2, pad_id=ids.get("pad", -1), bos_id=ids["bos"], eos_id=ids["eos"],
+        unk_id=ids["unk"], **pieces,
+    )  # fmt: skip
+    return writer.getvalue()
+
+
+def train_byte_bpe(family: Family, vocab_size: int = 500) -> Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 / Llama-3 / Qwen2 style) with the family's specials first."""
+    specials = sorted(
+        {token for token in family.specials.values() if token}, key=list(family.specials.values()).index
+    )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus(), trainer)
+    bos = family.specials["bos"]
+    if bos:  # as Llama-3's tokenizer.json: BOS in front when special tokens are asked for
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
+    return tokenizer
+
+
+def save_tokenizer(family: Family, path: Path) -> Any:
+    """Write the family's tokenizer files to `path`; return the tokenizer transformers loads from them."""
+    path.mkdir(parents=True, exist_ok=True)
+    if family.tokenizer == "sentencepiece":
+        (path / "tokenizer.model").write_bytes(train_sentencepiece(family))
+    else:
+        train_byte_bpe(family).save(str(path / "tokenizer.json"))
+    special_map = {f"{name}_token": token for name, token in family.specials.items() if token}
+    tokenizer_config = {
+        "tokenizer_class": family.tokenizer_class,
+        "model_max_length": MAX_POSITIONS,
+        "add_bos_token": family.specials["bos"] is not None,
+        "add_eos_token": False,
+        **special_map,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (path / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def family_config(family: Family, tokenizer: Any) -> PretrainedConfig:
+    """A 2-layer config of the family, its vocabulary and special ids taken from `tokenizer`."""
+    ids = {
+        "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": MAX_POSITIONS, "initializer_range": 0.3, "num_hidden_layers": 2,
+    }  # fmt: skip
+    if family.name in ("llama-2", "llama-3"):
+        return LlamaConfig(
+            hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, **ids
+        )
+    if family.name == "mistral":  # v0.1: GQA 4:1 and a sliding window (beyond these tiny contexts)
+        return MistralConfig(
+            hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=96, **ids
+        )
+    if family.name == "phi-3":  # fused qkv / gate-up projections; its auto_map, as Phi-3 repos ship it
+        config = Phi3Config(
+            hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, **ids
+        )
+        config.auto_map = {
+            "AutoConfig": "configuration_phi3.Phi3Config",
+            "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM",
+        }
+        return config
+    if family.name == "gemma":  # multi-query attention, explicit head_dim, tied embeddings
+        return GemmaConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+            **ids,
+        )
+    if family.name == "qwen2":  # q/k/v biases, tied embeddings
+        return Qwen2Config(
+            hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            tie_word_embeddings=True, **ids,
+        )  # fmt: skip
+    raise ValueError(family.name)
+
+
+def save_family_model(name: str, path: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
+    """A tiny checkpoint of family `name` (see FAMILIES) in `path`, as `save_pretrained` writes it."""
+    family = FAMILIES[name]
+    tokenizer = save_tokenizer(family, path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, tokenizer))
+    if max_shard_size is None:
+        model.save_pretrained(path)
+    else:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path

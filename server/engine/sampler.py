@@ -66,12 +66,16 @@ def sample(
     (`penalties`: None when no row has any); the sampled ids are added to their histories."""
     if len(params) != len(generators):
         raise ValueError(f"{len(params)} params but {len(generators)} generators")
-    if penalties is not None:
-        logits = penalties.apply(logits)
     chosen = logits.argmax(dim=-1)  # [rows]
+    if penalties is not None:
+        penalised = penalties.apply(logits)  # [p, vocab]
+        chosen[penalties.rows] = penalised.argmax(dim=-1)
     rows = [row for row, p in enumerate(params) if not p.is_greedy]
     if rows:
-        probs = filter_probs(logits[rows], [params[row] for row in rows])
+        picked = logits[rows]  # [sampled rows, vocab], a copy
+        if penalties is not None:
+            _replace_rows(picked, rows, penalised, penalties.row_list)
+        probs = filter_probs(picked, [params[row] for row in rows])
         # e.g. a temperature so small that logits / T overflow: such a row stays greedy
         is_valid = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
         fallback = torch.nn.functional.one_hot(chosen[rows], probs.shape[-1]).to(probs.dtype)
@@ -83,6 +87,16 @@ def sample(
     if penalties is not None:
         penalties.record(chosen)  # on the device, before the sync
     return [int(t) for t in chosen.tolist()]  # the step's one host sync
+
+
+def _replace_rows(
+    picked: torch.Tensor, rows: list[int], penalised: torch.Tensor, penalised_rows: list[int]
+) -> None:
+    """Put the penalised rows' logits in place of their raw ones among the sampled rows."""
+    position = {row: i for i, row in enumerate(rows)}
+    pairs = [(position[row], j) for j, row in enumerate(penalised_rows) if row in position]
+    if pairs:
+        picked[[i for i, _ in pairs]] = penalised[[j for _, j in pairs]]
 
 
 def token_logprobs(

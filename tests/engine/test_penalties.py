@@ -58,7 +58,7 @@ def _histories(vocab: int, num_rows: int) -> list[tuple[list[int], list[int]]]:
     ]  # fmt: skip
 
 
-def test_apply_equals_the_references_row_by_row_and_leaves_other_rows_alone() -> None:
+def test_apply_equals_the_references_row_by_row() -> None:
     vocab, params = 40, [SamplingParams(), FREQ, REP, SamplingParams(temperature=0.7), ALL, NEGATIVE]
     logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(1)) * 3
     histories = _histories(vocab, len(params))
@@ -69,15 +69,15 @@ def test_apply_equals_the_references_row_by_row_and_leaves_other_rows_alone() ->
             table.load(slot, prompt, output)
     step = table.for_step(params, slots)
     assert step is not None
-    penalised = step.apply(logits)
-    for row, (p, (prompt, output)) in enumerate(zip(params, histories, strict=True)):
-        if p.has_penalties:
-            torch.testing.assert_close(
-                penalised[row], reference(logits[row], p, prompt, output), rtol=0, atol=1e-5
-            )
-            assert not torch.equal(penalised[row], logits[row])
-        else:
-            assert torch.equal(penalised[row], logits[row])
+    raw = logits.clone()
+    penalised = step.apply(logits)  # [penalised rows, vocab]
+    assert step.row_list == [row for row, p in enumerate(params) if p.has_penalties]
+    assert torch.equal(logits, raw)  # the raw logits stay for the logprobs
+    for j, row in enumerate(step.row_list):
+        prompt, output = histories[row]
+        expected = reference(logits[row], params[row], prompt, output)
+        torch.testing.assert_close(penalised[j], expected, rtol=0, atol=1e-5)
+        assert not torch.equal(penalised[j], logits[row])
 
 
 def test_no_penalised_row_costs_nothing() -> None:

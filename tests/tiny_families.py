@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,47 @@ def save_family_model(name: str, path: Path, seed: int = 0, max_shard_size: str 
     else:
         model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
+
+
+REMOTE_CODE_FILE = "modeling_tiny_remote.py"
+_REMOTE_CODE = '''"""A model type transformers does not know: only this file can build it."""
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny-remote"
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+'''
+
+
+def save_remote_code_model(path: Path, seed: int = 0) -> Path:
+    """The Llama-2 family checkpoint of `seed`, renamed to a model type whose code ships beside it
+    (config.json `auto_map` -> REMOTE_CODE_FILE), as custom-code repositories on the hub do."""
+    save_family_model("llama-2", path, seed)
+    (path / REMOTE_CODE_FILE).write_text(_REMOTE_CODE)
+    config = json.loads((path / "config.json").read_text())
+    module = REMOTE_CODE_FILE.removesuffix(".py")
+    config.update(
+        model_type="tiny-remote",
+        architectures=["TinyRemoteForCausalLM"],
+        auto_map={
+            "AutoConfig": f"{module}.TinyRemoteConfig",
+            "AutoModelForCausalLM": f"{module}.TinyRemoteForCausalLM",
+        },
+    )
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def place_in_hub_cache(model_dir: Path, hf_home: Path, repo_id: str) -> Path:
+    """Copy a checkpoint into `$HF_HOME/hub` as `hf download` leaves it (refs/main -> a snapshot)."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit

@@ -13,12 +13,17 @@ The first `--oracle-checks` requests are also checked against DESIGN.md's oracle
 full-forward greedy), for the engine and for `PeftModel.generate` alike.
 
 Every figure is reported as a ratio to the baseline measured in this run.
+
+`--penalty-costs` measures instead what sampling penalties cost: the concurrent engine run with
+no row penalised and with every row penalised, and the batched sampler alone on a realistic
+vocabulary (`--vocab`) with 0, 1 and all rows penalised.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import platform
 import sys
@@ -39,7 +44,11 @@ from prefix_store.format import parse_upload  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.kv_cache import KVLayout, SlotKVCache  # noqa: E402
 from server.engine.model_loader import ModelOptions, load_model  # noqa: E402
+from server.engine.penalties import PenaltyTable  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
+from server.engine.sampler import sample  # noqa: E402
+
+PENALISED = SamplingParams(frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2)
 
 
 def build(root: Path, num_tasks: int) -> tuple[Path, list[Path]]:
@@ -120,7 +129,8 @@ def oracle(model_dir: Path, adapters: list[Path], cases, new_tokens: int) -> lis
     return outputs
 
 
-def run_engine(model_dir: Path, adapters: list[Path], cases, new_tokens: int, concurrent: bool, batch: int):  # type: ignore[no-untyped-def]
+def run_engine(model_dir: Path, adapters: list[Path], cases, new_tokens: int, concurrent: bool, batch: int,  # type: ignore[no-untyped-def]
+               base: SamplingParams | None = None):  # fmt: skip
     loaded = load_model(ModelOptions(str(model_dir), "cpu", "float32", Path(tempfile.mkdtemp())))
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
     prefixes = []
@@ -131,7 +141,7 @@ def run_engine(model_dir: Path, adapters: list[Path], cases, new_tokens: int, co
     layout = KVLayout(
         spec.num_layers, spec.num_kv_heads, spec.head_dim, batch, 256, loaded.dtype, loaded.device
     )
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    params = dataclasses.replace(base or SamplingParams(), max_new_tokens=new_tokens, ignore_eos=True)
 
     async def main():  # type: ignore[no-untyped-def]
         engine = Engine(loaded, SlotKVCache(layout), max_queue=10_000)
@@ -154,6 +164,45 @@ def run_engine(model_dir: Path, adapters: list[Path], cases, new_tokens: int, co
     return asyncio.run(main())
 
 
+def sampler_step_ms(vocab: int, rows: int, num_penalised: int, steps: int) -> float:
+    """Time of one greedy `sample` over `[rows, vocab]` logits with `num_penalised` rows penalised
+    (each with a 200-token prompt), history updates included: the best of 5 means of `steps`
+    steps (the least disturbed by other processes on a shared machine)."""
+    logits = torch.randn(rows, vocab)
+    params = [PENALISED if i < num_penalised else SamplingParams() for i in range(rows)]
+    table = PenaltyTable(rows, vocab, torch.device("cpu"))
+    for slot in range(num_penalised):
+        table.load(slot, torch.randint(0, vocab, (200,)).tolist(), [])
+    slots = list(range(rows))
+    sample(logits, params, [None] * rows, table.for_step(params, slots))  # warm-up
+    means = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(steps):
+            sample(logits, params, [None] * rows, table.for_step(params, slots))
+        means.append((time.perf_counter() - started) / steps * 1e3)
+    return min(means)
+
+
+def penalty_costs(args: argparse.Namespace) -> dict[str, object]:
+    """The engine with no row and every row penalised; the sampler alone at `--vocab`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, adapters = build(Path(tmp), args.tasks)
+        cases = workload(args.requests, args.tasks)
+        total = args.requests * args.new_tokens
+        engine = {}
+        for name, base in (("none", SamplingParams()), ("all", PENALISED)):
+            seconds, _ = run_engine(model_dir, adapters, cases, args.new_tokens, True, args.batch, base)
+            engine[f"penalised_{name}"] = {"seconds": seconds, "tokens_per_s": total / seconds}
+    rows = min(args.batch, args.requests)
+    sampler = {f"penalised_rows_{n}": sampler_step_ms(args.vocab, rows, n, steps=5) for n in (0, 1, rows)}
+    return {
+        "engine_concurrent_byte_vocab": engine,
+        "sampler_ms_per_step": {"vocab": args.vocab, "rows": rows} | sampler,
+        "penalty_table_bytes": rows * args.vocab * 5,  # int32 counts + bool prompt mask per slot
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=32)
@@ -164,8 +213,17 @@ def main() -> None:
         "--oracle-checks", type=int, default=8, help="requests checked against the PEFT oracle"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine_bench.json")
+    parser.add_argument("--penalty-costs", action="store_true", help="measure sampling penalties only")
+    parser.add_argument("--vocab", type=int, default=151_936, help="vocabulary of the sampler-only timing")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    if args.penalty_costs:
+        machine = f"{platform.machine()} {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        report = {"machine": machine, "workload": vars(args) | {"out": str(args.out)}} | penalty_costs(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, adapters = build(Path(tmp), args.tasks)
         cases = workload(args.requests, args.tasks)

@@ -28,6 +28,7 @@ from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
+from server.logs import announce_admin_token, console
 from server.metrics import Metrics
 from server.metrics_redis import RedisHealthCollector
 from server.tenancy.keys import KeyStore
@@ -125,7 +126,7 @@ def _warn_development_mode() -> None:
         "who can reach this port; create one with POST /admin/keys to require keys"
     )
     log.warning(message)
-    print(f"prefix-serve: WARNING: {message}", flush=True)
+    console(f"WARNING: {message}", also_logged=True)
 
 
 async def _start_keys(client: Any, stack: AsyncExitStack, interval_s: float, admin_token: str) -> KeyStore:
@@ -226,16 +227,13 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         layout.num_slots,
         layout.max_len,
     )
-    print(
-        f"prefix-serve: model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}",
-        flush=True,
+    console(
+        f"model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}",
+        also_logged=True,
     )
-    print(f"prefix-serve: listening on http://{settings.host}:{settings.port}", flush=True)
-    if is_new_token:  # printed once; a token from a flag, env or file never reaches the logs
-        saved = settings.data_dir / "admin_token"
-        print(f"prefix-serve: admin token {admin_token} (saved in {saved})", flush=True)
-    elif not settings.admin_token and settings.admin_token_file is None:
-        print(f"prefix-serve: admin token in {settings.data_dir / 'admin_token'}", flush=True)
+    console(f"listening on http://{settings.host}:{settings.port}")
+    is_given = bool(settings.admin_token) or settings.admin_token_file is not None
+    announce_admin_token(admin_token, is_new_token, settings.data_dir / "admin_token", is_given)
     return Services(engine, prefixes, metrics, admin_token, _limits(settings), keys, limiter, lifecycle)
 
 

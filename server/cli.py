@@ -21,7 +21,7 @@ from server.http_guard import (
     install_accept_log_limit,
     raise_fd_limit,
 )
-from server.logs import setup_logging
+from server.logs import console_error, route_library_logs, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         check_model(settings)
         listener = bind_listener(settings.host, settings.port)
     except StartupError as exc:
-        print(f"prefix-serve: error: {exc}", file=sys.stderr, flush=True)
+        console_error(str(exc))
         sys.exit(2)
     serve(settings, listener)
 
@@ -101,6 +101,7 @@ def serve(settings: Settings, listener: socket.socket) -> None:
     """Run the app on an already bound socket until SIGTERM/SIGINT (then drain)."""
     from server.app import create_app  # torch and transformers load here: after the checks, not before
 
+    route_library_logs()
     raise_fd_limit()
     install_accept_log_limit()
     app = create_app(settings)

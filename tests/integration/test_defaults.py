@@ -34,7 +34,9 @@ def test_embedded_defaults_print_url_and_token_and_persist(tmp_path: Path) -> No
     with server, httpx.Client(timeout=30) as client:
         log = server.log_tail(20000)
         assert f"listening on http://127.0.0.1:{server.port}" in log
-        assert f"admin token {server.admin_token}" in log
+        # not a terminal (a log file): the new token is saved, not printed
+        assert server.admin_token not in log
+        assert f"new admin token saved in {data_dir / 'admin_token'}" in log
         assert (data_dir / "models" / "demo" / "config.json").exists()
         redis_port = int(re.search(r"embedded Redis at redis://127.0.0.1:(\d+)/", log).group(1))  # type: ignore[union-attr]
         assert len(_redis_pids_for(redis_port)) == 1

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,16 +79,35 @@ def _clone(tmp_path: Path) -> Path:
     return repo
 
 
+def _copy_terminal(master: int, log_path: Path) -> None:
+    """Append what the program writes to its terminal to `log_path`, until it closes."""
+    with log_path.open("ab") as log:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not chunk:
+                return
+            log.write(chunk)
+            log.flush()
+
+
 def test_make_serve_from_a_clean_clone_prints_url_and_token(tmp_path: Path) -> None:
+    """In a terminal, as the README runs it: the new admin token is shown (never in a log file)."""
     repo = _clone(tmp_path)
     port = free_port()
     log_path = tmp_path / "make-serve.log"
+    log_path.touch()
     env = clean_env({"PYTHONPATH": str(repo)})  # the clone's code, not this checkout's
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            ["make", "serve", f"ARGS=--port {port}"], cwd=repo, env=env, stdout=log, stderr=log,
-            start_new_session=True,
-        )  # fmt: skip
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        ["make", "serve", f"ARGS=--port {port}"], cwd=repo, env=env, stdin=subprocess.DEVNULL,
+        stdout=terminal, stderr=terminal, start_new_session=True,
+    )  # fmt: skip
+    os.close(terminal)
+    reader = threading.Thread(target=_copy_terminal, args=(master, log_path), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
         while "admin token" not in log_path.read_text(errors="replace"):
@@ -107,6 +128,8 @@ def test_make_serve_from_a_clean_clone_prints_url_and_token(tmp_path: Path) -> N
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
+        reader.join(10)
+        os.close(master)
 
 
 def _serve_fails(cwd: Path, *flags: str) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from prefix_store.meta import PrefixMeta
+
 
 class PrefixServerError(Exception):
     """Any non-2xx answer: the HTTP status, the contract's error `code` and `message`, and
@@ -23,18 +25,12 @@ class PrefixServerError(Exception):
 
 
 @dataclass(frozen=True)
-class PrefixInfo:
-    """One stored prefix's metadata. `source` is how it was made (when the server says);
-    `tiers` is only set by `warm()`: the cache tiers now holding it."""
+class PrefixInfo(PrefixMeta):
+    """One stored prefix's metadata: the server's own `PrefixMeta`. `source` is how it was made
+    (None from a server too old to say); `tiers` is only set by `warm()`: the cache tiers now
+    holding it."""
 
-    task_id: str
-    version: int
-    prefix_len: int
-    num_bytes: int
-    dtype: str
-    model_fingerprint: str
-    created_at: str
-    source: str | None = None
+    source: str | None = None  # type: ignore[assignment]  # older servers do not send it
     tiers: tuple[str, ...] | None = None
 
 
@@ -100,18 +96,13 @@ class CreatedKey(KeyInfo):
 
 
 def parse_info(data: Mapping[str, Any]) -> PrefixInfo:
-    tiers = data.get("tiers")
-    return PrefixInfo(
-        task_id=str(data["task_id"]),
-        version=int(data["version"]),
-        prefix_len=int(data["prefix_len"]),
-        num_bytes=int(data["num_bytes"]),
-        dtype=str(data["dtype"]),
-        model_fingerprint=str(data["model_fingerprint"]),
-        created_at=str(data["created_at"]),
-        source=None if data.get("source") is None else str(data["source"]),
-        tiers=None if tiers is None else tuple(str(t) for t in tiers),
-    )
+    """The fields `PrefixInfo` knows, converted to their types (unknown fields are ignored)."""
+    known: dict[str, Any] = {f.name: f.type for f in fields(PrefixMeta) if f.name != "source"}
+    values = {name: convert(data[name]) for name, convert in known.items()}  # int(...) / str(...)
+    source, tiers = data.get("source"), data.get("tiers")
+    values["source"] = None if source is None else str(source)
+    values["tiers"] = None if tiers is None else tuple(str(t) for t in tiers)
+    return PrefixInfo(**values)
 
 
 def parse_page(data: Mapping[str, Any]) -> PrefixPage:

@@ -1,8 +1,17 @@
-"""Named records passed across the store boundary."""
+"""Named records passed across the store boundary (torch-free at run time: tensors are only
+named in annotations, so the HTTP layer can import these records)."""
+
+from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from prefix_store.meta import PrefixMeta
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["PrefixEntry", "PrefixMeta", "PrefixSource", "PrefixSpec"]
 
 
 @dataclass(frozen=True)
@@ -19,20 +28,6 @@ class PrefixSpec:
     def shape(self, prefix_len: int) -> tuple[int, int, int, int, int]:
         """Canonical shape `[num_layers, 2, num_kv_heads, prefix_len, head_dim]`."""
         return (self.num_layers, 2, self.num_kv_heads, prefix_len, self.head_dim)
-
-
-@dataclass(frozen=True)
-class PrefixMeta:
-    """Metadata stored beside every prefix version."""
-
-    task_id: str
-    version: int
-    prefix_len: int
-    num_bytes: int
-    dtype: str  # torch dtype name without the "torch." part, e.g. "float32"
-    model_fingerprint: str
-    created_at: str  # ISO 8601, UTC
-    source: str = "kv"  # kv | prefix_tuning | prompt_tuning | p_tuning | text
 
 
 @dataclass(frozen=True)

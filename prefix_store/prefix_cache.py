@@ -23,6 +23,7 @@ from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSource, PrefixSpec
 from prefix_store.errors import InvalidPrefix, StoreUnavailable
 from prefix_store.format import dtype_name, finish_prefix, tensor_from_bytes, tensor_to_bytes
 from prefix_store.lru import ByteLRU
+from prefix_store.meta import ResidentPrefix
 from prefix_store.redis_store import RedisPrefixStore
 from prefix_store.sources import parse_source
 
@@ -35,18 +36,6 @@ class LoadStats:
 
     loads: int = 0
     stale_dropped: int = 0  # entries dropped by invalidation events or version checks
-
-
-@dataclass(frozen=True)
-class ResidentPrefix:
-    """One row of `GET /admin/cache`."""
-
-    tier: str
-    task_id: str
-    version: int
-    prefix_len: int
-    num_bytes: int
-    is_pinned: bool
 
 
 class PrefixCache:

@@ -10,7 +10,7 @@ operator opts in (`per_task="on"`): then every task counts under `task="other"`.
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,9 +23,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from prefix_store.prefix_cache import PrefixCache
 from server.engine.stats import EngineStats, FinishedRequest, StepStats
 from server.metrics_vllm import VllmCollector, kv_usage_ratio
+
+if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports this module
+    from prefix_store.prefix_cache import PrefixCache
 
 # LLM serving spans milliseconds (a decode step) to minutes (a long generation)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -69,7 +71,7 @@ class _LiveCollector(Collector):
     def __init__(
         self,
         engine_stats: Callable[[], EngineStats],
-        prefixes: PrefixCache,
+        prefixes: "PrefixCache",
         task_labels: TaskLabels,
         other_redis_errors: Callable[[], int],
     ) -> None:
@@ -254,7 +256,7 @@ class Metrics:
     def bind(
         self,
         engine_stats: Callable[[], EngineStats],
-        prefixes: PrefixCache,
+        prefixes: "PrefixCache",
         other_redis_errors: Callable[[], int] = lambda: 0,
         has_keys: Callable[[], bool] = lambda: False,
     ) -> None:

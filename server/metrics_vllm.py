@@ -5,12 +5,15 @@ Registered by `Metrics` only with `--metrics-vllm-names`; `docs/metrics.md` docu
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from prefix_store.prefix_cache import PrefixCache
 from server.engine.stats import EngineStats
+
+if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports the metrics
+    from prefix_store.prefix_cache import PrefixCache
 
 
 def kv_usage_ratio(stats: EngineStats) -> float:
@@ -33,7 +36,7 @@ class VllmCollector(Collector):
     def __init__(
         self,
         engine_stats: Callable[[], EngineStats],
-        prefixes: PrefixCache,
+        prefixes: "PrefixCache",
         max_tasks: int,
         per_task: Callable[[], bool],
     ) -> None:

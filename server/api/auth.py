@@ -3,9 +3,9 @@
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Header
 
-from server.api.deps import Services, get_services
+from server.api.deps import Services, ServicesDep
 from server.api.errors import ApiError
 
 
@@ -21,7 +21,7 @@ def is_admin_token(services: Services, token: str | None) -> bool:
 
 
 def require_admin(
-    services: Annotated[Services, Depends(get_services)],
+    services: ServicesDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> None:
     """401 without a bearer token, 403 with a wrong one."""

@@ -1,19 +1,26 @@
-"""What routes depend on: protocols for the engine and the prefix cache, reached via app state."""
+"""What routes depend on: protocols for the engine and the prefix cache, reached via app state.
+
+Torch-free at run time (the HTTP layer never imports torch): the records that hold tensors are
+only named in annotations here."""
+
+from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Annotated, Protocol
 
-from fastapi import Request
+from fastapi import Depends, Request
 
-from prefix_store.entry import PrefixEntry, PrefixMeta
-from prefix_store.prefix_cache import ResidentPrefix
+from prefix_store.meta import PrefixMeta, ResidentPrefix
 from server.api.lifecycle import Lifecycle
 from server.engine.request import SamplingParams, StepOutput
 from server.engine.stats import EngineStats
 from server.metrics import Metrics
 from server.tenancy.keys import KeyStore
 from server.tenancy.rate_limit import RateLimiter
+
+if TYPE_CHECKING:
+    from prefix_store.entry import PrefixEntry
 
 
 class RequestHandleProtocol(Protocol):
@@ -105,14 +112,4 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def meta_dict(meta: PrefixMeta) -> dict[str, object]:
-    return {
-        "task_id": meta.task_id,
-        "version": meta.version,
-        "prefix_len": meta.prefix_len,
-        "num_bytes": meta.num_bytes,
-        "dtype": meta.dtype,
-        "model_fingerprint": meta.model_fingerprint,
-        "created_at": meta.created_at,
-        "source": meta.source,
-    }
+ServicesDep = Annotated[Services, Depends(get_services)]

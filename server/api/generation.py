@@ -1,18 +1,24 @@
-"""What `/generate` and `/v1/completions` share: limits, resolve, pin, submit, collect, watch the client."""
+"""The one generation path of every route (`/generate`, `/v1/completions`, `/v1/chat/completions`):
+`launch` (limits -> admit -> resolve the prefix -> tokenize -> submit), then `outputs_of` each
+generation as the engine makes them. Routes only translate their formats to and from it."""
+
+from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
-from prefix_store.entry import PrefixEntry
 from server.api.deps import EngineProtocol, RequestHandleProtocol, Services
 from server.api.errors import ApiError
-from server.api.tenancy import Caller
+from server.api.tenancy import Caller, admit
 from server.engine.request import SamplingParams, StepOutput
+
+if TYPE_CHECKING:
+    from prefix_store.entry import PrefixEntry
 
 T = TypeVar("T")
 
@@ -39,6 +45,45 @@ class Started:
         if self.caller.key is not None:
             self.summary["key_id"] = self.caller.key.id  # which tenant, never the secret
         return self.summary
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a route asks for, whatever its HTTP shape: every prompt is generated once per
+    entry of `choices` (OpenAI's `n`: the same settings with different seeds)."""
+
+    task_id: str
+    prompts: Sequence[str | list[int]]  # text (tokenized here) or token ids
+    choices: Sequence[SamplingParams]
+    add_special_tokens: bool = False
+
+    @property
+    def max_tokens(self) -> int:
+        """The most the request may generate in all, held from the caller's token quota."""
+        return len(self.prompts) * sum(p.max_new_tokens for p in self.choices)
+
+
+async def launch(
+    services: Services, caller: Caller, request: GenerationRequest, http: Request, arrival: float
+) -> list[Started]:
+    """Check, admit, resolve, tokenize and submit every generation of `request`, prompt-major
+    (prompt 0's choices first). All or nothing: if one cannot start, none runs."""
+    for params in request.choices:
+        check_limits(services, params)
+    check_num_prompts(services, len(request.prompts), len(request.choices))
+    await admit(services, caller, request.task_id, max_tokens=request.max_tokens)
+    prefix = await resolve_prefix(services, request.task_id)
+    prompts = await encode_prompts(services.engine, request.prompts, request.add_special_tokens)
+    started: list[Started] = []
+    try:
+        for ids in prompts:
+            started += [start(services, caller, prefix, ids, params, arrival) for params in request.choices]
+    except BaseException:
+        for one in started:
+            one.handle.cancel()
+        raise
+    http.state.generations = [one.describe(request.task_id) for one in started]
+    return started
 
 
 def check_limits(services: Services, params: SamplingParams) -> None:
@@ -213,3 +258,34 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         raise ApiError(CLIENT_CLOSED, "client_closed", "the client closed the connection") from None
     finally:
         watcher.cancel()
+
+
+async def interleave(started: Sequence[Started], services: Services) -> AsyncIterator[tuple[int, StepOutput]]:
+    """Outputs of several generations as they come, each with its index in `started`. Closing
+    the iterator early (the client left) aborts every generation still going."""
+    queue: asyncio.Queue[tuple[int, StepOutput | None]] = asyncio.Queue()
+    # Pumps wait while this many outputs are unread: a client that stops reading leaves the
+    # outputs in the handles, whose rows then pause (see engine.handle.PAUSE_AT).
+    room = asyncio.Semaphore(2 * len(started))
+
+    async def pump(index: int, one: Started) -> None:
+        try:
+            async for output in outputs_of(one, services):
+                await room.acquire()
+                queue.put_nowait((index, output))
+        finally:
+            queue.put_nowait((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i, one)) for i, one in enumerate(started)]
+    try:
+        remaining = len(started)
+        while remaining:
+            index, output = await queue.get()
+            if output is None:
+                remaining -= 1
+                continue
+            room.release()
+            yield index, output
+    finally:
+        for task in pumps:
+            task.cancel()

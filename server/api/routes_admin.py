@@ -5,19 +5,18 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
+from prefix_store.meta import PrefixMeta, WarmedPrefix
 from server.api.auth import require_admin
-from server.api.deps import Services, get_services, meta_dict
+from server.api.deps import ServicesDep
 from server.api.errors import ApiError
-from server.api.schemas import TASK_ID_PATTERN, PrefixInfo, PrefixList, error_responses
+from server.api.schemas import TASK_ID_PATTERN, CacheContents, PrefixList, error_responses
 
 router = APIRouter(
     prefix="/admin", dependencies=[Depends(require_admin)], responses=error_responses(401, 403, 422, 503)
 )
 TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
-ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def _read_part(part: object, name: str, limit: int) -> bytes | None:
@@ -53,11 +52,10 @@ _UPLOAD_BODY = {
 @router.put(
     "/prefixes/{task_id}",
     status_code=201,
-    response_model=PrefixInfo,
     responses=error_responses(413),
     openapi_extra={"requestBody": _UPLOAD_BODY},
 )
-async def upload_prefix(task_id: TaskIdPath, request: Request, services: ServicesDep) -> object:
+async def upload_prefix(task_id: TaskIdPath, request: Request, services: ServicesDep) -> PrefixMeta:
     """Multipart: `weights` (safetensors) [+ `config` (PEFT adapter_config.json)], or `text` (UTF-8).
 
     The body as a whole is bounded by the body-limit middleware; each part here."""
@@ -80,45 +78,45 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
         text = None if text_bytes is None else text_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(422, "invalid_prefix", f"the text prefix is not UTF-8: {exc}") from exc
-    meta = await services.prefixes.upload(task_id, weights, config, text)
-    return JSONResponse(meta_dict(meta), status_code=201)
+    return await services.prefixes.upload(task_id, weights, config, text)
 
 
-@router.get("/prefixes", response_model=PrefixList)
+@router.get("/prefixes")
 async def list_prefixes(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
-) -> object:
+) -> PrefixList:
     if cursor is not None and not re.fullmatch(TASK_ID_PATTERN, cursor):
         raise ApiError(422, "invalid_request", "cursor must be a task_id returned as next_cursor")
     items, next_cursor = await services.prefixes.list(limit, cursor)
-    return {"items": [meta_dict(m) for m in items], "next_cursor": next_cursor}
+    return PrefixList(items=items, next_cursor=next_cursor)
 
 
-@router.get("/prefixes/{task_id}", response_model=PrefixInfo, responses=error_responses(404))
-async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
+@router.get("/prefixes/{task_id}", responses=error_responses(404))
+async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> PrefixMeta:
     meta = await services.prefixes.get_meta(task_id)
     if meta is None:
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
-    return meta_dict(meta)
+    return meta
 
 
 @router.post("/prefixes/{task_id}/warm", responses=error_responses(404))
-async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> object:
+async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> WarmedPrefix:
     """Prefetch a task into the host and device caches ahead of its traffic."""
     entry = await services.prefixes.warm(task_id)
     if entry is None:
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
-    tiers = sorted({r.tier for r in services.prefixes.resident() if r.task_id == task_id})
-    return {**meta_dict(entry.meta), "tiers": tiers}
+    tiers = tuple(sorted({r.tier for r in services.prefixes.resident() if r.task_id == task_id}))
+    return WarmedPrefix(**dataclasses.asdict(entry.meta), tiers=tiers)
 
 
 @router.get("/cache")
-async def cache_contents(services: ServicesDep) -> object:
+async def cache_contents(services: ServicesDep) -> CacheContents:
     """What is resident in which tier (device, host), least recently used first."""
-    resident = services.prefixes.resident()
-    return {"tiers": services.prefixes.usage(), "items": [dataclasses.asdict(r) for r in resident]}
+    return CacheContents.model_validate(
+        {"tiers": services.prefixes.usage(), "items": services.prefixes.resident()}
+    )
 
 
 @router.delete("/prefixes/{task_id}", status_code=204, responses=error_responses(404))

@@ -2,38 +2,52 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Response
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel
 
 from server.api.auth import bearer_token
-from server.api.deps import Services, get_services
+from server.api.deps import ServicesDep
 from server.api.errors import ApiError
 
 router = APIRouter()
 
 
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    store: bool  # the prefix store (Redis) answers
+    engine: bool  # the engine thread is alive
+    draining: bool  # shutting down: no new requests
+
+
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health() -> Health:
+    return Health(status="ok")
 
 
-@router.get("/ready", responses={503: {"description": "Not ready (same body)"}})
-async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
+@router.get(
+    "/ready", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}}
+)
+async def ready(services: ServicesDep) -> JSONResponse:
     is_store_ok = await services.prefixes.ping()
     is_engine_ok = services.engine.stats().is_alive
     is_draining = services.lifecycle.is_draining
-    body = {
-        "ready": is_store_ok and is_engine_ok and not is_draining,
-        "store": is_store_ok,
-        "engine": is_engine_ok,
-        "draining": is_draining,
-    }
-    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+    body = Readiness(
+        ready=is_store_ok and is_engine_ok and not is_draining,
+        store=is_store_ok,
+        engine=is_engine_ok,
+        draining=is_draining,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(
-    services: Annotated[Services, Depends(get_services)],
+    services: ServicesDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Prometheus text format; with `--metrics-token` set, only for `Authorization: Bearer <it>`

@@ -3,39 +3,37 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
-from fastapi.responses import JSONResponse
 
 from server.api.auth import require_admin
-from server.api.deps import Services, get_services
+from server.api.deps import ServicesDep
 from server.api.errors import ApiError
 from server.api.schemas import KeyCreate, KeyCreated, KeyInfo, KeyList, error_responses
 
 router = APIRouter(
     prefix="/admin/keys", dependencies=[Depends(require_admin)], responses=error_responses(401, 403, 413, 422)
 )
-ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-@router.post("", status_code=201, response_model=KeyCreated)
-async def create_key(body: KeyCreate, services: ServicesDep) -> object:
+@router.post("", status_code=201)
+async def create_key(body: KeyCreate, services: ServicesDep) -> KeyCreated:
     """A new key; its secret is in this answer only (Redis keeps its SHA-256)."""
     key, secret = await services.keys.create(
         body.name, tuple(body.scopes), body.requests_per_second, body.tokens_per_minute
     )
-    return JSONResponse({**key.public(), "key": secret}, status_code=201)
+    return KeyCreated.model_validate({**key.public(), "key": secret})
 
 
-@router.get("", response_model=KeyList)
-async def list_keys(services: ServicesDep) -> object:
-    return {"items": [key.public() for key in await services.keys.list()]}
+@router.get("")
+async def list_keys(services: ServicesDep) -> KeyList:
+    return KeyList(items=[KeyInfo.model_validate(key.public()) for key in await services.keys.list()])
 
 
-@router.delete("/{key_id}", response_model=KeyInfo, responses=error_responses(404))
+@router.delete("/{key_id}", responses=error_responses(404))
 async def revoke_key(
     key_id: Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")], services: ServicesDep
-) -> object:
+) -> KeyInfo:
     """Revoke a key: every replica refuses it from its next request on."""
     key = await services.keys.revoke(key_id)
     if key is None:
         raise ApiError(404, "unknown_key", f"no API key {key_id!r}")
-    return key.public()
+    return KeyInfo.model_validate(key.public())

@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from prefix_store.meta import PrefixMeta, ResidentPrefix
 from server.tenancy.scopes import SCOPE_PATTERN
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -87,25 +88,38 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-class PrefixInfo(BaseModel):
-    task_id: str
-    version: int
-    prefix_len: int
-    num_bytes: int
-    dtype: str
-    model_fingerprint: str
-    created_at: str
-    source: str
-
-
-class PrefixList(BaseModel):
-    items: list[PrefixInfo]
-    next_cursor: str | None
-
-
 class ErrorDetail(BaseModel):
     code: str
     message: str
+
+
+class GenerateEvent(BaseModel):
+    """One `data:` event of a streamed `/generate`; the last one has `finish_reason` and `usage`
+    (and `error` when the generation failed part way: timeout, shutdown, shed)."""
+
+    id: str
+    token_ids: list[int]
+    text: str
+    prefix_version: int
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ErrorDetail | None = None
+
+
+class PrefixList(BaseModel):
+    items: list[PrefixMeta]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class TierUsage(BaseModel):
+    capacity_bytes: int
+    resident_bytes: int
+    resident_prefixes: int
+
+
+class CacheContents(BaseModel):
+    tiers: dict[str, TierUsage] = Field(description="per tier: device, host")
+    items: list[ResidentPrefix] = Field(description="least recently used first")
 
 
 class ErrorBody(BaseModel):

@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies (`/v1/completions`); `model` is the task_id."""
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -111,3 +111,62 @@ class CompletionRequest(BaseModel):
         if prompt and isinstance(prompt[0], int):  # validated: then every item is an int
             return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]
+
+
+# ---- answers (OpenAI's shapes; what /openapi.json says is what is sent) -------------------------
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object: per chosen token its text, logprob, the top alternatives
+    (by text, best logprob kept) and its character offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None  # null on stream chunks before the last
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """The answer of `/v1/completions`, and (with `usage` left out) each of its stream chunks."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class StreamError(BaseModel):
+    """A stream chunk in place of a choice's tokens when it failed part way (timeout, shutdown)."""
+
+    error: OpenAIErrorDetail
+
+
+class Model(BaseModel):
+    """A task, as an OpenAI model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+    has_more: bool = Field(description="more tasks follow: ask again with `after` = the last id")

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from prefix_store.entry import PrefixMeta
+from prefix_store.meta import PrefixMeta
 from server.api.auth import bearer_token, is_admin_token
-from server.api.deps import Services, get_services
+from server.api.deps import Services, ServicesDep
 from server.api.errors import ApiError
 from server.tenancy.keys import ApiKey
 from server.tenancy.scopes import is_in_scope, scope_ranges
@@ -44,7 +44,7 @@ class Caller:
 
 async def authenticate(
     request: Request,
-    services: Annotated[Services, Depends(get_services)],
+    services: ServicesDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
     """401 without a valid key once keys are configured; before that, everyone may generate.

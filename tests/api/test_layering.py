@@ -1,0 +1,67 @@
+"""The HTTP layer's shape: no torch behind it, and an OpenAPI schema that names what is sent."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fastapi.openapi.utils import get_openapi
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_http_layer_imports_no_torch() -> None:
+    """Every module of server/api, and the client, import without torch (tensors stay behind
+    the engine and the store; records crossing into the API are torch-free)."""
+    script = (
+        "import importlib, pkgutil, sys, server.api, clients\n"
+        "for m in pkgutil.iter_modules(server.api.__path__):\n"
+        "    importlib.import_module('server.api.' + m.name)\n"
+        "importlib.import_module('clients.cli')\n"
+        "print(json.dumps(sorted(n for n in sys.modules if n.split('.')[0] == 'torch')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "import json\n" + script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout) == []
+
+
+def _openapi() -> dict:
+    from fastapi import FastAPI
+
+    from server.api import routes_admin, routes_generate, routes_health, routes_keys, routes_openai
+
+    app = FastAPI()
+    for module in (routes_admin, routes_generate, routes_health, routes_keys, routes_openai):
+        app.include_router(module.router)
+    return get_openapi(title="t", version="0", routes=app.routes)
+
+
+def test_every_answer_has_a_typed_schema() -> None:
+    """Each route's 200/201 names a component schema (no untyped `object` answers)."""
+    untyped = []
+    for path, methods in _openapi()["paths"].items():
+        for method, op in methods.items():
+            ok = {s: r for s, r in op["responses"].items() if s in ("200", "201")}
+            for status, response in ok.items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                if path == "/metrics":
+                    continue  # Prometheus text
+                if "$ref" not in schema:
+                    untyped.append(f"{method.upper()} {path} {status}: {schema}")
+    assert untyped == []
+
+
+def test_one_prefix_metadata_schema() -> None:
+    """Upload, get, list and warm answer the same `PrefixMeta` record (warm adds `tiers`)."""
+    schemas = _openapi()["components"]["schemas"]
+    meta = set(schemas["PrefixMeta"]["properties"])
+    assert set(schemas["WarmedPrefix"]["properties"]) == meta | {"tiers"}
+    assert schemas["PrefixList"]["properties"]["items"]["items"] == {"$ref": "#/components/schemas/PrefixMeta"}
+    from dataclasses import fields
+
+    from clients.models import PrefixInfo
+    from prefix_store.meta import PrefixMeta
+
+    assert issubclass(PrefixInfo, PrefixMeta)
+    assert {f.name for f in fields(PrefixInfo)} == meta | {"tiers"}

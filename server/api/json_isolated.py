@@ -75,14 +75,15 @@ def parse_checked(body: bytes) -> tuple[str, Any]:
 _pool: ProcessPoolExecutor | None = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(server_pid: int) -> None:
     """In the helper: the kernel ends it when the server dies, however the server dies (a pool
     worker holds both ends of its task queue, so it would otherwise wait forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() == 1:  # the server died before the line above ran
+        # the server died before the line above ran (not `== 1`: in a container the server is pid 1)
+        if os.getppid() != server_pid:
             os._exit(0)
 
 
@@ -91,7 +92,9 @@ def pool() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:
         context = multiprocessing.get_context("spawn")
-        _pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_die_with_parent)
+        _pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+        )
     return _pool
 
 

@@ -105,8 +105,13 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(
         512, ge=16, description="tokens (decode + prompt chunks) one engine step runs in one forward"
     )
+    chat_template: Path | None = Field(
+        None,
+        description="a Jinja chat template file for /v1/chat/completions, used instead of the "
+        "tokenizer's own (without either, chat requests get 400)",
+    )
 
-    @field_validator("data_dir", "admin_token_file", mode="after")
+    @field_validator("data_dir", "admin_token_file", "chat_template", mode="after")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
         """Resolved once, here: nothing downstream (the Redis child included) depends on the cwd."""

@@ -52,7 +52,8 @@ return 0
 
 
 async def _legacy_task_ids(client: RedisClient, old: LegacyLayout) -> list[str]:
-    ids = {raw.decode() for raw in await client.zrange(old.index_key, 0, -1)}
+    members: list[Any] = list(await client.zrange(old.index_key, 0, -1))
+    ids = {raw.decode() for raw in members}
     prefix_len = len(old.version_key(""))
     async for key in client.scan_iter(match=old.version_pattern(), count=1000):
         ids.add(key.decode()[prefix_len:])

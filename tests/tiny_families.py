@@ -2,7 +2,8 @@
 
 Tokenizers are trained here, in a fraction of a second, on a few kilobytes of generated text:
 a sentencepiece `tokenizer.model` (Llama-2, Mistral v0.1, Phi-3 and Gemma ship one; here it is
-the only tokenizer file, no tokenizer.json) or a byte-level BPE `tokenizer.json` built with
+the only tokenizer file, no tokenizer.json), a tiktoken `tokenizer.model` (Llama-3's original
+format) trained with tiktoken's own trainer, or a byte-level BPE `tokenizer.json` built with
 `tokenizers` (Llama-3, Qwen2). Models are built from a tiny config of the family (2 layers,
 GQA where the family has it, `initializer_range=0.3` for wide greedy margins), then saved with
 `save_pretrained` (sharded when asked). Nothing is downloaded.
@@ -10,6 +11,7 @@ GQA where the family has it, `initializer_range=0.3` for wide greedy margins), t
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import random
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import sentencepiece
+import tiktoken
 import torch
+from tiktoken._educational import bpe_train
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -43,37 +47,30 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class Family:
-    """How a family ships: its config class and extras, and its tokenizer's kind and specials."""
+    """How a family ships: the architecture's config, and its tokenizer's file kind and specials."""
 
     name: str  # e.g. "llama-2"
-    tokenizer: str  # "sentencepiece" (tokenizer.model only) or "bpe" (tokenizer.json)
+    arch: str  # which tiny config (family_config)
+    tokenizer: str  # "sentencepiece" / "tiktoken" (a tokenizer.model alone) or "bpe" (tokenizer.json)
     tokenizer_class: str
     specials: dict[str, str | None]  # bos / eos / unk / pad token strings
 
 
-_LLAMA2_SPECIALS: dict[str, str | None] = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None}
+_LLAMA2 = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None}
+_LLAMA3 = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "unk": None, "pad": None}
+_GEMMA = {"bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "pad": "<pad>"}
+_QWEN2 = {"bos": None, "eos": "<|endoftext|>", "unk": None, "pad": "<|endoftext|>"}
 FAMILIES = {
-    "llama-2": Family("llama-2", "sentencepiece", "LlamaTokenizer", _LLAMA2_SPECIALS),
-    "mistral": Family("mistral", "sentencepiece", "LlamaTokenizer", _LLAMA2_SPECIALS),
-    "phi-3": Family("phi-3", "sentencepiece", "LlamaTokenizer", _LLAMA2_SPECIALS),
-    "gemma": Family(
-        "gemma",
-        "sentencepiece",
-        "GemmaTokenizer",
-        {"bos": "<bos>", "eos": "<eos>", "unk": "<unk>", "pad": "<pad>"},
-    ),
-    "llama-3": Family(
-        "llama-3",
-        "bpe",
-        "PreTrainedTokenizerFast",
-        {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "unk": None, "pad": None},
-    ),  # fmt: skip
-    "qwen2": Family(
-        "qwen2",
-        "bpe",
-        "Qwen2Tokenizer",
-        {"bos": None, "eos": "<|endoftext|>", "unk": None, "pad": "<|endoftext|>"},
-    ),
+    family.name: family
+    for family in [
+        Family("llama-2", "llama", "sentencepiece", "LlamaTokenizer", _LLAMA2),
+        Family("mistral", "mistral", "sentencepiece", "LlamaTokenizer", _LLAMA2),
+        Family("phi-3", "phi3", "sentencepiece", "LlamaTokenizer", _LLAMA2),
+        Family("gemma", "gemma", "sentencepiece", "GemmaTokenizer", _GEMMA),
+        Family("llama-3", "llama", "bpe", "PreTrainedTokenizerFast", _LLAMA3),
+        Family("llama-3-tiktoken", "llama", "tiktoken", "PreTrainedTokenizerFast", _LLAMA3),
+        Family("qwen2", "qwen2", "bpe", "Qwen2Tokenizer", _QWEN2),
+    ]
 }
 
 
@@ -125,15 +122,51 @@ def train_byte_bpe(family: Family, vocab_size: int = 500) -> Tokenizer:
     return tokenizer
 
 
+# transformers' TikTokenConverter reads a tiktoken file with this split pattern (Llama-3's, cl100k's)
+_TIKTOKEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def train_tiktoken(vocab_size: int = 400) -> dict[bytes, int]:
+    """Byte-pair ranks (tiktoken's own trainer) over the corpus: token bytes -> rank."""
+    return bpe_train("\n".join(corpus()), vocab_size, _TIKTOKEN_PATTERN, visualise=None)
+
+
+def tiktoken_encoding() -> tiktoken.Encoding:
+    """tiktoken's own encoder over `train_tiktoken()`'s ranks: what a converted file must match."""
+    return tiktoken.Encoding(
+        "tiny", pat_str=_TIKTOKEN_PATTERN, mergeable_ranks=train_tiktoken(), special_tokens={}
+    )
+
+
+def _write_tiktoken(family: Family, path: Path) -> dict[str, Any]:
+    """A tiktoken BPE file (`base64(token) rank` lines, as Llama-3's original tokenizer.model);
+    returns the tokenizer_config entries that put the specials right after the ranks."""
+    ranks = train_tiktoken()
+    lines = (
+        f"{base64.b64encode(token).decode()} {rank}\n"
+        for token, rank in sorted(ranks.items(), key=lambda x: x[1])
+    )
+    path.write_text("".join(lines))
+    specials = [token for token in family.specials.values() if token]
+    decoder = {str(len(ranks) + i): {"content": token, "special": True} for i, token in enumerate(specials)}
+    return {"added_tokens_decoder": decoder}
+
+
 def save_tokenizer(family: Family, path: Path) -> Any:
     """Write the family's tokenizer files to `path`; return the tokenizer transformers loads from them."""
     path.mkdir(parents=True, exist_ok=True)
+    tokenizer_config: dict[str, Any] = {}
     if family.tokenizer == "sentencepiece":
         (path / "tokenizer.model").write_bytes(train_sentencepiece(family))
+    elif family.tokenizer == "tiktoken":
+        tokenizer_config = _write_tiktoken(family, path / "tokenizer.model")
     else:
         train_byte_bpe(family).save(str(path / "tokenizer.json"))
     special_map = {f"{name}_token": token for name, token in family.specials.items() if token}
-    tokenizer_config = {
+    tokenizer_config |= {
         "tokenizer_class": family.tokenizer_class,
         "model_max_length": MAX_POSITIONS,
         "add_bos_token": family.specials["bos"] is not None,
@@ -152,15 +185,15 @@ def family_config(family: Family, tokenizer: Any) -> PretrainedConfig:
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "max_position_embeddings": MAX_POSITIONS, "initializer_range": 0.3, "num_hidden_layers": 2,
     }  # fmt: skip
-    if family.name in ("llama-2", "llama-3"):
+    if family.arch == "llama":
         return LlamaConfig(
             hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, **ids
         )
-    if family.name == "mistral":  # v0.1: GQA 4:1 and a sliding window (beyond these tiny contexts)
+    if family.arch == "mistral":  # v0.1: GQA 4:1 and a sliding window (beyond these tiny contexts)
         return MistralConfig(
             hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=96, **ids
         )
-    if family.name == "phi-3":  # fused qkv / gate-up projections; its auto_map, as Phi-3 repos ship it
+    if family.arch == "phi3":  # fused qkv / gate-up projections; its auto_map, as Phi-3 repos ship it
         config = Phi3Config(
             hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, **ids
         )
@@ -169,7 +202,7 @@ def family_config(family: Family, tokenizer: Any) -> PretrainedConfig:
             "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM",
         }
         return config
-    if family.name == "gemma":  # multi-query attention, explicit head_dim, tied embeddings
+    if family.arch == "gemma":  # multi-query attention, explicit head_dim, tied embeddings
         return GemmaConfig(
             hidden_size=32,
             num_attention_heads=4,
@@ -178,12 +211,12 @@ def family_config(family: Family, tokenizer: Any) -> PretrainedConfig:
             intermediate_size=64,
             **ids,
         )
-    if family.name == "qwen2":  # q/k/v biases, tied embeddings
+    if family.arch == "qwen2":  # q/k/v biases, tied embeddings
         return Qwen2Config(
             hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
             tie_word_embeddings=True, **ids,
         )  # fmt: skip
-    raise ValueError(family.name)
+    raise ValueError(family.arch)
 
 
 def save_family_model(name: str, path: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:

@@ -12,7 +12,14 @@ import torch
 from prefix_store.fingerprint import model_fingerprint
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.engine.model_source import ModelSourceError, locate_model
-from tests.tiny_families import FAMILIES, REMOTE_CODE_FILE, corpus, save_family_model, save_remote_code_model
+from tests.tiny_families import (
+    FAMILIES,
+    REMOTE_CODE_FILE,
+    corpus,
+    save_family_model,
+    save_remote_code_model,
+    tiktoken_encoding,
+)
 
 
 def _load(model_dir: Path, trust_remote_code: bool = False) -> LoadedModel:
@@ -26,7 +33,9 @@ def _load(model_dir: Path, trust_remote_code: bool = False) -> LoadedModel:
 def test_tokenizer_files_of_each_family_load_and_round_trip(name: str, tmp_path: Path) -> None:
     model_dir = save_family_model(name, tmp_path / name)
     family = FAMILIES[name]
-    shipped = {"sentencepiece": "tokenizer.model", "bpe": "tokenizer.json"}[family.tokenizer]
+    shipped = {"sentencepiece": "tokenizer.model", "tiktoken": "tokenizer.model", "bpe": "tokenizer.json"}[
+        family.tokenizer
+    ]
     assert [p.name for p in model_dir.glob("tokenizer.*")] == [shipped]  # the only tokenizer file
     loaded = _load(model_dir)
     tokenizer = loaded.tokenizer
@@ -34,9 +43,11 @@ def test_tokenizer_files_of_each_family_load_and_round_trip(name: str, tmp_path:
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert loaded.decode(ids) == text
         assert max(ids) < loaded.vocab_size
+        if family.tokenizer == "tiktoken":  # converted by transformers, it splits as tiktoken does
+            assert ids == tiktoken_encoding().encode(text)
     assert tokenizer.eos_token == family.specials["eos"]
     assert loaded.eos_ids == {tokenizer.eos_token_id}
-    if family.specials["bos"]:  # added only when a request asks for special tokens
+    if family.specials["bos"] and family.tokenizer != "tiktoken":  # only when a request asks for them
         assert tokenizer.encode("a")[0] == tokenizer.bos_token_id
         assert tokenizer.encode("a", add_special_tokens=False)[0] != tokenizer.bos_token_id
 

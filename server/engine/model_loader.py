@@ -74,8 +74,21 @@ def _max_positions(config: Any) -> int:
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
-            return value
+            return min(value, _sliding_window(config) or value)
     raise ValueError("cannot tell the model's maximum number of positions from its config")
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The attention window of a model whose layers (all or some) see only the last W positions
+    (Mistral v0.1, Phi-3-mini, Gemma 2), else None. The engine attends to every position of a
+    row, which is the same thing only while a row fits the window: so the window caps the context."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 def load_model(options: ModelOptions) -> LoadedModel:
@@ -99,6 +112,12 @@ def load_model(options: ModelOptions) -> LoadedModel:
         # e.g. a tokenizer that only its own code can build (the config check saw the model only)
         raise ModelSourceError(f"model {source.name} needs its own code to load: pass {TRUST_FLAG}") from exc
     model = model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
+    if (window := _sliding_window(model.config)) and window < getattr(
+        model.config, "max_position_embeddings", 0
+    ):
+        log.info(
+            "model %s attends through a sliding window: context capped at %d positions", source.name, window
+        )
     return LoadedModel(
         name=options.model or "demo",
         model=model,

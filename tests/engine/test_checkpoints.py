@@ -3,6 +3,7 @@ of each family, sharded weights, code shipped with the model, hub ids offline.""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -103,3 +104,13 @@ def test_a_hub_id_not_cached_fails_at_once_offline(tmp_path: Path, monkeypatch: 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelSourceError, match="has no config.json"):
         locate_model(str(tmp_path / "empty"), trust_remote_code=False)
+
+
+def test_a_sliding_window_caps_the_context(tmp_path: Path) -> None:
+    """Mistral v0.1 attends to the last `sliding_window` positions only; the engine attends to all
+    of a row, which is exact while the row fits the window: the window becomes the context."""
+    model_dir = save_family_model("mistral", tmp_path / "mistral")
+    assert _load(model_dir).max_positions == 256  # the window (4096) is beyond max_position_embeddings
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    assert _load(model_dir).max_positions == 64

@@ -1,8 +1,8 @@
 """Every tested model family, with the tokenizer files it ships, against the PEFT oracle over HTTP.
 
 Per family: a tiny checkpoint written as the family ships it (tests/tiny_families.py: a
-sentencepiece `tokenizer.model` alone, or a byte-level BPE `tokenizer.json`; Mistral's weights
-sharded), loaded by the app's own start-up (`create_app`, in process, real Redis), PEFT
+sentencepiece or a tiktoken `tokenizer.model` alone, or a byte-level BPE `tokenizer.json`;
+Mistral's weights sharded), loaded by the app's own start-up (`create_app`, in process, real Redis), PEFT
 prefix-tuning adapters uploaded through the admin API, then text prompts of different tasks sent
 together. Each answer must equal PEFT's full-forward greedy reference token for token, and its
 text the tokenizer's decoding of those tokens.

@@ -42,6 +42,9 @@ def _params(body: GenerateRequest) -> SamplingParams:
         seed=body.seed,
         stop=tuple(body.stop),
         ignore_eos=body.ignore_eos,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty,
     )
 
 

@@ -60,6 +60,9 @@ def _params(body: CompletionRequest, choice: int) -> SamplingParams:
         stop=body.stops,
         ignore_eos=body.ignore_eos,
         logprobs=body.logprobs,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty,
     )
 
 

@@ -14,6 +14,11 @@ TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 # errors, which pydantic and FastAPI take seconds to build, on the event loop.
 TokenIds = Annotated[list[int], Field(fail_fast=True)]
 MAX_UNKNOWN_FIELDS = 3  # more unknown fields than this get one error, not one each
+FREQUENCY_PENALTY = "OpenAI's: each generated token's logit -= this times how often it was generated"
+PRESENCE_PENALTY = "OpenAI's: each generated token's logit -= this, once"
+REPETITION_PENALTY = (
+    "HF's: a logit of a token in the prompt or generated is divided by this (multiplied when negative)"
+)
 Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN)]
 
 
@@ -45,13 +50,16 @@ class GenerateRequest(BaseModel):
     stream: bool = False
     ignore_eos: bool = False
     add_special_tokens: bool = False
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=FREQUENCY_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=PRESENCE_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description=REPETITION_PENALTY)
 
     @model_validator(mode="before")
     @classmethod
     def _few_unknown_fields(cls, data: Any) -> Any:
         return refuse_many_unknown(cls, data)
 
-    @field_validator("temperature", "top_p")
+    @field_validator("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.schemas import TaskId, TokenIds
+from server.api.schemas import FREQUENCY_PENALTY, PRESENCE_PENALTY, REPETITION_PENALTY, TaskId, TokenIds
 
 # Prompts one body may list, whatever --max-prompts says: past this a list is refused before its
 # items are validated (a 1 MB body holds 340,000 `[]`, which would take pydantic 0.15 s).
@@ -58,12 +58,13 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False  # extension
     echo: bool = False
     best_of: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=PRESENCE_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=FREQUENCY_PENALTY)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description=REPETITION_PENALTY)  # extension
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
 
-    @field_validator("temperature", "top_p")
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -82,8 +83,6 @@ class CompletionRequest(BaseModel):
         unsupported = {
             "echo": self.echo,
             "best_of": self.best_of not in (None, 1, self.n),
-            "presence_penalty": self.presence_penalty != 0,
-            "frequency_penalty": self.frequency_penalty != 0,
             "logit_bias": bool(self.logit_bias),
             "suffix": self.suffix is not None,
         }

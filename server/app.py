@@ -16,7 +16,7 @@ from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
 from prefix_store.migrate import migrate_layout
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore
-from server.api import routes_admin, routes_generate, routes_health, routes_keys, routes_openai
+from server.api import routes_admin, routes_chat, routes_generate, routes_health, routes_keys, routes_openai
 from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
 from server.api.json_body import start_json_helper, stop_json_helper
@@ -25,6 +25,7 @@ from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.api.replica import ReplicaHeaderMiddleware
 from server.api.stall import StreamStallMiddleware
 from server.config import Settings
+from server.engine.chat import use_chat_template
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
@@ -169,6 +170,7 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         trust_remote_code=settings.trust_remote_code,
     )
     loaded = await asyncio.to_thread(load_model, options)
+    use_chat_template(loaded.tokenizer, settings.chat_template)
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)
     layout = plan_kv(settings, loaded)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
@@ -261,6 +263,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_admin.router)
     app.include_router(routes_health.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_chat.router)
     app.include_router(routes_keys.router)
     app.state.lifecycle = lifecycle
 

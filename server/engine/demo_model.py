@@ -3,30 +3,34 @@
 Its weights are committed next to this file (`demo_weights/`, bfloat16, ~2 MB): 4 layers,
 4 heads of 32, ~1M parameters, pretrained on 2 CPU cores on a generated corpus of restaurant
 descriptions, greetings, weather reports and short stories (`python -m trainer.pretrain_demo`,
-docs/training.md).
+docs/training.md). Its chat template (`demo_weights/chat_template.jinja`) renders a conversation
+as running text, the only format the model knows, so `/v1/chat/completions` works out of the box.
 """
 
 import shutil
 from pathlib import Path
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights"
-_WEIGHTS_FILE = "model.safetensors"
 
 
-def _same_weights(path: Path) -> bool:
-    installed = path / _WEIGHTS_FILE
-    shipped = DEMO_WEIGHTS / _WEIGHTS_FILE
-    return installed.exists() and installed.read_bytes() == shipped.read_bytes()
+def _same_files(path: Path) -> bool:
+    """Every shipped file (weights, tokenizer, chat template) is installed, byte for byte."""
+    return all(
+        (path / f.name).is_file() and (path / f.name).read_bytes() == f.read_bytes()
+        for f in DEMO_WEIGHTS.iterdir()
+        if f.is_file()
+    )
 
 
 def ensure_demo_model(path: Path) -> Path:
-    """Copy the committed demo model to `path` unless the same weights are already there.
+    """Copy the committed demo model to `path` unless the same files are already there.
 
-    A data dir from an older release (e.g. the former randomly initialised demo model) is
-    replaced, so the default model is always the shipped one; its prefixes stay stored under
-    the old model's fingerprint and are simply not found for the new one.
+    A data dir from an older release (e.g. the former randomly initialised demo model, or one
+    without the chat template) is replaced, so the default model is always the shipped one; a
+    release with other weights leaves its prefixes stored under the old model's fingerprint,
+    where they are simply not found for the new one.
     """
-    if (path / "config.json").exists() and _same_weights(path):
+    if (path / "config.json").exists() and _same_files(path):
         return path
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

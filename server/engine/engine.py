@@ -15,6 +15,7 @@ import torch
 
 from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
+from server.engine.chat import render_chat
 from server.engine.core import EngineCore
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
 from server.engine.handle import PAUSE_AT, RequestHandle
@@ -105,6 +106,10 @@ class Engine:
         except UnicodeEncodeError as exc:  # JSON can carry lone surrogates ("\ud800"); text cannot
             raise InvalidInput(f"the prompt is not valid Unicode: {exc.reason} at {exc.start}") from exc
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
+        return render_chat(self.loaded.tokenizer, messages)
 
     def submit(
         self,

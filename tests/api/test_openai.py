@@ -141,3 +141,13 @@ def test_models(oai: openai.OpenAI) -> None:
     assert model.id == "t:good" and model.owned_by == "t"
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("t:nobody")
+
+
+def test_chat_on_a_model_without_a_template_is_refused(oai: openai.OpenAI) -> None:
+    """The tiny GPT-2 has no chat template and this server no --chat-template (tests/api/test_chat.py)."""
+    messages: list = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError, match="--chat-template") as refused:
+        oai.chat.completions.create(model="t:good", messages=messages, max_tokens=2)
+    assert refused.value.code == "chat_template_missing" and refused.value.status_code == 400
+    with pytest.raises(openai.NotFoundError):  # an unknown model is still named as such
+        oai.chat.completions.create(model="t:nobody", messages=messages, max_tokens=2)

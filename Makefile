@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROM_DIR := $(VENV)/prometheus
 HAPROXY_DIR := $(VENV)/haproxy
 
-.PHONY: install serve test lint bench clean prometheus haproxy cluster
+.PHONY: install serve test lint bench clean prometheus haproxy cluster gpu-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -57,6 +57,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/throughput.py
+
+# On a machine with a CUDA GPU (at most 8 minutes): the oracle on CUDA in fp32 and bf16, and the
+# throughput bench in bf16 on a Llama-1B shape; writes bench/results/gpu.json and docs/benchmarks.md.
+# Needs a CUDA build of torch in .venv (the pinned CPU wheel sees no GPU); exits 1 if the oracle fails.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

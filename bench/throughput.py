@@ -62,6 +62,10 @@ class Workload:
     concurrency: int = 64
     peft_subset: int = 16  # requests measured for mode A (its rate does not depend on the count)
     dtype: str = "float32"
+    arch: str = "gpt2"  # or "llama" (GQA + SwiGLU; `make gpu-check`'s Llama-1B shape)
+    kv_heads: int = 0  # 0: as many as `heads`
+    intermediate: int = 0  # 0: 4 x hidden
+    device: str = "cpu"
 
 
 SMOKE = Workload(layers=2, hidden=64, heads=4, vocab=512, num_tasks=4, prefix_len=3, num_requests=8,

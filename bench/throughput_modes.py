@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,15 +23,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---- workload -----------------------------------------------------------------------------
-def build(w: Any, workdir: Path) -> None:
-    """The model (fixed seed), a tokenizer covering its vocab, and one PEFT adapter per task."""
-    config = GPT2Config(
+def model_config(w: Any) -> Any:
+    """GPT-2 (`arch="gpt2"`) or Llama (GQA, SwiGLU) of the workload's shape."""
+    if w.arch == "llama":
+        return LlamaConfig(
+            num_hidden_layers=w.layers, hidden_size=w.hidden, num_attention_heads=w.heads,
+            num_key_value_heads=w.kv_heads or w.heads, intermediate_size=w.intermediate or 4 * w.hidden,
+            vocab_size=w.vocab, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+    return GPT2Config(
         n_layer=w.layers, n_embd=w.hidden, n_head=w.heads, vocab_size=w.vocab, n_positions=1024,
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
+
+
+def build(w: Any, workdir: Path) -> None:
+    """The model (fixed seed, saved in the workload's dtype), a tokenizer covering its vocab, and
+    one PEFT adapter per task."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(workdir / "model")
+    model = AutoModelForCausalLM.from_config(model_config(w))
+    model.to(DTYPES[w.dtype]).save_pretrained(workdir / "model")
     vocab = {f"t{i}": i for i in range(w.vocab)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -59,23 +70,21 @@ def requests(w: Any, one_task: bool = False) -> list[tuple[int, list[int]]]:
 
 
 # ---- roofline -----------------------------------------------------------------------------
-def gemm_flops_per_s(dtype: torch.dtype, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def gemm_flops_per_s(dtype: torch.dtype, device: str = "cpu", n: int = 2048) -> float:
+    n = 8192 if device == "cuda" else n  # a GPU needs a bigger GEMM to reach its rate
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    best = min(probes.timed(lambda: torch.mm(a, b)) for _ in range(5))
     return 2 * n**3 / best
-
-
-def _timed(fn: Any) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def model_flops(w: Any) -> dict[str, float]:
     """Matmul FLOPs: per token through the body, the LM head, and attention per context position."""
-    body = 2 * w.layers * 12 * w.hidden * w.hidden  # qkv 3h^2 + proj h^2 + mlp 8h^2, x2 FLOPs per MAC
-    return {"body": body, "head": 2 * w.hidden * w.vocab, "attention_per_position": 4 * w.layers * w.hidden}
+    h, kv = w.hidden, w.hidden * (w.kv_heads or w.heads) // w.heads
+    inter, num_mlp = w.intermediate or 4 * h, 3 if w.arch == "llama" else 2  # SwiGLU has 3 matrices
+    macs = 2 * h * h + 2 * h * kv + num_mlp * h * inter  # q, o; k, v; the MLP
+    body = 2 * w.layers * macs  # x2 FLOPs per MAC
+    return {"body": body, "head": 2 * h * w.vocab, "attention_per_position": 4 * w.layers * h}
 
 
 def workload_flops_per_generated_token(w: Any) -> float:
@@ -91,7 +100,7 @@ def workload_flops_per_generated_token(w: Any) -> float:
 
 
 def roofline(w: Any) -> dict[str, float]:
-    gemm = gemm_flops_per_s(DTYPES[w.dtype])
+    gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device)
     per_token = workload_flops_per_generated_token(w)
     return {
         "gemm_2048_flops_per_s": gemm,
@@ -115,7 +124,7 @@ class _FirstToken:
 
 
 def _peft(w: Any, workdir: Path, tasks: list[int]) -> PeftModel:
-    base = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=DTYPES[w.dtype])
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=DTYPES[w.dtype]).to(w.device)
     model = PeftModel.from_pretrained(base, workdir / "adapters" / str(tasks[0]), adapter_name=str(tasks[0]))
     for task in tasks[1:]:
         model.load_adapter(workdir / "adapters" / str(task), adapter_name=str(task))
@@ -125,6 +134,7 @@ def _peft(w: Any, workdir: Path, tasks: list[int]) -> PeftModel:
 def _generate(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, w: Any) -> tuple[float, float, float]:
     streamer = _FirstToken()
     started = time.perf_counter()
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens,
                        do_sample=False, pad_token_id=0, streamer=streamer)  # fmt: skip
@@ -210,7 +220,7 @@ def _engine(w: Any, workdir: Path) -> tuple[Any, list[Any]]:
     from server.engine.kv_cache import KVLayout, SlotKVCache
     from server.engine.model_loader import ModelOptions, load_model
 
-    loaded = load_model(ModelOptions(str(workdir / "model"), "cpu", w.dtype, workdir / "data"))
+    loaded = load_model(ModelOptions(str(workdir / "model"), w.device, w.dtype, workdir / "data"))
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
     prefixes = []
     for task in range(w.num_tasks):
@@ -273,7 +283,7 @@ def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
 
     result = asyncio.run(main())
     if not one_task:
-        gemm = gemm_flops_per_s(DTYPES[w.dtype])
+        gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device)
         result["decode_mfu"] = probes.decode_mfu(engine, w, gemm, model_flops(w))
         result["decode_step_over_gemm"] = probes.decode_step_over_gemm(engine, w)
         result["long_prompt"] = probes.long_prompt_interference(engine.loaded, prefixes[0], w)

@@ -15,15 +15,18 @@ from typing import Any
 import torch
 
 
-def _timed(fn: Any) -> float:
+def timed(fn: Any) -> float:
+    """Wall time of `fn()`, with the GPU's queued work included."""
     started = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
 def _best(fn: Any, repeats: int = 5) -> float:
     fn()
-    return min(_timed(fn) for _ in range(repeats))
+    return min(timed(fn) for _ in range(repeats))
 
 
 def _decode_step(engine: Any, w: Any) -> tuple[Any, int]:

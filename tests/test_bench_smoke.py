@@ -44,3 +44,17 @@ def test_soak_smoke(tmp_path: Path) -> None:
         "bad_request",
         "cancel_stream",
     }
+
+
+def test_gpu_check_smoke(tmp_path: Path) -> None:
+    """`make gpu-check`'s steps on the CPU with a tiny Llama in bf16: the device oracle passes,
+    and B, D, the roofline and the probes report."""
+    command = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads((tmp_path / "gpu-smoke.json").read_text())
+    assert result["oracle"]["passed"] and len(result["oracle"]["bf16_agreement"]) == 2
+    throughput = result["throughput"]
+    assert set(throughput["modes"]) == {"B", "D"} and throughput["workload"]["arch"] == "llama"
+    assert all(row["tokens_per_s"] > 0 for row in throughput["modes"].values())
+    assert throughput["ratios"]["D_over_B"] > 0 and throughput["roofline"]["roofline_tokens_per_s"] > 0

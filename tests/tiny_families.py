@@ -54,6 +54,7 @@ class Family:
     tokenizer: str  # "sentencepiece" / "tiktoken" (a tokenizer.model alone) or "bpe" (tokenizer.json)
     tokenizer_class: str
     specials: dict[str, str | None]  # bos / eos / unk / pad token strings
+    title: str  # as README's table of tested families names it
 
 
 _LLAMA2 = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None}
@@ -63,13 +64,20 @@ _QWEN2 = {"bos": None, "eos": "<|endoftext|>", "unk": None, "pad": "<|endoftext|
 FAMILIES = {
     family.name: family
     for family in [
-        Family("llama-2", "llama", "sentencepiece", "LlamaTokenizer", _LLAMA2),
-        Family("mistral", "mistral", "sentencepiece", "LlamaTokenizer", _LLAMA2),
-        Family("phi-3", "phi3", "sentencepiece", "LlamaTokenizer", _LLAMA2),
-        Family("gemma", "gemma", "sentencepiece", "GemmaTokenizer", _GEMMA),
-        Family("llama-3", "llama", "bpe", "PreTrainedTokenizerFast", _LLAMA3),
-        Family("llama-3-tiktoken", "llama", "tiktoken", "PreTrainedTokenizerFast", _LLAMA3),
-        Family("qwen2", "qwen2", "bpe", "Qwen2Tokenizer", _QWEN2),
+        Family("llama-2", "llama", "sentencepiece", "LlamaTokenizer", _LLAMA2, "Llama 2"),
+        Family("mistral", "mistral", "sentencepiece", "LlamaTokenizer", _LLAMA2, "Mistral"),
+        Family("phi-3", "phi3", "sentencepiece", "LlamaTokenizer", _LLAMA2, "Phi-3"),
+        Family("gemma", "gemma", "sentencepiece", "GemmaTokenizer", _GEMMA, "Gemma"),
+        Family("llama-3", "llama", "bpe", "PreTrainedTokenizerFast", _LLAMA3, "Llama 3"),
+        Family(
+            "llama-3-tiktoken",
+            "llama",
+            "tiktoken",
+            "PreTrainedTokenizerFast",
+            _LLAMA3,
+            "Llama 3 (original files)",
+        ),
+        Family("qwen2", "qwen2", "bpe", "Qwen2Tokenizer", _QWEN2, "Qwen2"),
     ]
 }
 

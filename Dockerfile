@@ -5,7 +5,10 @@
 #   docker build -t prefix-server:cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
 # BASE may name another image (e.g. an nvidia/cuda one) that has Python 3.11 as `python`;
 # both stages use it, so the virtualenv copied between them stays valid.
-# Run: docker run -p 8000:8000 -v prefix-data:/data prefix-server
+# Run: docker run -p 127.0.0.1:8000:8000 -v prefix-data:/data prefix-server
+# Logs are JSON lines. The admin token: pass PREFIX_ADMIN_TOKEN, or read the generated one (never
+# written to the log) with `docker exec <container> cat /data/admin_token`.
+# Tested for real by `make image-test` (podman; docker/image_test.py).
 ARG BASE=python:3.11-slim
 
 # ---- build: a self-contained virtualenv with torch and the package ----------------------

@@ -12,6 +12,7 @@ GQA where the family has it, `initializer_range=0.3` for wide greedy margins), t
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import random
@@ -137,8 +138,10 @@ _TIKTOKEN_PATTERN = (
 )
 
 
+@functools.cache
 def train_tiktoken(vocab_size: int = 400) -> dict[bytes, int]:
-    """Byte-pair ranks (tiktoken's own trainer) over the corpus: token bytes -> rank."""
+    """Byte-pair ranks (tiktoken's own trainer, pure Python: trained once) over the corpus:
+    token bytes -> rank. Read-only."""
     return bpe_train("\n".join(corpus()), vocab_size, _TIKTOKEN_PATTERN, visualise=None)
 
 

@@ -40,12 +40,13 @@ def test_tokenizer_files_of_each_family_load_and_round_trip(name: str, tmp_path:
     assert [p.name for p in model_dir.glob("tokenizer.*")] == [shipped]  # the only tokenizer file
     loaded = _load(model_dir)
     tokenizer = loaded.tokenizer
+    reference = tiktoken_encoding() if family.tokenizer == "tiktoken" else None
     for text in [*corpus(num_lines=5, seed=3), "Unseen: ß, 漢字 and 🙂 (byte fallback)."]:
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert loaded.decode(ids) == text
         assert max(ids) < loaded.vocab_size
-        if family.tokenizer == "tiktoken":  # converted by transformers, it splits as tiktoken does
-            assert ids == tiktoken_encoding().encode(text)
+        if reference is not None:  # converted by transformers, it splits as tiktoken does
+            assert ids == reference.encode(text)
     assert tokenizer.eos_token == family.specials["eos"]
     assert loaded.eos_ids == {tokenizer.eos_token_id}
     if family.specials["bos"] and family.tokenizer != "tiktoken":  # only when a request asks for them

@@ -65,12 +65,26 @@ def locate_model(model: str, trust_remote_code: bool) -> ModelSource:
         source = _from_hub(model)
     else:
         source = _local(model, _cached_snapshot(model))
-    if source.code_files and not trust_remote_code and not is_builtin_model_type(source.model_type):
-        raise ModelSourceError(
-            f"model {model} ships its own code ({', '.join(source.code_files)}, named by auto_map in "
-            f"config.json) and the server runs no model code unless told to: read it, then pass {TRUST_FLAG}"
-        )
+    _check_code(source, trust_remote_code)
     return source
+
+
+def _check_code(source: ModelSource, trust_remote_code: bool) -> None:
+    """Built-in transformers code for its model type, or its own code and the user's consent."""
+    if not source.model_type or is_builtin_model_type(source.model_type):
+        return  # (no model_type: transformers guesses from the name, or says why it cannot)
+    if not source.code_files:
+        raise ModelSourceError(
+            f"model {source.name}: transformers {_transformers_version()} has no model type "
+            f"'{source.model_type}' (config.json) and the checkpoint ships no code for it; "
+            f"a newer transformers may know it"
+        )
+    if not trust_remote_code:
+        raise ModelSourceError(
+            f"model {source.name} ships its own code ({', '.join(source.code_files)}, named by auto_map "
+            f"in config.json) and the server runs no model code unless told to: "
+            f"read it, then pass {TRUST_FLAG}"
+        )
 
 
 def is_builtin_model_type(model_type: str) -> bool:
@@ -78,6 +92,12 @@ def is_builtin_model_type(model_type: str) -> bool:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # heavy: only when asked
 
     return model_type in CONFIG_MAPPING_NAMES
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
 
 
 def _local(model: str, path: Path) -> ModelSource:

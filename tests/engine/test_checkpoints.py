@@ -115,3 +115,13 @@ def test_a_sliding_window_caps_the_context(tmp_path: Path) -> None:
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
     assert _load(model_dir).max_positions == 64
+
+
+def test_a_model_type_transformers_lacks_and_no_code_is_refused(tmp_path: Path) -> None:
+    model_dir = save_remote_code_model(tmp_path / "remote")
+    (model_dir / REMOTE_CODE_FILE).unlink()
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["auto_map"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match=r"has no model type 'tiny-remote' .* ships no code for it"):
+        locate_model(str(model_dir), trust_remote_code=True)

@@ -71,10 +71,15 @@ def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
 
 
 def _max_positions(config: Any) -> int:
+    """The model's position limit, or its sliding attention window when that is smaller."""
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
-            return min(value, _sliding_window(config) or value)
+            window = _sliding_window(config)
+            if window is not None and window < value:
+                log.info("the model attends through a sliding window: context capped at %d positions", window)
+                return window
+            return value
     raise ValueError("cannot tell the model's maximum number of positions from its config")
 
 
@@ -112,12 +117,6 @@ def load_model(options: ModelOptions) -> LoadedModel:
         # e.g. a tokenizer that only its own code can build (the config check saw the model only)
         raise ModelSourceError(f"model {source.name} needs its own code to load: pass {TRUST_FLAG}") from exc
     model = model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
-    if (window := _sliding_window(model.config)) and window < getattr(
-        model.config, "max_position_embeddings", 0
-    ):
-        log.info(
-            "model %s attends through a sliding window: context capped at %d positions", source.name, window
-        )
     return LoadedModel(
         name=options.model or "demo",
         model=model,

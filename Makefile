@@ -77,4 +77,4 @@ demo: $(STAMP)
 # Several minutes (the image build); leaves nothing behind. See docker/image_test.py.
 .PHONY: image-test
 image-test: $(STAMP)
-	$(BIN)/python docker/image_test.py
+	$(BIN)/python -B docker/image_test.py  # -B: no __pycache__ in the checkout

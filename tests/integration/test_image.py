@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_the_image_builds_runs_and_matches_prefix_serve() -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "docker" / "image_test.py")],
+        [sys.executable, "-B", str(ROOT / "docker" / "image_test.py")],
         cwd=ROOT, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     print(done.stdout)

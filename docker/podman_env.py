@@ -165,10 +165,10 @@ class TorchIndex:
         self._server: http.server.ThreadingHTTPServer | None = None
 
     def start(self) -> str | None:
-        # pip finds it in the machine's find-links / cache; no download happens here
+        # --no-index: only the machine's find-links (PIP_FIND_LINKS, pip.conf); never a download
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", TORCH,
-             "-d", str(self.dir)],
+            [sys.executable, "-m", "pip", "download", "-q", "--no-index", "--no-deps", "--only-binary=:all:",
+             TORCH, "-d", str(self.dir)],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         wheels = sorted(self.dir.glob("torch-*+cpu-*.whl"))

@@ -21,8 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
 from image_checks import Checks, outside_tokens
 from podman_env import Podman, SetupError, TorchIndex, build_base, ensure_podman, timed
+
+from prefix_store.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the Dockerfile copies
@@ -111,16 +114,12 @@ class HostProcesses:
 
 def external_redis(host: HostProcesses, workdir: Path) -> str:
     """A redis-server on a free loopback port (the stand-in for compose's `redis` service)."""
-    from prefix_store.embedded_redis import free_port
-
     binary = shutil.which("redis-server") or str(Path(sys.executable).parent / "redis-server")
     port = free_port()
     host.start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
                workdir / "redis.log")  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 20
-    import redis
-
     while True:
         try:
             redis.Redis(port=port).ping()

@@ -30,8 +30,11 @@ class PenaltyTable:
         self.num_slots = num_slots
         self.vocab = vocab
         self.device = device
-        self._counts: torch.Tensor | None = None  # [num_slots, vocab] int32: generated ids
+        # float32, exact up to 2**24: an int table would be converted to float for every step
+        self._counts: torch.Tensor | None = None  # [num_slots, vocab] float32: generated ids
         self._seen: torch.Tensor | None = None  # [num_slots, vocab] bool: prompt or generated ids
+        self._work: torch.Tensor | None = None  # [3, capacity, vocab] float32: apply()'s scratch
+        self._work_mask: torch.Tensor | None = None  # [capacity, vocab] bool
 
     @property
     def is_allocated(self) -> bool:
@@ -40,7 +43,7 @@ class PenaltyTable:
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._counts is None or self._seen is None:
             shape = (self.num_slots, self.vocab)
-            self._counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self._counts = torch.zeros(shape, dtype=torch.float32, device=self.device)
             self._seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
         return self._counts, self._seen
 
@@ -52,6 +55,20 @@ class PenaltyTable:
         seen[slot] = counts[slot] > 0
         prompt = torch.tensor([t for t in prompt_ids if 0 <= t < self.vocab], dtype=torch.long)
         seen[slot, prompt.to(self.device)] = True
+
+    def _scratch(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Three `[num_rows, vocab]` float32 work tensors, reused from step to step (grown in powers
+        of two up to the number of slots, so a few penalised rows never hold room for all)."""
+        if self._work is None or self._work.shape[1] < num_rows:
+            capacity = min(self.num_slots, 1 << (num_rows - 1).bit_length())
+            self._work = torch.empty((3, capacity, self.vocab), dtype=torch.float32, device=self.device)
+            self._work_mask = torch.empty((capacity, self.vocab), dtype=torch.bool, device=self.device)
+        return self._work[0, :num_rows], self._work[1, :num_rows], self._work[2, :num_rows]
+
+    def _mask(self, num_rows: int) -> torch.Tensor:
+        """A `[num_rows, vocab]` bool work tensor (allocated with `_scratch`'s)."""
+        assert self._work_mask is not None, "call _scratch first"
+        return self._work_mask[:num_rows]
 
     def move(self, src: int, dst: int) -> None:
         """Follow a row moved from slot `src` to `dst` (compaction after a row left)."""
@@ -104,19 +121,28 @@ class StepPenalties:
     has_repetition: bool
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """The penalised rows of `logits` `[rows, vocab]`, penalised: `[p, vocab]` (a new tensor;
-        `logits` stays as it is, for the raw logprobs)."""
+        """The penalised rows of `logits` `[rows, vocab]`, penalised: `[p, vocab]`, valid until the
+        next step (it lives in the table's scratch space); `logits` stays as is, for raw logprobs.
+
+        Every operation writes into scratch tensors kept from step to step: on a CPU a fresh
+        `[p, vocab]` temporary costs more in page faults than the arithmetic on it."""
         counts_table, seen_table = self.table._tables()
-        rows = logits[self.rows]  # [p, vocab]
-        if self.has_repetition:
-            scaled = torch.where(rows < 0, rows * self.repetition, rows / self.repetition)
-            rows = torch.where(seen_table[self.slots], scaled, rows)
+        rows, work, counts = self.table._scratch(len(self.row_list))  # [p, vocab] float32 each
+        mask = self.table._mask(len(self.row_list))  # [p, vocab] bool
+        torch.index_select(logits, 0, self.rows, out=rows)  # far faster than logits[index] on CPU
+        if self.has_repetition:  # HF: score < 0 ? score * penalty : score / penalty, on seen tokens
+            torch.div(rows, self.repetition, out=work)
+            torch.mul(rows, self.repetition, out=counts)
+            torch.lt(rows, 0, out=mask)
+            torch.where(mask, counts, work, out=work)
+            torch.index_select(seen_table, 0, self.slots, out=mask)
+            torch.where(mask, work, rows, out=rows)
         if self.has_frequency or self.has_presence:
-            counts = counts_table[self.slots]  # [p, vocab]
+            torch.index_select(counts_table, 0, self.slots, out=counts)
             if self.has_frequency:
-                rows -= counts * self.frequency
+                rows.sub_(torch.mul(counts, self.frequency, out=work))
             if self.has_presence:
-                rows -= (counts > 0) * self.presence
+                rows.sub_(torch.mul(counts.clamp_(max=1.0), self.presence, out=work))  # counts >= 0
         return rows
 
     def record(self, chosen: torch.Tensor) -> None:

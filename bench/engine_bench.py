@@ -194,12 +194,18 @@ def penalty_costs(args: argparse.Namespace) -> dict[str, object]:
         for name, base in (("none", SamplingParams()), ("all", PENALISED)):
             seconds, _ = run_engine(model_dir, adapters, cases, args.new_tokens, True, args.batch, base)
             engine[f"penalised_{name}"] = {"seconds": seconds, "tokens_per_s": total / seconds}
-    rows = min(args.batch, args.requests)
+    rows, threads = min(args.batch, args.requests), torch.get_num_threads()
+    # one thread: on a shared machine an OpenMP barrier waiting for a descheduled thread costs
+    # milliseconds, which would swamp these sub-millisecond operations
+    torch.set_num_threads(args.sampler_threads)
     sampler = {f"penalised_rows_{n}": sampler_step_ms(args.vocab, rows, n, steps=5) for n in (0, 1, rows)}
+    torch.set_num_threads(threads)
     return {
         "engine_concurrent_byte_vocab": engine,
-        "sampler_ms_per_step": {"vocab": args.vocab, "rows": rows} | sampler,
-        "penalty_table_bytes": rows * args.vocab * 5,  # int32 counts + bool prompt mask per slot
+        "sampler_ms_per_step": {"vocab": args.vocab, "rows": rows, "threads": args.sampler_threads} | sampler,
+        # per slot: float32 counts + bool seen mask; scratch for the penalised rows: 3 float32 + 1 bool
+        "penalty_table_bytes": rows * args.vocab * 5,
+        "penalty_scratch_bytes_all_penalised": rows * args.vocab * 13,
     }
 
 
@@ -215,6 +221,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine_bench.json")
     parser.add_argument("--penalty-costs", action="store_true", help="measure sampling penalties only")
     parser.add_argument("--vocab", type=int, default=151_936, help="vocabulary of the sampler-only timing")
+    parser.add_argument(
+        "--sampler-threads", type=int, default=1, help="torch threads of the sampler-only timing"
+    )
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if args.penalty_costs:

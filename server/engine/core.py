@@ -167,7 +167,7 @@ class EngineCore:
             if not ok:
                 outputs.append(self._fail_row(request, "the model produced non-finite logits for this row"))
                 continue
-            output = append_token(request, token_id, decode, eos)
+            output = append_token(request, token_id, decode, eos, self.loaded.byte_ids)
             outputs.append(
                 output if lp is None else dataclasses.replace(output, logprob=lp[0], top_logprobs=lp[1])
             )

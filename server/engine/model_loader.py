@@ -5,6 +5,7 @@ code may run is decided by `model_source.locate_model`; this module only loads w
 """
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class LoadedModel:
     max_positions: int  # the model's own position limit
     vocab_size: int  # rows of the input embedding
     eos_ids: frozenset[int]
+    # sentencepiece byte-fallback tokens (`<0xNN>`): their text can still change with the next id
+    byte_ids: frozenset[int] = frozenset()
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -126,7 +129,17 @@ def load_model(options: ModelOptions) -> LoadedModel:
         max_positions=_max_positions(model.config),
         vocab_size=int(model.get_input_embeddings().weight.shape[0]),
         eos_ids=_eos_ids(model, tokenizer),
+        byte_ids=byte_fallback_ids(tokenizer),
     )
+
+
+def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of `<0xNN>` tokens: a run of them that is not valid UTF-8 decodes to one U+FFFD per
+    byte, so text shown after one of them could change when the next id arrives."""
+    return frozenset(i for token, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _log_source(

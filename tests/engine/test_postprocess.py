@@ -420,3 +420,26 @@ def test_incremental_text_equals_a_real_tokenizers_full_decode() -> None:
         request = make_request(max_new_tokens=len(ids))
         run(request, ids, decode)
         assert request.text == decode(ids)
+
+
+def test_sentencepiece_byte_fallback_runs_stream_as_decode_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A run of `<0xNN>` tokens that is not valid UTF-8 decodes to one U+FFFD per byte, ASCII
+    bytes of the run included: text after a byte token is held until the run closes, so the
+    streamed deltas join to exactly decode(all ids), for random mixes of bytes and pieces."""
+    from server.engine.model_loader import byte_fallback_ids
+    from tests.tiny_families import FAMILIES, save_tokenizer
+
+    tokenizer = save_tokenizer(FAMILIES["llama-2"], tmp_path)
+    byte_ids = byte_fallback_ids(tokenizer)
+    assert len(byte_ids) == 256
+
+    def decode(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+    pieces_ = [i for i in range(len(tokenizer)) if i not in byte_ids and i > 2]
+    rng = random.Random(3)
+    for _ in range(300):
+        ids = [rng.choice(sorted(byte_ids)) if rng.random() < 0.6 else rng.choice(pieces_) for _ in range(8)]
+        request = make_request(max_new_tokens=len(ids), ignore_eos=True)
+        deltas = [append_token(request, i, decode, NO_EOS, byte_ids).text_delta for i in ids]
+        assert "".join(deltas) == decode(ids), ids

@@ -42,7 +42,8 @@ RUN useradd --create-home --uid 10001 --user-group app \
     && chown app:app /data /models
 USER app
 WORKDIR /home/app
-# HF_HOME under /data keeps downloaded hub models across restarts; /models is for local model dirs.
+# HF_HOME under /data: a hub id is looked up in this cache (the server downloads only with HF_HUB_OFFLINE=0,
+# then keeps it across restarts); /models is for local model dirs.
 ENV PREFIX_SERVE_HOST=0.0.0.0 \
     PREFIX_SERVE_DATA_DIR=/data \
     PREFIX_SERVE_LOG_FORMAT=json \

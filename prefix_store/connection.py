@@ -23,6 +23,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -143,6 +144,20 @@ def _common_kwargs() -> dict[str, Any]:
     }
 
 
+class _CommandTableOnce(AsyncCommandsParser):
+    """redis-py re-reads the COMMAND table from the default node at every topology refresh; when
+    that node is a dead primary, every refresh fails and closes the connections to the live ones
+    too, so nothing works until it is back. The table does not change: read it once."""
+
+    __slots__ = ()
+
+    async def initialize(self, node: Any = None) -> None:
+        if node:
+            self.node = node
+        if not self.commands:
+            await super().initialize(node)
+
+
 def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
     if not target.is_tls:
         return {}
@@ -164,7 +179,7 @@ def connect(url: str, max_connections: int = 64) -> RedisClient:
         return redis.asyncio.Redis.from_pool(pool)
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":
-        return RedisCluster(
+        cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             max_connections=max_connections,
             require_full_coverage=False,  # a dead primary's slots fail; the others keep serving
@@ -172,6 +187,8 @@ def connect(url: str, max_connections: int = 64) -> RedisClient:
             **_common_kwargs(),
             **_tls_kwargs(target),
         )
+        cluster.commands_parser = _CommandTableOnce()
+        return cluster
     sentinel_kwargs = {
         "socket_connect_timeout": 1.0,
         "socket_timeout": 2.0,

@@ -18,8 +18,9 @@ import builtins
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
 from prefix_store.connection import RedisClient, connect, is_cluster
@@ -68,6 +69,9 @@ _META_FIELDS: tuple[str, ...] = (
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 
+T = TypeVar("T")
+
+
 class NotReplicated(StoreUnavailable):
     """The write reached the primary but no (or too few) replicas within the wait."""
 
@@ -100,7 +104,6 @@ class RedisPrefixStore:
         self._fingerprint = fingerprint
         self._min_replicas = min_replicas
         self._wait_ms = wait_ms
-        self._delete_script = client.register_script(_DELETE_SCRIPT)
         self.num_errors = 0  # failed Redis calls, for metrics
         self.num_not_replicated = 0  # writes refused because WAIT saw too few replicas
         self.health = RedisHealth()  # fed by `ping()`
@@ -134,7 +137,7 @@ class RedisPrefixStore:
             layout.publish_command(),
         ]  # fmt: skip
         async with unavailable(self, f"put {task_id!r}"):
-            version = await self._write_and_wait(keys, args)
+            version = await self._again_if_not_sent(lambda: self._write_and_wait(keys, args))
         return PrefixMeta(
             task_id, int(version), prefix_len, len(data), dtype, self._fingerprint, created_at, source
         )
@@ -161,6 +164,19 @@ class RedisPrefixStore:
             )
         return int(version)
 
+    async def _again_if_not_sent(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Cluster: retry once when a connection could not even be opened (nothing was sent, so a
+        write is not applied twice). While a primary is down, redis-py refreshes its slot map
+        and may, rarely, route one command of a live slot to the dead node."""
+        try:
+            return await call()
+        except RedisConnectionError as exc:
+            if not self._is_cluster or "connecting to" not in str(exc):
+                raise
+            self.num_errors += 1
+            await asyncio.sleep(0.05)
+            return await call()
+
     async def _node_of(self, key: str) -> Any:
         cluster: Any = self._client
         await cluster.initialize()  # a no-op once the slot map is known
@@ -176,7 +192,7 @@ class RedisPrefixStore:
     async def get(self, task_id: str) -> tuple[PrefixMeta, bytes] | None:
         """Metadata and bytes of the current version (one consistent snapshot), or None."""
         async with unavailable(self, f"get {task_id!r}"):
-            raw = await self._client.hgetall(self._layout.task_key(task_id))
+            raw = await self._again_if_not_sent(lambda: self._client.hgetall(self._layout.task_key(task_id)))
         if not raw:
             return None
         fields = {_text(key): value for key, value in raw.items()}
@@ -201,7 +217,10 @@ class RedisPrefixStore:
         layout = self._layout
         keys = [layout.task_key(task_id), layout.index_key_of(task_id), layout.channel_of(task_id)]
         async with unavailable(self, f"delete {task_id!r}"):
-            removed = await self._delete_script(keys=keys, args=[task_id, layout.publish_command()])
+            # EVAL, not EVALSHA: a Cluster would load a missing script on every primary, dead ones too
+            removed = await self._client.eval(
+                _DELETE_SCRIPT, len(keys), *keys, task_id, layout.publish_command()
+            )
         return bool(removed)
 
     async def list(

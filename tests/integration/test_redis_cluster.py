@@ -120,7 +120,8 @@ def test_a_dead_primary_fails_only_its_tasks(
     assert cold_dead.status_code == 503 and cold_dead.headers.get("Retry-After"), cold_dead.text
     assert generate(client, a, alive[1]).status_code == 200  # cold, on a live primary
     fresh = next(f"new:{i}" for i in range(1000) if not is_dead(f"new:{i}"))
-    assert upload(client, a, fresh, canonical(5)[0]).status_code == 201
+    fresh_upload = upload(client, a, fresh, canonical(5)[0])
+    assert fresh_upload.status_code == 201, fresh_upload.text
     assert generate(client, a, fresh).status_code == 200
     lost = next(f"new:{i}" for i in range(1000) if is_dead(f"new:{i}"))
     refused = upload(client, a, lost, canonical(6)[0])

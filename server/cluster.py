@@ -26,6 +26,7 @@ import httpx
 
 from prefix_store.embedded_redis import EmbeddedRedis, free_port, log_tail
 from server.config import Settings
+from server.logs import announce_admin_token
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_TEMPLATE = ROOT / "docker" / "haproxy" / "haproxy.cfg"
@@ -186,13 +187,7 @@ class Cluster:
         token_file = settings.admin_token_file or self.options.data_dir / "admin_token"
         if not settings.admin_token:  # replicas read the one file (theirs would differ)
             env["PREFIX_SERVE_ADMIN_TOKEN_FILE"] = str(token_file)
-        self.admin_token_note = (
-            f"admin token {token} (saved in {token_file})"
-            if is_new
-            else "admin token from the environment"
-            if settings.admin_token
-            else f"admin token in {token_file}"
-        )
+        self.admin_token = (token, is_new, token_file, bool(settings.admin_token))
         return env
 
     def _wait_replicas_ready(self) -> None:
@@ -344,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         cluster.start()
         for child, port in zip(cluster.replicas, cluster.ports, strict=True):
             print(f"cluster: replica {child.name} http://127.0.0.1:{port} (log {child.log_path})", flush=True)
-        print(f"cluster: {cluster.admin_token_note}", flush=True)
+        announce_admin_token(*cluster.admin_token)  # a new token only on a terminal, never in a log
         print(f"cluster ready: {cluster.url}", flush=True)
         cluster.wait()
     except _Stop:

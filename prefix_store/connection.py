@@ -181,7 +181,8 @@ def connect(url: str, max_connections: int = 64) -> RedisClient:
     if target.kind == "cluster":
         cluster = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-            max_connections=max_connections,
+            # per node, and redis-py's cluster pool fails (no waiting) when it runs out: leave room
+            max_connections=8 * max_connections,
             require_full_coverage=False,  # a dead primary's slots fail; the others keep serving
             **auth,
             **_common_kwargs(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -282,6 +283,9 @@ def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
         return result
 
     result = asyncio.run(main())
+    # the workload's peak, before the probes below allocate their own KV (the long-prompt probe's
+    # 64 slots x 1,074 positions are ~5 GiB in fp32 at this shape)
+    result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if not one_task:
         gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device)
         result["decode_mfu"] = probes.decode_mfu(engine, w, gemm, model_flops(w))

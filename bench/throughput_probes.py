@@ -76,7 +76,9 @@ def decode_step_over_gemm(engine: Any, w: Any) -> dict[str, float]:
     return {"decode_step_ms": 1000 * step_s, "decode_gemms_ms": 1000 * gemm_s, "ratio": step_s / gemm_s}
 
 
-def long_prompt_interference(loaded: Any, prefix: Any, w: Any, long_len: int = 1000) -> dict[str, Any]:
+def long_prompt_interference(
+    loaded: Any, prefix: Any, w: Any, long_len: int = 1000, budget: int = 512
+) -> dict[str, Any]:
     """63 rows (`concurrency - 1`) decode; a `long_len`-token prompt arrives. Inter-token times of
     the decoding rows over 10 steps before it, the steps of its prefill and 10 after."""
     from server.engine.core import EngineCore
@@ -86,7 +88,7 @@ def long_prompt_interference(loaded: Any, prefix: Any, w: Any, long_len: int = 1
     spec_kv = prefix.kv
     layout = KVLayout(spec_kv.shape[0], spec_kv.shape[2], spec_kv.shape[4], w.concurrency,
                       w.prefix_len + long_len + 64, loaded.dtype, loaded.device)  # fmt: skip
-    core = EngineCore(loaded, SlotKVCache(layout), max_queue=1000)
+    core = EngineCore(loaded, SlotKVCache(layout), max_queue=1000, max_num_batched_tokens=budget)
     params = SamplingParams(max_new_tokens=60, ignore_eos=True)
     for i in range(w.concurrency - 1):
         core.add(Request(prefix, [1 + (i % 50)] * w.prompt_min, params))

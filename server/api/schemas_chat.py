@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from server.api.schemas import FREQUENCY_PENALTY, PRESENCE_PENALTY, REPETITION_PENALTY, TaskId
 from server.api.schemas_openai import CompletionUsage, FinishReason, StreamOptions
 
-MAX_MESSAGES = 1024  # a list past this is refused before its items are validated
+# Past these a body is refused before its items are validated: pydantic validates every item of a
+# list before it checks the list's length, and a 1 MB body holds 35,000 content parts (~70 ms).
+MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 2048  # in all messages together
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 _REFUSED = "not supported by this server"
 
@@ -69,6 +72,19 @@ class ChatCompletionRequest(BaseModel):
     function_call: Any = Field(None, description="refused: function calling is not supported")
     logit_bias: Any = Field(None, description="refused")
     response_format: Any = Field(None, description='only {"type": "text"}')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list):
+            if len(messages) > MAX_MESSAGES:
+                raise ValueError(f"messages: {len(messages)} messages; at most {MAX_MESSAGES}")
+            contents = (m.get("content") for m in messages if isinstance(m, dict))
+            num_parts = sum(len(c) for c in contents if isinstance(c, list))
+            if num_parts > MAX_CONTENT_PARTS:
+                raise ValueError(f"messages: {num_parts} content parts; at most {MAX_CONTENT_PARTS} in all")
+        return data
 
     @field_validator("tools", "tool_choice", "functions", "function_call", mode="before")
     @classmethod

@@ -40,7 +40,7 @@ def cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-class _Procs:
+class RedisProcs:
     """Redis child processes in one temp dir; `close()` kills them all."""
 
     def __init__(self, prefix: str) -> None:
@@ -79,7 +79,7 @@ class _Procs:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class SentinelSetup(_Procs):
+class SentinelSetup(RedisProcs):
     """One primary, one replica, three sentinels watching service `mymaster`."""
 
     SERVICE = "mymaster"
@@ -131,7 +131,7 @@ class SentinelSetup(_Procs):
         return int(port)
 
 
-class ClusterSetup(_Procs):
+class ClusterSetup(RedisProcs):
     """`num_primaries` cluster nodes, no replicas; slots split evenly by `redis-cli --cluster create`.
     `cluster-require-full-coverage no`: a dead primary's slots fail, the others keep serving."""
 

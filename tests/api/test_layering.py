@@ -29,10 +29,17 @@ def test_the_http_layer_imports_no_torch() -> None:
 def _openapi() -> dict:
     from fastapi import FastAPI
 
-    from server.api import routes_admin, routes_generate, routes_health, routes_keys, routes_openai
+    from server.api import (
+        routes_admin,
+        routes_chat,
+        routes_generate,
+        routes_health,
+        routes_keys,
+        routes_openai,
+    )
 
     app = FastAPI()
-    for module in (routes_admin, routes_generate, routes_health, routes_keys, routes_openai):
+    for module in (routes_admin, routes_chat, routes_generate, routes_health, routes_keys, routes_openai):
         app.include_router(module.router)
     return get_openapi(title="t", version="0", routes=app.routes)
 
@@ -57,7 +64,9 @@ def test_one_prefix_metadata_schema() -> None:
     schemas = _openapi()["components"]["schemas"]
     meta = set(schemas["PrefixMeta"]["properties"])
     assert set(schemas["WarmedPrefix"]["properties"]) == meta | {"tiers"}
-    assert schemas["PrefixList"]["properties"]["items"]["items"] == {"$ref": "#/components/schemas/PrefixMeta"}
+    assert schemas["PrefixList"]["properties"]["items"]["items"] == {
+        "$ref": "#/components/schemas/PrefixMeta"
+    }
     from dataclasses import fields
 
     from clients.models import PrefixInfo

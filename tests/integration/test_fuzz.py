@@ -34,7 +34,7 @@ MAX_EXAMPLES = 50  # per operation, fuzzing phase; the coverage phase adds its o
 MAX_NEW_TOKENS = 16  # the server's --max-new-tokens: fuzzed generations stay cheap
 
 # Fields of /v1/completions the server refuses (400) whatever their value (see schemas_openai.py).
-_REFUSED_OPENAI_FIELDS = ("echo", "best_of", "presence_penalty", "frequency_penalty", "logit_bias", "suffix")
+_REFUSED_OPENAI_FIELDS = ("echo", "best_of", "logit_bias", "suffix")
 # The path parameter naming a task, per operation. DELETE and PUT are left alone: steering them
 # would delete or overwrite `t:good` on most examples.
 _PATH_TASK_PARAM = {

@@ -135,18 +135,30 @@ class ClusterSetup(RedisProcs):
     """`num_primaries` cluster nodes, no replicas; slots split evenly by `redis-cli --cluster create`.
     `cluster-require-full-coverage no`: a dead primary's slots fail, the others keep serving."""
 
-    def __init__(self, num_primaries: int = 3) -> None:
+    def __init__(self, num_primaries: int = 3, replicas_per_primary: int = 0) -> None:
         super().__init__("test-cluster-")
         args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         args += ["--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"]
-        args += ["--appendonly", "no"]
-        self.ports = [self.spawn(f"n{i}", args, port=cluster_port()) for i in range(num_primaries)]
+        args += ["--appendonly", "no", "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+        num_nodes = num_primaries * (1 + replicas_per_primary)
+        self.ports = [self.spawn(f"n{i}", args, port=cluster_port()) for i in range(num_nodes)]
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli is needed to create a cluster")
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-yes"], check=True, capture_output=True, timeout=30
+            [
+                cli,
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                str(replicas_per_primary),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         self.wait_ok()
 

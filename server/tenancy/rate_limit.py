@@ -15,9 +15,13 @@ the primaries).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from prefix_store.connection import RedisClient
 from prefix_store.redis_store import REDIS_ERRORS
@@ -76,6 +80,9 @@ return 0
 )
 
 
+_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_ADMIT_SCRIPT, _CHARGE_SCRIPT)}
+
+
 @dataclass(frozen=True)
 class Admission:
     """The answer for one request: admitted (holding `num_held` tokens until `release`), or how
@@ -91,9 +98,18 @@ class RateLimiter:
     """Admit requests, hold and charge generated tokens against each key's buckets."""
 
     def __init__(self, client: RedisClient) -> None:
-        self._admit = client.register_script(_ADMIT_SCRIPT)
-        self._charge = client.register_script(_CHARGE_SCRIPT)
+        self._client = client
         self.num_errors = 0
+
+    async def _run(self, script: str, keys: list[str], args: list[float | int]) -> Any:
+        """EVALSHA, and EVAL where the key's node does not know the script yet (a restarted or
+        promoted node). Not redis-py's `register_script`: on a Cluster it would load a missing
+        script on every primary, and one dead primary would then fail every key's limits."""
+        digest = _SHA1[script]
+        try:
+            return await self._client.evalsha(digest, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._client.eval(script, len(keys), *keys, *args)
 
     async def admit(self, key: ApiKey, num_tokens: int = 0) -> Admission:
         """Take one request token and hold `num_tokens` (the most the request may generate);
@@ -107,7 +123,7 @@ class RateLimiter:
         rps = key.requests_per_second
         args = [rps, max(1.0, rps), tpm / 60, tpm, hold]
         try:
-            wait_ms = int(await self._admit(keys=_bucket_keys(key.id), args=args))
+            wait_ms = int(await self._run(_ADMIT_SCRIPT, _bucket_keys(key.id), args))
         except REDIS_ERRORS as exc:
             self.num_errors += 1
             log.warning("rate limit of key %s not checked (redis: %s): admitting", key.id, exc)
@@ -127,7 +143,7 @@ class RateLimiter:
             return
         args = [key.tokens_per_minute / 60, key.tokens_per_minute, num_tokens]
         try:
-            await self._charge(keys=_bucket_keys(key.id)[1:], args=args)
+            await self._run(_CHARGE_SCRIPT, _bucket_keys(key.id)[1:], args)
         except REDIS_ERRORS as exc:
             self.num_errors += 1
             log.warning("could not charge %d tokens to key %s: %s", num_tokens, key.id, exc)

@@ -31,7 +31,6 @@ from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.logs import announce_admin_token, console
 from server.metrics import Metrics
-from server.metrics_redis import RedisHealthCollector
 from server.tenancy.keys import KeyStore
 from server.tenancy.rate_limit import RateLimiter
 
@@ -206,7 +205,6 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     lifecycle.end_all = lambda: asyncio.to_thread(engine.stop)
     store = await _open_store(settings, client, fingerprint)
     _background(stack, _probe_redis(store, settings.coherence_interval_s))
-    metrics.registry.register(RedisHealthCollector(store.health, lambda: store.num_not_replicated))
     prefixes = PrefixCache(
         store,
         spec,

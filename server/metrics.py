@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.engine.stats import EngineStats, FinishedRequest, StepStats
+from server.metrics_redis import RedisHealthCollector
 from server.metrics_vllm import VllmCollector, kv_usage_ratio
 
 if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports this module
@@ -264,6 +265,8 @@ class Metrics:
         the key store and the rate limiter; `has_keys`: whether API keys exist (for `per_task="auto"`)."""
         self._has_keys = has_keys
         self.registry.register(_LiveCollector(engine_stats, prefixes, self.task_label, other_redis_errors))
+        store = prefixes.store
+        self.registry.register(RedisHealthCollector(store.health, lambda: store.num_not_replicated))
         if self.vllm_names:
             max_tasks = self.task_label.max_tasks
             self.registry.register(VllmCollector(engine_stats, prefixes, max_tasks, self.is_per_task))

@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/engine_bench.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py --dtype bfloat16
 
 # On a machine with a CUDA GPU (at most 8 minutes): the oracle on CUDA in fp32 and bf16, and the
 # throughput bench in bf16 on a Llama-1B shape; writes bench/results/gpu.json and docs/benchmarks.md.

@@ -164,10 +164,11 @@ def report(
 def write_outputs(result: dict[str, Any], out_dir: Path, docs: Path | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "throughput-smoke" if result["smoke"] else "throughput"
+    name += "" if result["workload"]["dtype"] == "float32" else "-bf16"  # fp32 and bf16 side by side
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     throughput_report.plot(result, out_dir / f"{name}.png")
     if docs is not None:
-        write_section(docs, "throughput", throughput_report.markdown(result, f"bench/results/{name}.png"))
+        write_section(docs, name, throughput_report.markdown(result, f"bench/results/{name}.png"))
 
 
 def main() -> None:

@@ -43,10 +43,13 @@ def markdown(result: dict[str, Any], png: str) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     rows = result["modes"]
+    is_fp32 = result["workload"]["dtype"] == "float32"
+    name = "throughput" if is_fp32 else "throughput-bf16"
     lines = [
-        "# Benchmarks",
+        "# Benchmarks" if is_fp32 else "## Throughput in bfloat16 (the same workload, the same `make bench`)",
         "",
-        "Produced by `make bench` (`.venv/bin/python bench/throughput.py`); JSON in `bench/results/throughput.json`.",
+        f"Produced by `make bench` (`.venv/bin/python bench/throughput.py{'' if is_fp32 else ' --dtype bfloat16'}`); "
+        f"JSON in `bench/results/{name}.json`.",
         f"Machine: {result['machine']}. Workload: `{json.dumps(result['workload'])}`.",
         "",
         "| mode | what | tokens/s | x A | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | peak RSS (MiB) |",

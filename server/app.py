@@ -15,7 +15,7 @@ from prefix_store.embedded_redis import EmbeddedRedis
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
 from prefix_store.migrate import migrate_layout
 from prefix_store.prefix_cache import PrefixCache
-from prefix_store.redis_store import RedisPrefixStore
+from prefix_store.redis_store import REDIS_ERRORS, RedisPrefixStore
 from server.api import routes_admin, routes_chat, routes_generate, routes_health, routes_keys, routes_openai
 from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
@@ -98,13 +98,35 @@ async def _probe_redis(store: RedisPrefixStore, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
-async def _open_store(settings: Settings, client: Any, fingerprint: str) -> RedisPrefixStore:
-    """The prefix store, its keys migrated to the sharded layout first (see prefix_store/migrate.py)."""
+async def _open_store(
+    settings: Settings, client: Any, fingerprint: str, stack: AsyncExitStack
+) -> RedisPrefixStore:
+    """The prefix store, its keys migrated to the sharded layout first (see prefix_store/migrate.py).
+    With Redis down at start the server starts anyway (resident tasks, auth failing closed) and
+    migrates once Redis answers."""
     store = RedisPrefixStore(client, fingerprint, settings.redis_min_replicas, settings.redis_wait_ms)
+    try:
+        await _migrate(client, store)
+    except REDIS_ERRORS as exc:
+        log.warning("Redis is unreachable at start (%s): the key-layout check runs once it answers", exc)
+        _background(stack, _migrate_when_reachable(client, store, settings.coherence_interval_s))
+    return store
+
+
+async def _migrate(client: Any, store: RedisPrefixStore) -> None:
     moved = await migrate_layout(client, store.layout)
     if moved:
         log.warning("moved %d prefixes to the sharded key layout", moved)
-    return store
+
+
+async def _migrate_when_reachable(client: Any, store: RedisPrefixStore, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await _migrate(client, store)
+            return
+        except REDIS_ERRORS:
+            continue
 
 
 async def _keep_refreshed(keys: KeyStore, interval_s: float) -> None:
@@ -203,7 +225,7 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     stack.callback(stop_json_helper)
     stack.callback(engine.stop)
     lifecycle.end_all = lambda: asyncio.to_thread(engine.stop)
-    store = await _open_store(settings, client, fingerprint)
+    store = await _open_store(settings, client, fingerprint, stack)
     _background(stack, _probe_redis(store, settings.coherence_interval_s))
     prefixes = PrefixCache(
         store,

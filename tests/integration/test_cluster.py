@@ -206,6 +206,8 @@ def _wait_refused(port: int, timeout_s: float = 10.0) -> None:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
         except ConnectionRefusedError:
             return
+        except ConnectionResetError:
+            pass  # the dead process's listening socket is being torn down: refused next
         time.sleep(0.01)
     raise AssertionError(f"port {port} still accepts connections")
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.schemas import FREQUENCY_PENALTY, PRESENCE_PENALTY, REPETITION_PENALTY, TaskId
-from server.api.schemas_openai import CompletionUsage, FinishReason, StreamOptions
+from server.api.schemas_openai import CompletionUsage, FinishReason, Stop, StreamOptions, stop_strings
 
 # Past these a body is refused before its items are validated: pydantic validates every item of a
 # list before it checks the list's length, and a 1 MB body holds 35,000 content parts (~70 ms).
@@ -55,7 +55,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=16)
-    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = None
+    stop: Stop = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -141,9 +141,7 @@ class ChatCompletionRequest(BaseModel):
 
     @property
     def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_strings(self.stop)
 
     @property
     def num_logprobs(self) -> int | None:

@@ -30,6 +30,15 @@ def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": OpenAIErrorBody, "description": "OpenAI-shaped error"} for status in statuses}
 
 
+Stop = str | Annotated[list[str], Field(fail_fast=True)] | None  # OpenAI's: one string or a list
+
+
+def stop_strings(stop: Stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -49,7 +58,7 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=16)
-    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = None
+    stop: Stop = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -97,9 +106,7 @@ class CompletionRequest(BaseModel):
 
     @property
     def stops(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_strings(self.stop)
 
     @property
     def prompts(self) -> list[str | list[int]]:

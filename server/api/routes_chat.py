@@ -40,7 +40,7 @@ from server.api.schemas_openai import openai_error_responses
 from server.api.stall import ClosingStreamingResponse
 from server.api.tenancy import Caller, CallerDep, check_scope
 from server.engine.chat import NoChatTemplate
-from server.engine.request import SamplingParams, StepOutput
+from server.engine.request import StepOutput
 
 router = APIRouter(
     prefix="/v1",
@@ -48,22 +48,6 @@ router = APIRouter(
     responses=openai_error_responses(400, 401, 403, 404, 413, 429, 503, 504),
 )
 OFF_LOOP_CHARS = 4096  # messages longer than this are rendered in a thread
-
-
-def _params(body: ChatCompletionRequest, choice: int, max_tokens: int) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        seed=None if body.seed is None else body.seed + choice,  # n choices must differ (as /v1/completions)
-        stop=body.stops,
-        ignore_eos=body.ignore_eos,
-        logprobs=body.num_logprobs,
-        frequency_penalty=body.frequency_penalty,
-        presence_penalty=body.presence_penalty,
-        repetition_penalty=body.repetition_penalty,
-    )
 
 
 async def _prompt(services: Services, caller: Caller, body: ChatCompletionRequest) -> tuple[list[int], int]:
@@ -100,15 +84,14 @@ async def chat_completions(
     arrival = time.monotonic()
     prompt_ids, default_max_tokens = await _prompt(services, caller, body)
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-    choices = [_params(body, j, max_tokens) for j in range(body.n)]
+    choices = [body.sampling(j, max_tokens, body.num_logprobs) for j in range(body.n)]
     asked = GenerationRequest(body.model, [prompt_ids], choices)
     started = await launch(services, caller, asked, request, arrival)
     head = ChatCompletionChunk(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[]
     )
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        stream = _stream(started, services, head, include_usage, body.logprobs)
+        stream = _stream(started, services, head, body.include_usage, body.logprobs)
         return ClosingStreamingResponse(stream, media_type="text/event-stream")
     results = await until_disconnect(request, asyncio.gather(*(collect(s, services) for s in started)))
     for outputs in results:

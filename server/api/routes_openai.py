@@ -40,7 +40,7 @@ from server.api.schemas_openai import (
 )
 from server.api.stall import ClosingStreamingResponse
 from server.api.tenancy import Caller, CallerDep, check_scope, list_visible
-from server.engine.request import SamplingParams, StepOutput
+from server.engine.request import StepOutput
 
 router = APIRouter(
     prefix="/v1",
@@ -48,22 +48,6 @@ router = APIRouter(
     responses=openai_error_responses(400, 401, 403, 404, 413, 429, 503, 504),
 )
 OFF_LOOP_TOKENS = 2048  # answers with more entries (tokens x (1 + logprobs)) are built in a thread
-
-
-def _params(body: CompletionRequest, choice: int) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        seed=None if body.seed is None else body.seed + choice,  # n choices must differ
-        stop=body.stops,
-        ignore_eos=body.ignore_eos,
-        logprobs=body.logprobs,
-        frequency_penalty=body.frequency_penalty,
-        presence_penalty=body.presence_penalty,
-        repetition_penalty=body.repetition_penalty,
-    )
 
 
 def finish_reason(output: StepOutput) -> FinishReason | None:
@@ -132,15 +116,14 @@ async def completions(
     body: CompletionRequest, request: Request, services: ServicesDep, caller: CallerDep
 ) -> Completion | Response:
     arrival = time.monotonic()
-    choices = [_params(body, j) for j in range(body.n)]
+    choices = [body.sampling(j, body.max_tokens, body.logprobs) for j in range(body.n)]
     started = await launch(
         services, caller, GenerationRequest(body.model, body.prompts, choices), request, arrival
     )
     num_prompt = sum(len(one.prompt_ids) for one in started[:: body.n])
     head = Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[])
     if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        stream = _stream(started, services, head, num_prompt, include_usage, body.logprobs is not None)
+        stream = _stream(started, services, head, num_prompt, body.include_usage, body.logprobs is not None)
         return ClosingStreamingResponse(stream, media_type="text/event-stream")
     results = await until_disconnect(request, asyncio.gather(*(collect(s, services) for s in started)))
     for outputs in results:

@@ -2,13 +2,11 @@
 would change results and that this server cannot honour (tools, images, logit_bias, JSON mode)
 are refused with 400 naming the field, never silently ignored."""
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.schemas import FREQUENCY_PENALTY, PRESENCE_PENALTY, REPETITION_PENALTY, TaskId
-from server.api.schemas_openai import CompletionUsage, FinishReason, Stop, StreamOptions, stop_strings
+from server.api.schemas_openai import CompletionUsage, FinishReason, OpenAISampling
 
 # Past these a body is refused before its items are validated: pydantic validates every item of a
 # list before it checks the list's length, and a 1 MB body holds 35,000 content parts (~70 ms).
@@ -39,33 +37,17 @@ class ChatMessage(BaseModel):
     function_call: Any = None
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAISampling):
     """The fields of OpenAI's Chat Completions API this server serves (plus vLLM's `top_k`,
     `repetition_penalty` and `ignore_eos`)."""
 
-    model_config = ConfigDict(extra="ignore")  # clients send fields that do not change results
-
-    model: TaskId
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES, fail_fast=True)]
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
     max_completion_tokens: int | None = Field(
         None, ge=1, description="default: --max-new-tokens, or what is left of the context if less"
     )
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # extension, as in vLLM
-    n: int = Field(1, ge=1, le=16)
-    stop: Stop = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=PRESENCE_PENALTY)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=FREQUENCY_PENALTY)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description=REPETITION_PENALTY)  # extension
-    ignore_eos: bool = False  # extension
     tools: Any = Field(None, description="refused: function calling is not supported")
     tool_choice: Any = Field(None, description="refused: function calling is not supported")
     functions: Any = Field(None, description="refused: function calling is not supported")
@@ -107,13 +89,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f'{_REFUSED}: only {{"type": "text"}}')
         return value
 
-    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
     @field_validator("messages")
     @classmethod
     def _servable(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -138,10 +113,6 @@ class ChatCompletionRequest(BaseModel):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
         return self
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return stop_strings(self.stop)
 
     @property
     def num_logprobs(self) -> int | None:

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.schemas import FREQUENCY_PENALTY, PRESENCE_PENALTY, REPETITION_PENALTY, TaskId, TokenIds
+from server.engine.request import SamplingParams
 
 # Prompts one body may list, whatever --max-prompts says: past this a list is refused before its
 # items are validated (a 1 MB body holds 340,000 `[]`, which would take pydantic 0.15 s).
@@ -43,17 +44,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's Completions API we serve; others that change results are refused."""
+class OpenAISampling(BaseModel):
+    """The sampling fields `/v1/completions` and `/v1/chat/completions` share (OpenAI's, plus
+    vLLM's `top_k`, `repetition_penalty` and `ignore_eos`), and their engine settings."""
 
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not need (e.g. `user` variants)
+    model_config = ConfigDict(extra="ignore")  # clients send fields that do not change results
 
     model: TaskId
-    prompt: str | TextPrompts | TokenIds | IdPrompts = Field(
-        union_mode="left_to_right",  # the first shape that fits; smart mode would try all four
-        description="text, token ids, or a list of either; prompts x `n` at most the server's --max-prompts",
-    )
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
@@ -62,16 +59,11 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
     user: str | None = None
-    ignore_eos: bool = False  # extension
-    echo: bool = False
-    best_of: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=PRESENCE_PENALTY)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=FREQUENCY_PENALTY)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description=REPETITION_PENALTY)  # extension
-    logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
+    ignore_eos: bool = False  # extension
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
     @classmethod
@@ -79,6 +71,45 @@ class CompletionRequest(BaseModel):
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return stop_strings(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling(self, choice: int, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The engine's settings for choice `choice` of `n` (seeds differ: the choices must)."""
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=None if self.seed is None else self.seed + choice,
+            stop=self.stops,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+
+class CompletionRequest(OpenAISampling):
+    """The fields of OpenAI's Completions API we serve; others that change results are refused."""
+
+    prompt: str | TextPrompts | TokenIds | IdPrompts = Field(
+        union_mode="left_to_right",  # the first shape that fits; smart mode would try all four
+        description="text, token ids, or a list of either; prompts x `n` at most the server's --max-prompts",
+    )
+    max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -103,10 +134,6 @@ class CompletionRequest(BaseModel):
         if not self.prompts:
             raise ValueError("prompt: at least one prompt")
         return self
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return stop_strings(self.stop)
 
     @property
     def prompts(self) -> list[str | list[int]]:

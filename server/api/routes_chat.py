@@ -55,7 +55,7 @@ async def _prompt(services: Services, caller: Caller, body: ChatCompletionReques
     context leaves after the task's prefix and the prompt). Errors in the order a client expects:
     403 scope, 404 unknown model, then 400 for messages the template cannot render."""
     check_scope(caller, body.model)
-    meta = await services.prefixes.get_meta(body.model)
+    meta = await services.prefixes.serving_meta(body.model)  # resident: no Redis round trip
     if meta is None:
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for model (task_id) {body.model!r}")
     messages = body.template_messages()

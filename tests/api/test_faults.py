@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -26,6 +27,22 @@ def redis_proc() -> Iterator[RedisProcess]:
         yield proc
 
 
+@pytest.fixture(scope="module")
+def server(
+    gpt2_dir: Path, adapter: Adapter, redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Task `t:good` uploaded, with a chat template (the tiny model has none)."""
+    root = tmp_path_factory.mktemp("server")
+    template = root / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    flags = ["--chat-template", str(template)]
+    with serving_good_task(gpt2_dir, adapter, redis_proc, root / "data", *flags) as proc:
+        yield proc
+
+
+CHAT = {"model": "t:good", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+
+
 def _wait_for(predicate, timeout_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -39,6 +56,9 @@ def test_redis_down_then_back(
     server: ServerProcess, redis_proc: RedisProcess, client: httpx.Client, adapter: Adapter
 ) -> None:
     expected = client.post(server.url + "/generate", json=GOOD).json()["token_ids"]  # now resident
+    chat = CHAT
+    chat_answer = client.post(server.url + "/v1/chat/completions", json=chat).json()
+    assert chat_answer["choices"][0]["message"]["content"] is not None, chat_answer
     assert upload_adapter(client, server, "t:cold", adapter.weights, adapter.config).status_code == 201
     traffic = _Traffic(server.url, GOOD)  # resident-task traffic through the whole outage
     traffic.start()
@@ -48,6 +68,10 @@ def test_redis_down_then_back(
         for _ in range(3):  # resident tasks keep serving, no error
             response = client.post(server.url + "/generate", json=GOOD)
             assert response.status_code == 200, response.text
+        assert client.post(server.url + "/v1/chat/completions", json=chat).json() == chat_answer | {
+            "id": ANY,
+            "created": ANY,
+        }  # chat too: its metadata comes from the resident entry, not Redis
         cold = client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"})
         assert cold.status_code == 503 and cold.json()["error"]["code"] == "store_unavailable"
         assert cold.headers["Retry-After"] == "1"

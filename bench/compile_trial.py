@@ -27,6 +27,8 @@ import throughput  # noqa: E402
 import throughput_modes as modes  # noqa: E402
 import throughput_probes as probes  # noqa: E402
 
+from server.engine.precision import machine_info, needs_fallback  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -37,6 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     base = throughput.SMOKE if args.smoke else throughput.Workload()
     w = replace(base, dtype=args.dtype, num_tasks=1)
+    slow = needs_fallback(modes.DTYPES[args.dtype], w.device)
+    if slow is not None and not args.smoke:
+        print(f"compile_trial --dtype {args.dtype}: skipped: {slow.reason()}")
+        return
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,6 +51,7 @@ def main() -> None:
     step, _ = probes._decode_step(engine, w)
     eager_model = engine.runner.model
     result: dict[str, Any] = {"workload": "smoke" if args.smoke else "gpt2-small", "dtype": args.dtype}
+    result["machine"] = machine_info()
     started = time.perf_counter()
     # one graph for every layer (layer_idx is an int attribute: static by default, so each of the
     # 12 layers would compile its own graph and pass the recompile limit)

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from server.engine.engine import Engine  # noqa: E402
 from server.engine.kv_cache import KVLayout, SlotKVCache  # noqa: E402
 from server.engine.model_loader import ModelOptions, load_model  # noqa: E402
 from server.engine.penalties import PenaltyTable  # noqa: E402
+from server.engine.precision import machine_info  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
 from server.engine.sampler import sample  # noqa: E402
 
@@ -227,8 +227,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     if args.penalty_costs:
-        machine = f"{platform.machine()} {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-        report = {"machine": machine, "workload": vars(args) | {"out": str(args.out)}} | penalty_costs(args)
+        workload = vars(args) | {"out": str(args.out)}
+        report = {"machine": machine_info(), "workload": workload} | penalty_costs(args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
@@ -243,7 +243,7 @@ def main() -> None:
         checked = cases[: args.oracle_checks]
         reference = oracle(model_dir, adapters, checked, args.new_tokens)
     result = {
-        "machine": f"{platform.machine()} {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": machine_info(),
         "workload": vars(args) | {"out": str(args.out), "generated_tokens": total},
         "peft_generate_sequential": {"seconds": peft_s, "tokens_per_s": total / peft_s},
         "engine_sequential": {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import platform
 import time
 from collections import Counter
@@ -12,10 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
-import torch
 
 from bench.soak_checks import CANCELLED, LOST, OK, WRONG, Ctx, KindStats, Tally
 from bench.soak_workload import MIX, Options
+from server.engine.precision import machine_info
 from tests.server_process import metric_value
 
 GAUGES = (
@@ -164,12 +163,7 @@ def warnings_of(result: dict[str, Any]) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    return {"platform": platform.platform(), "python": platform.python_version(), **machine_info()}
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -204,7 +198,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"Verdict: **{'PASS' if result['passed'] else 'FAIL'}**{failures}",
         "",
         f"- {result['options']['clients']} clients for {result['traffic_s']:.0f} s on "
-        f"{host['cpu_count']} CPUs ({host['platform']}, torch {host['torch']}): "
+        f"{host['cpus']} CPUs ({host['platform']}, {host['cpu_capability']}, torch {host['torch']}): "
         f"{result['requests_per_s']:.1f} requests/s.",
         f"- Lost: {totals[LOST]}; mis-answered: {totals[WRONG]}; 5xx: {totals['status_5xx']}; "
         f"{result['distinct_answers_compared']} distinct (task, version, prompt, sampling) answers "

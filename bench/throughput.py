@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import resource
 import subprocess
@@ -35,8 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,6 +41,8 @@ import throughput_http  # noqa: E402
 import throughput_modes as modes  # noqa: E402
 import throughput_report  # noqa: E402
 from doc_sections import write_section  # noqa: E402
+
+from server.engine.precision import machine_info, needs_fallback  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,11 @@ class Workload:
     kv_heads: int = 0  # 0: as many as `heads`
     intermediate: int = 0  # 0: 4 x hidden
     device: str = "cpu"
+    gemm_size: int = 2048  # the roofline's square GEMM (8192 on CUDA)
 
 
 SMOKE = Workload(layers=2, hidden=64, heads=4, vocab=512, num_tasks=4, prefix_len=3, num_requests=8,
-                 prompt_min=4, prompt_max=12, new_tokens=4, concurrency=4, peft_subset=2)  # fmt: skip
+                 prompt_min=4, prompt_max=12, new_tokens=4, concurrency=4, peft_subset=2, gemm_size=256)  # fmt: skip
 MODES = ("A", "B", "B2", "C", "D", "E")
 
 
@@ -151,7 +150,7 @@ def report(
         "long_prompt_tpot_p99_over_p50": extra["long_prompt"]["ratio"],
     }
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine_info(),
         "smoke": smoke,
         "workload": asdict(workload),
         "roofline": roof,
@@ -161,14 +160,30 @@ def report(
     }
 
 
+def _result_name(workload: Workload, smoke: bool) -> str:
+    name = "throughput-smoke" if smoke else "throughput"
+    return name + ("" if workload.dtype == "float32" else "-bf16")  # fp32 and bf16 side by side
+
+
 def write_outputs(result: dict[str, Any], out_dir: Path, docs: Path | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "throughput-smoke" if result["smoke"] else "throughput"
-    name += "" if result["workload"]["dtype"] == "float32" else "-bf16"  # fp32 and bf16 side by side
+    name = _result_name(Workload(**result["workload"]), result["smoke"])
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     throughput_report.plot(result, out_dir / f"{name}.png")
     if docs is not None:
         write_section(docs, name, throughput_report.markdown(result, f"bench/results/{name}.png"))
+
+
+def write_skipped(workload: Workload, reason: str, out_dir: Path, docs: Path | None, smoke: bool) -> None:
+    """A dtype this CPU only emulates: one line and a JSON that says so, never slow numbers that
+    would read as the engine's."""
+    name = _result_name(workload, smoke)
+    result = {"skipped": reason, "machine": machine_info(), "smoke": smoke, "workload": asdict(workload)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if docs is not None:
+        write_section(docs, name, throughput_report.skipped_markdown(result))
+    print(f"throughput --dtype {workload.dtype}: skipped: {reason}", flush=True)
 
 
 def main() -> None:
@@ -186,6 +201,13 @@ def main() -> None:
         return
     base = SMOKE if args.smoke else Workload()
     workload = Workload(**{**asdict(base), "dtype": args.dtype})
+    docs = None if args.smoke else ROOT / "docs" / "benchmarks.md"
+    slow = needs_fallback(modes.DTYPES[args.dtype], workload.device)
+    if slow is not None and not args.smoke:
+        write_skipped(workload, slow.reason(), args.out, docs, args.smoke)
+        return
+    if slow is not None:  # the smoke only checks the harness: tiny shapes take seconds all the same
+        print(f"throughput --smoke --dtype {args.dtype}: {slow.reason()}; tiny shapes, so run anyway")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         modes.build(workload, workdir)
@@ -200,7 +222,7 @@ def main() -> None:
         )
         return
     result = report(workload, rows, roof, args.smoke)
-    write_outputs(result, args.out, None if args.smoke else ROOT / "docs" / "benchmarks.md")
+    write_outputs(result, args.out, docs)
     print(json.dumps({"ratios": result["ratios"], "roofline": roof}, indent=2))
 
 

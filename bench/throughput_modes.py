@@ -72,7 +72,7 @@ def requests(w: Any, one_task: bool = False) -> list[tuple[int, list[int]]]:
 
 # ---- roofline -----------------------------------------------------------------------------
 def gemm_flops_per_s(dtype: torch.dtype, device: str = "cpu", n: int = 2048) -> float:
-    n = 8192 if device == "cuda" else n  # a GPU needs a bigger GEMM to reach its rate
+    n = max(n, 8192) if device == "cuda" else n  # a GPU needs a bigger GEMM to reach its rate
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     torch.mm(a, b)
     best = min(probes.timed(lambda: torch.mm(a, b)) for _ in range(5))
@@ -101,7 +101,7 @@ def workload_flops_per_generated_token(w: Any) -> float:
 
 
 def roofline(w: Any) -> dict[str, float]:
-    gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device)
+    gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device, w.gemm_size)
     per_token = workload_flops_per_generated_token(w)
     return {
         "gemm_2048_flops_per_s": gemm,
@@ -287,7 +287,7 @@ def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
     # 64 slots x 1,074 positions are ~5 GiB in fp32 at this shape)
     result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if not one_task:
-        gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device)
+        gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device, w.gemm_size)
         result["decode_mfu"] = probes.decode_mfu(engine, w, gemm, model_flops(w))
         result["decode_step_over_gemm"] = probes.decode_step_over_gemm(engine, w)
         result["long_prompt"] = probes.long_prompt_interference(engine.loaded, prefixes[0], w)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from server.engine.precision import describe
+
 
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
@@ -38,6 +40,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def skipped_markdown(result: dict[str, Any]) -> str:
+    """The bf16 section when this CPU only emulates bf16: why there are no numbers."""
+    return "\n".join([
+        "## Throughput in bfloat16 (the same workload, the same `make bench`)",
+        "",
+        f"Skipped on this machine ({describe(result['machine'])}): {result['skipped']}. "
+        "Run `make bench` on a CPU with native bf16 (AVX-512 BF16 or AMX) for these numbers.",
+    ])  # fmt: skip
+
+
 def markdown(result: dict[str, Any], png: str) -> str:
     def cell(value: Any, digits: int = 1) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
@@ -50,7 +62,7 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
         f"Produced by `make bench` (`.venv/bin/python bench/throughput.py{'' if is_fp32 else ' --dtype bfloat16'}`); "
         f"JSON in `bench/results/{name}.json`.",
-        f"Machine: {result['machine']}. Workload: `{json.dumps(result['workload'])}`.",
+        f"Machine: {describe(result['machine'])}. Workload: `{json.dumps(result['workload'])}`.",
         "",
         "| mode | what | tokens/s | x A | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | peak RSS (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def test_throughput_smoke(tmp_path: Path) -> None:
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0, mode
         assert row["ttft_p50_ms"] is not None and row["peak_rss_mib"] > 0, mode
     assert result["roofline"]["roofline_tokens_per_s"] > 0
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert 0 < result["ratios"]["decode_mfu_64_rows"] < 1
     assert (tmp_path / "throughput-smoke.png").stat().st_size > 10_000
 
@@ -54,6 +57,7 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = json.loads((tmp_path / "gpu-smoke.json").read_text())
     assert result["oracle"]["passed"] and len(result["oracle"]["bf16_agreement"]) == 2
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     throughput = result["throughput"]
     assert set(throughput["modes"]) == {"B", "D"} and throughput["workload"]["arch"] == "llama"
     assert all(row["tokens_per_s"] > 0 for row in throughput["modes"].values())

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from server.engine.demo_model import ensure_demo_model
 from server.engine.model_source import TRUST_FLAG, ModelSource, ModelSourceError, locate_model
+from server.engine.precision import needs_fallback
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,6 +109,7 @@ def load_model(options: ModelOptions) -> LoadedModel:
     else:
         source = locate_model(options.model, options.trust_remote_code)
     _log_source(source, options.trust_remote_code, device, dtype)
+    _warn_if_emulated(dtype, device)
     files = {"trust_remote_code": options.trust_remote_code, "local_files_only": source.is_offline}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **files)
@@ -140,6 +142,18 @@ def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
 
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _warn_if_emulated(dtype: torch.dtype, device: torch.device) -> None:
+    """`--dtype bfloat16|float16` on a CPU without native support still starts, but says what it costs."""
+    slow = needs_fallback(dtype, device)
+    if slow is not None:
+        log.warning(
+            "--dtype %s: %s, so serving can be up to that much slower than in float32; "
+            "use --dtype float32 (or auto, float32 on CPU) here",
+            slow.dtype,
+            slow.reason(),
+        )
 
 
 def _log_source(

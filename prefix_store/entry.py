@@ -46,7 +46,7 @@ class PrefixEntry:
 class PrefixSource:
     """A parsed upload: a ready KV prefix, or what the frozen model must run once to make one."""
 
-    kind: str  # kv | prefix_tuning | prompt_tuning | p_tuning | text
+    kind: str  # kv | prefix_tuning | cartridge | prompt_tuning | p_tuning | text
     kv: torch.Tensor | None = None  # [num_layers, 2, num_kv_heads, P, head_dim], ready to store
     embeddings: torch.Tensor | None = None  # [P, hidden_size] input embeddings (soft prompt)
     text: str | None = None  # a system prompt, tokenized by the server without special tokens

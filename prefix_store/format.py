@@ -87,7 +87,12 @@ def _canonical_from_tensors(spec: PrefixSpec, tensors: dict[str, torch.Tensor]) 
     return prefix
 
 
-def parse_peft_config(config_json: bytes, allowed: tuple[str, ...] = ("PREFIX_TUNING",)) -> dict[str, Any]:
+# PEFT types saved as a KV prefix `prompt_embeddings` [P, num_layers * 2 * num_kv_heads * head_dim]
+# that PEFT serves as `past_key_values`: prefix tuning (its projection already applied) and Cartridges.
+KV_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+
+
+def parse_peft_config(config_json: bytes, allowed: tuple[str, ...] = KV_PEFT_TYPES) -> dict[str, Any]:
     try:
         config = json.loads(config_json)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

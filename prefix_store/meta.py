@@ -15,7 +15,7 @@ class PrefixMeta:
     dtype: str  # torch dtype name without the "torch." part, e.g. "float32"
     model_fingerprint: str  # the frozen model it belongs to
     created_at: str  # ISO 8601, UTC
-    source: str = "kv"  # kv | prefix_tuning | prompt_tuning | p_tuning | text
+    source: str = "kv"  # kv | prefix_tuning | cartridge | prompt_tuning | p_tuning | text
 
 
 @dataclass(frozen=True)

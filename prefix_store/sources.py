@@ -1,6 +1,7 @@
 """Every kind of upload as a `PrefixSource`: KV prefixes, PEFT checkpoints, text prompts.
 
-- canonical KV (`prefix` tensor) and PEFT prefix tuning: a KV prefix as uploaded;
+- canonical KV (`prefix` tensor), PEFT prefix tuning and PEFT Cartridges (a KV prefix trained
+  directly as parameters, saved in prefix tuning's layout): a KV prefix as uploaded;
 - PEFT prompt tuning and P-tuning: input-layer virtual token embeddings `[P, hidden]`
   (PEFT saves P-tuning's encoder output, so both are plain embeddings here);
 - text: a system prompt.
@@ -13,10 +14,18 @@ import torch
 
 from prefix_store.entry import PrefixSource, PrefixSpec
 from prefix_store.errors import InvalidPrefix, ModelMismatch
-from prefix_store.format import check_values, config_int, load_safetensors, parse_peft_config, parse_upload
+from prefix_store.format import (
+    KV_PEFT_TYPES,
+    check_values,
+    config_int,
+    load_safetensors,
+    parse_peft_config,
+    parse_upload,
+)
 
 KINDS_BY_PEFT_TYPE = {
     "PREFIX_TUNING": "prefix_tuning",
+    "CARTRIDGE": "cartridge",
     "PROMPT_TUNING": "prompt_tuning",
     "P_TUNING": "p_tuning",
 }
@@ -46,7 +55,7 @@ def parse_source(
         return PrefixSource("kv", kv=parse_upload(spec, weights, None, fingerprint))
     config = parse_peft_config(config_json, allowed=tuple(KINDS_BY_PEFT_TYPE))
     kind = KINDS_BY_PEFT_TYPE[config["peft_type"]]
-    if kind == "prefix_tuning":
+    if config["peft_type"] in KV_PEFT_TYPES:
         return PrefixSource(kind, kv=parse_upload(spec, weights, config_json, fingerprint))
     return PrefixSource(kind, embeddings=_soft_prompt(spec, load_safetensors(weights), config))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import (
+    CartridgeConfig,
     PeftConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -80,7 +81,7 @@ def save_adapter(
 ) -> Adapter:
     """Create a PEFT prompt-learning adapter with random (trained-looking) weights; save_pretrained it.
 
-    `peft_type`: PREFIX_TUNING (optionally with `projection`), PROMPT_TUNING or P_TUNING.
+    `peft_type`: PREFIX_TUNING (optionally with `projection`), CARTRIDGE, PROMPT_TUNING or P_TUNING.
     """
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     config: PeftConfig
@@ -91,6 +92,8 @@ def save_adapter(
             prefix_projection=projection,
             encoder_hidden_size=16,
         )
+    elif peft_type == "CARTRIDGE":  # the first token frozen, as PEFT and the paper recommend
+        config = CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
     elif peft_type == "PROMPT_TUNING":
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
     else:

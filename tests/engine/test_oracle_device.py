@@ -26,6 +26,7 @@ from tests.tiny_models import MAX_POSITIONS, prompt_of_length, save_adapter, sav
 
 DEVICE = os.environ.get("PREFIX_TEST_DEVICE", "cpu")
 ADAPTERS = [1, 4, 9]  # num_virtual_tokens: one mixed batch holds all three tasks
+PEFT_TYPES = ["PREFIX_TUNING", "PREFIX_TUNING", "CARTRIDGE"]  # a Cartridge is served as a KV prefix too
 LENGTHS = [3, 17, 40, 90, 8, 61]  # 90 and 61 are chunked across steps by the budget of 32
 NEW_TOKENS = 12
 # bf16 keeps 8 bits of mantissa: two honest bf16 forwards (ours batched and chunked, PEFT's one
@@ -44,7 +45,10 @@ def _run_engine(kind: str, dtype: str, tmp_path) -> tuple[list[tuple[list[int], 
     model_dir = save_tiny_model(kind, tmp_path / "model")
     loaded = load_model(ModelOptions(str(model_dir), DEVICE, dtype, tmp_path))
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, MAX_POSITIONS)
-    adapters = [save_adapter(model_dir, tmp_path / f"a{i}", n, seed=40 + i) for i, n in enumerate(ADAPTERS)]
+    adapters = [
+        save_adapter(model_dir, tmp_path / f"a{i}", n, seed=40 + i, peft_type=t)
+        for i, (n, t) in enumerate(zip(ADAPTERS, PEFT_TYPES, strict=True))
+    ]
     prefixes = [
         PrefixEntry(PrefixMeta(f"t{i}", 1, n, 0, dtype, "fp", "now"), parse_upload(spec, a.weights, a.config))
         for i, (n, a) in enumerate(zip(ADAPTERS, adapters, strict=True))

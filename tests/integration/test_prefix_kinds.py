@@ -1,6 +1,7 @@
-"""Four kinds of prefix in one mixed batch, each equal to its own reference token for token.
+"""Five kinds of prefix in one mixed batch, each equal to its own reference token for token.
 
-- PEFT prefix tuning and PEFT prompt tuning / P-tuning: PEFT's full-forward greedy (DESIGN.md oracle);
+- PEFT prefix tuning, Cartridges and prompt tuning / P-tuning: PEFT's full-forward greedy (DESIGN.md
+  oracle);
 - a text prefix: the plain model on the text's tokens followed by the prompt's.
 """
 
@@ -18,7 +19,7 @@ from tests.tiny_models import Oracle, prompt_of_length, save_adapter, save_tiny_
 
 SYSTEM_PROMPT = "You are a terse assistant. Answer in one line, café-style: «oui»."
 MAX_NEW_TOKENS = 10
-KINDS = ["prefix_tuning", "prompt_tuning", "p_tuning", "text"]
+KINDS = ["prefix_tuning", "cartridge", "prompt_tuning", "p_tuning", "text"]
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -28,6 +29,7 @@ def kinds_setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     model_dir = save_tiny_model(kind, root / "model")
     adapters = {
         "prefix_tuning": save_adapter(model_dir, root / "pt", 6, seed=1),
+        "cartridge": save_adapter(model_dir, root / "cartridge", 9, seed=4, peft_type="CARTRIDGE"),
         "prompt_tuning": save_adapter(model_dir, root / "prompt", 5, seed=2, peft_type="PROMPT_TUNING"),
         "p_tuning": save_adapter(model_dir, root / "ptune", 7, seed=3, peft_type="P_TUNING"),
     }
@@ -35,8 +37,8 @@ def kinds_setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     plain = Oracle(model_dir, None)
     oracles = {name: Oracle(model_dir, a) for name, a in adapters.items()}
     cases = []  # (kind, prompt, expected)
-    for i in range(16):
-        name = KINDS[i % 4]
+    for i in range(20):
+        name = KINDS[i % len(KINDS)]
         length = 1 + (i * 7) % 40
         if name == "text":
             prompt, expected = _text_case(plain, text_ids, length, 500 * (i + 1))
@@ -56,7 +58,7 @@ def _text_case(plain: Oracle, text_ids: list[int], length: int, seed: int) -> tu
     raise AssertionError("no unambiguous text case")
 
 
-def test_four_kinds_in_one_batch_match_their_references(kinds_setup) -> None:  # type: ignore[no-untyped-def]
+def test_five_kinds_in_one_batch_match_their_references(kinds_setup) -> None:  # type: ignore[no-untyped-def]
     kind, root, model_dir, adapters, text_ids, cases = kinds_setup
     with (
         ServerProcess(root / "data", "--model", str(model_dir)) as server,

@@ -1,5 +1,9 @@
 """The prefix-tuning model (PEFT), its text initialisation, greedy decoding and the export.
 
+Two methods: prefix tuning (Li & Liang; optionally through the MLP reparameterisation) and
+Cartridges (PEFT `CARTRIDGE`: the KV prefix itself is the parameter, its first token frozen as an
+attention sink, started at the activations of real text).
+
 The exported prefix is the canonical tensor the server stores,
 `[num_layers, 2, num_kv_heads, prefix_len, head_dim]`: PEFT's prompt encoder is run once (so
 the MLP reparameterisation P = MLP(P') is applied) and only its output is kept, exactly as
@@ -14,7 +18,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from peft import CartridgeConfig, PeftConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
@@ -37,14 +41,24 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def prefix_model(base: PreTrainedModel, prefix_len: int, mlp_hidden: int | None) -> PeftModel:
-    """PEFT prefix tuning; `mlp_hidden` None trains P directly, else through P = MLP(P')."""
-    config = PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=prefix_len,
-        prefix_projection=mlp_hidden is not None,
-        encoder_hidden_size=mlp_hidden or 1,
-    )
+METHODS = ("prefix", "cartridge")
+
+
+def prefix_model(
+    base: PreTrainedModel, prefix_len: int, mlp_hidden: int | None, method: str = "prefix"
+) -> PeftModel:
+    """PEFT prefix tuning (`mlp_hidden` None trains P directly, else through P = MLP(P')), or a
+    Cartridge (`method="cartridge"`: P directly, first virtual token frozen; `mlp_hidden` unused)."""
+    config: PeftConfig
+    if method == "cartridge":
+        config = CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_len, num_frozen_tokens=1)
+    else:
+        config = PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=prefix_len,
+            prefix_projection=mlp_hidden is not None,
+            encoder_hidden_size=mlp_hidden or 1,
+        )
     return get_peft_model(base, config)  # type: ignore[return-value]
 
 
@@ -75,8 +89,7 @@ def init_from_text(model: PeftModel, tokenizer: Any, text: str, fit_steps: int =
         target = torch.stack(layers).permute(3, 0, 1, 2, 4).reshape(length, -1)  # PEFT's flat layout
     encoder: Any = model.prompt_encoder[model.active_adapter]
     if not getattr(encoder, "prefix_projection", False):
-        with torch.no_grad():
-            encoder.embedding.weight.copy_(target)
+        encoder.load_prompt_embeddings(target)  # a Cartridge splits it into its frozen and trained parts
         return
     tokens = torch.arange(length)[None]
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-2)

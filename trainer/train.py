@@ -22,7 +22,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from trainer.data import DataError, collate, encode_example, read_jsonl
-from trainer.prefix import export, init_from_text, load_base, prefix_model, weights_digest
+from trainer.prefix import METHODS, export, init_from_text, load_base, prefix_model, weights_digest
 
 
 def default_model() -> str:
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="HF hub id or local dir, as for the server (default: demo)")
     p.add_argument("--data", type=Path, required=True, help='train JSONL, one {"input", "output"} a line')
     p.add_argument("--eval", type=Path, default=None, help="eval JSONL (eval loss each epoch, early stop)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="prefix",
+        help="prefix: prefix tuning (Li & Liang); cartridge: PEFT CARTRIDGE (the KV trained)",
+    )
     p.add_argument("--prefix-len", type=int, default=10)
     p.add_argument("--mlp-hidden", type=int, default=512, help="MLP reparameterisation width; 0 = none")
     p.add_argument("--epochs", type=float, default=5.0)
@@ -127,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=256, help="input+output tokens per example, cut beyond")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=3, help="epochs without eval improvement before stopping")
-    p.add_argument("--init-text", default=None, help="start the prefix at these words' activations")
+    p.add_argument(
+        "--init-text",
+        default=None,
+        help="start the prefix at these words' activations (a Cartridge, by default, at the "
+        "first training examples')",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (for --resume)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -145,9 +156,12 @@ def train(args: argparse.Namespace) -> TrainResult:
     source = args.model or default_model()
     base, tokenizer = load_base(source)
     before = weights_digest(base)
-    model = prefix_model(base, args.prefix_len, args.mlp_hidden or None)
-    if args.init_text:
-        init_from_text(model, tokenizer, args.init_text)
+    model = prefix_model(base, args.prefix_len, args.mlp_hidden or None, args.method)
+    init_text = args.init_text
+    if init_text is None and args.method == "cartridge":  # the Cartridges paper: real activations, not noise
+        init_text = " ".join(e.input + e.output for e in examples[:8])
+    if init_text:
+        init_from_text(model, tokenizer, init_text)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = pad if pad is not None else (eos if eos is not None else 0)
     encode = functools.partial(encode_example, tokenizer, eos_id=eos, max_len=args.max_len)

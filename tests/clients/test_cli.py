@@ -14,7 +14,7 @@ from clients import PrefixClient, cli
 from prefix_store.embedded_redis import free_port
 from tests.clients import canonical_prefix, running_server
 from tests.server_process import ServerProcess
-from tests.tiny_models import Adapter
+from tests.tiny_models import Adapter, save_adapter
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,15 @@ def test_upload_file_and_peft(run: Invoke, adapter: Adapter, tmp_path: Path) -> 
     weights, config = adapter.path / "adapter_model.safetensors", adapter.path / "adapter_config.json"
     again = json.loads(_ok(run("upload", "cli:peft", str(weights), "--config", str(config))).stdout)
     assert again["version"] == peft["version"] + 1
+
+
+def test_upload_a_cartridge_and_generate_on_it(run: Invoke, gpt2_dir: Path, tmp_path: Path) -> None:
+    """A PEFT CARTRIDGE folder, as `prefix-train --method cartridge` or PEFT writes it."""
+    cartridge = save_adapter(gpt2_dir, tmp_path / "cartridge", 6, seed=5, peft_type="CARTRIDGE")
+    info = json.loads(_ok(run("upload", "cli:cartridge", str(cartridge.path))).stdout)
+    assert (info["prefix_len"], info["source"]) == (6, "cartridge")
+    answer = run("generate", "cli:cartridge", "hi", "--max-new-tokens", "3", "--ignore-eos", "--json")
+    assert len(json.loads(_ok(answer).stdout)["token_ids"]) == 3
 
 
 def test_upload_shows_progress_above_the_threshold(

@@ -12,9 +12,11 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
-from prefix_store.fingerprint import model_fingerprint
+from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
+from prefix_store.sources import parse_source
 from tests.server_process import ServerProcess
 from tests.tiny_models import save_tiny_model
 from trainer.data import DataError, read_jsonl
@@ -159,3 +161,35 @@ def test_resume_continues_to_the_same_prefix_as_one_run(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "out" / "checkpoints" / "checkpoint-6")  # as if stopped after step 4
     resumed_path = train(build_parser().parse_args([*argv, "--resume"])).prefix_path
     assert torch.allclose(straight, safetensors.torch.load_file(resumed_path)["prefix"], atol=1e-6)
+
+
+def test_cartridge_trains_the_kv_with_its_first_token_frozen_and_exports_what_peft_and_the_server_load(
+    tmp_path: Path,
+) -> None:
+    """`--method cartridge`: starts at the training text's activations, learns, keeps its first
+    virtual token (the attention sink) fixed; PEFT loads the exported checkpoint as a CARTRIDGE and
+    the server's parser makes the same canonical prefix of it as the exported one."""
+    model_dir = save_tiny_model("gpt2", tmp_path / "model")
+    rows = [{"input": w, "output": " fine"} for w in INPUTS]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    base, tokenizer = load_base(str(model_dir))
+    start = prefix_model(base, PREFIX_LEN, None, "cartridge")
+    init_from_text(start, tokenizer, " ".join(r["input"] + r["output"] for r in rows))  # the default init
+    initial = canonical_prefix(start)
+    argv = ["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"), "--method",
+            "cartridge", "--prefix-len", str(PREFIX_LEN), "--max-steps", "20", "--batch-size", "6",
+            "--lr", "2e-1", "--quiet"]  # fmt: skip
+    result = train(build_parser().parse_args(argv))
+    assert result.train_losses[-1] <= 0.7 * result.train_losses[0], result.train_losses
+    exported = safetensors.torch.load_file(result.prefix_path)["prefix"]  # [layers, 2, heads, P, d]
+    assert torch.equal(exported[:, :, :, :1], initial[:, :, :, :1])  # frozen sink
+    assert not torch.allclose(exported[:, :, :, 1:], initial[:, :, :, 1:])  # the rest trained
+    peft_dir = result.prefix_path.parent / "peft"
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "CARTRIDGE" and config["num_frozen_tokens"] == 1
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), peft_dir)
+    assert torch.equal(canonical_prefix(reloaded), exported)
+    spec = prefix_spec_for(base.config, torch.float32, 128)
+    weights, config_json = (peft_dir / "adapter_model.safetensors").read_bytes(), json.dumps(config).encode()
+    source = parse_source(spec, weights, config_json, None)
+    assert source.kind == "cartridge" and source.kv is not None and torch.equal(source.kv, exported)

@@ -195,16 +195,20 @@ def test_text_access_log_escapes_control_characters(served: ServerProcess) -> No
 
 
 def test_compose_prometheus_sends_the_servers_metrics_token() -> None:
+    """Both services take the one required $PREFIX_METRICS_TOKEN (no default); Prometheus writes it
+    to the file its scrape jobs read before it starts."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     server_env = compose["services"]["server"]["environment"]
-    default = re.fullmatch(r"\$\{PREFIX_METRICS_TOKEN:-(.+)\}", server_env["PREFIX_SERVE_METRICS_TOKEN"])
-    assert default is not None
-    job = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())["scrape_configs"][0]
-    assert job["authorization"]["type"] == "Bearer"
-    token_file = job["authorization"]["credentials_file"]
-    mounts = compose["services"]["prometheus"]["volumes"]
-    assert f"./docker/prometheus/{token_file}:/etc/prometheus/{token_file}:ro" in mounts
-    assert (ROOT / "docker/prometheus" / token_file).read_text().strip() == default.group(1)
+    prometheus = compose["services"]["prometheus"]
+    required = re.fullmatch(r"\$\{PREFIX_METRICS_TOKEN:\?.+\}", server_env["PREFIX_SERVE_METRICS_TOKEN"])
+    assert required is not None
+    assert prometheus["environment"]["PREFIX_METRICS_TOKEN"] == server_env["PREFIX_SERVE_METRICS_TOKEN"]
+    config = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())
+    for job in config["scrape_configs"]:
+        assert job["authorization"] == {"type": "Bearer", "credentials_file": "metrics_token"}
+    script = prometheus["entrypoint"][-1]
+    assert "> /etc/prometheus/metrics_token" in script and '"$$PREFIX_METRICS_TOKEN"' in script
+    assert script.endswith("--config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/prometheus")
 
 
 def _finish(metrics: Metrics, task_id: str) -> None:

@@ -1,7 +1,9 @@
 """Python client (sync + async) of the prefix server, and the `prefixctl` CLI (`clients.cli`)."""
 
-from clients.client import AsyncPrefixClient, PrefixClient, Sampling
+from clients.client import AsyncPrefixClient, ChatSampling, Message, PrefixClient, Sampling
 from clients.models import (
+    ChatChunk,
+    ChatCompletion,
     CreatedKey,
     Generation,
     KeyInfo,
@@ -13,9 +15,13 @@ from clients.models import (
 
 __all__ = [
     "AsyncPrefixClient",
+    "ChatChunk",
+    "ChatCompletion",
+    "ChatSampling",
     "CreatedKey",
     "Generation",
     "KeyInfo",
+    "Message",
     "PrefixClient",
     "PrefixInfo",
     "PrefixPage",

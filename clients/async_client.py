@@ -12,11 +12,14 @@ import httpx
 
 from clients.calls import (
     _LIST_KEYS,
+    ChatSampling,
     Files,
+    Message,
     Progress,
     Sampling,
     _Base,
     _Call,
+    _chat_call,
     _create_key_call,
     _generate_call,
     _incomplete,
@@ -29,6 +32,8 @@ from clients.calls import (
     peft_files,
 )
 from clients.models import (
+    ChatChunk,
+    ChatCompletion,
     CreatedKey,
     Generation,
     KeyInfo,
@@ -36,6 +41,8 @@ from clients.models import (
     PrefixPage,
     StreamEvent,
     error_from_response,
+    parse_chat,
+    parse_chat_chunk,
     parse_created_key,
     parse_event,
     parse_generation,
@@ -150,7 +157,21 @@ class AsyncPrefixClient(_Base):
         input_ids: Sequence[int] | None = None,
         **sampling: Unpack[Sampling],
     ) -> AsyncIterator[StreamEvent]:
-        call = _generate_call(task_id, prompt, input_ids, sampling, True)
+        async for payload in self._events(_generate_call(task_id, prompt, input_ids, sampling, True)):
+            yield parse_event(payload)
+
+    async def chat(
+        self, task_id: str, messages: Sequence[Message], **sampling: Unpack[ChatSampling]
+    ) -> ChatCompletion:
+        return parse_chat((await self._send(_chat_call(task_id, messages, sampling, False))).json())
+
+    async def chat_stream(
+        self, task_id: str, messages: Sequence[Message], **sampling: Unpack[ChatSampling]
+    ) -> AsyncIterator[ChatChunk]:
+        async for payload in self._events(_chat_call(task_id, messages, sampling, True)):
+            yield parse_chat_chunk(payload)
+
+    async def _events(self, call: _Call) -> AsyncIterator[str]:
         async with self._http.stream(
             call.method, call.path, json=call.body, headers=self._headers(call)
         ) as response:
@@ -162,7 +183,7 @@ class AsyncPrefixClient(_Base):
                 if payload == "[DONE]":
                     return
                 if payload:
-                    yield parse_event(payload)
+                    yield payload
             raise _incomplete(response)
 
     async def health(self) -> dict[str, Any]:

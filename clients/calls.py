@@ -22,17 +22,32 @@ Files = dict[str, tuple[str | None, IO[bytes] | bytes, str]]
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
-class Sampling(TypedDict, total=False):
-    """Optional `POST /generate` fields; left out means the server's default."""
-
-    max_new_tokens: int
+class _CommonSampling(TypedDict, total=False):
     temperature: float
     top_k: int
     top_p: float
     seed: int | None
     stop: Sequence[str]
     ignore_eos: bool
+    frequency_penalty: float  # -2..2, OpenAI's: minus penalty x (times the token was generated)
+    presence_penalty: float  # -2..2, OpenAI's: minus penalty once a token was generated
+    repetition_penalty: float  # (0, 2], vLLM's / CTRL's: divides a seen token's positive logit
+
+
+class Sampling(_CommonSampling, total=False):
+    """Optional `POST /generate` fields; left out means the server's default."""
+
+    max_new_tokens: int
     add_special_tokens: bool
+
+
+class ChatSampling(_CommonSampling, total=False):
+    """Optional `POST /v1/chat/completions` fields; left out means the server's default."""
+
+    max_tokens: int
+
+
+Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
 
 class _ProgressReader(io.BufferedReader):
@@ -90,6 +105,15 @@ def _generate_call(
     if stream:
         body["stream"] = True
     return _Call("POST", "/generate", "tenant", body=body)
+
+
+def _chat_call(task_id: str, messages: Sequence[Message], sampling: ChatSampling, stream: bool) -> _Call:
+    body: dict[str, object] = {"model": task_id, "messages": [dict(m) for m in messages], **sampling}
+    if "stop" in sampling:
+        body["stop"] = [str(s) for s in sampling["stop"]]
+    if stream:  # the last chunk carries the usage, as /generate's last event does
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return _Call("POST", "/v1/chat/completions", "tenant", body=body)
 
 
 def _key_path(key_id: str) -> str:

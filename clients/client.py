@@ -14,11 +14,14 @@ import httpx
 
 from clients.calls import (
     _LIST_KEYS,
+    ChatSampling,
     Files,
+    Message,
     Progress,
     Sampling,
     _Base,
     _Call,
+    _chat_call,
     _create_key_call,
     _generate_call,
     _incomplete,
@@ -31,6 +34,8 @@ from clients.calls import (
     peft_files,
 )
 from clients.models import (
+    ChatChunk,
+    ChatCompletion,
     CreatedKey,
     Generation,
     KeyInfo,
@@ -38,6 +43,8 @@ from clients.models import (
     PrefixPage,
     StreamEvent,
     error_from_response,
+    parse_chat,
+    parse_chat_chunk,
     parse_created_key,
     parse_event,
     parse_generation,
@@ -160,7 +167,25 @@ class PrefixClient(_Base):
         **sampling: Unpack[Sampling],
     ) -> Iterator[StreamEvent]:
         """Events as the server sends them; the request is made on the first `next()`."""
-        call = _generate_call(task_id, prompt, input_ids, sampling, True)
+        for payload in self._events(_generate_call(task_id, prompt, input_ids, sampling, True)):
+            yield parse_event(payload)
+
+    def chat(
+        self, task_id: str, messages: Sequence[Message], **sampling: Unpack[ChatSampling]
+    ) -> ChatCompletion:
+        """The assistant's answer to `messages`, rendered by the model's chat template, with
+        `task_id`'s prefix (`POST /v1/chat/completions`, `model` = task id)."""
+        return parse_chat(self._send(_chat_call(task_id, messages, sampling, False)).json())
+
+    def chat_stream(
+        self, task_id: str, messages: Sequence[Message], **sampling: Unpack[ChatSampling]
+    ) -> Iterator[ChatChunk]:
+        """`chat` as it is generated: content pieces, then `finish_reason`, then `usage`."""
+        for payload in self._events(_chat_call(task_id, messages, sampling, True)):
+            yield parse_chat_chunk(payload)
+
+    def _events(self, call: _Call) -> Iterator[str]:
+        """The `data:` payloads of a server-sent event stream, up to `[DONE]`."""
         with self._http.stream(
             call.method, call.path, json=call.body, headers=self._headers(call)
         ) as response:
@@ -172,7 +197,7 @@ class PrefixClient(_Base):
                 if payload == "[DONE]":
                     return
                 if payload:
-                    yield parse_event(payload)
+                    yield payload
             raise _incomplete(response)
 
     def health(self) -> dict[str, Any]:
@@ -186,4 +211,12 @@ class PrefixClient(_Base):
 
 from clients.async_client import AsyncPrefixClient  # noqa: E402  # one import place for both clients
 
-__all__ = ["AsyncPrefixClient", "PrefixClient", "Progress", "Sampling", "peft_files"]
+__all__ = [
+    "AsyncPrefixClient",
+    "ChatSampling",
+    "Message",
+    "PrefixClient",
+    "Progress",
+    "Sampling",
+    "peft_files",
+]

@@ -70,6 +70,27 @@ class StreamEvent:
 
 
 @dataclass(frozen=True)
+class ChatCompletion:
+    """The assistant's answer of `POST /v1/chat/completions` (its first choice)."""
+
+    id: str
+    model: str
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """One streamed piece of the answer; the last one has `finish_reason`, then one has `usage`."""
+
+    content: str
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class KeyInfo:
     """A tenant API key as `GET /admin/keys` lists it (never its secret). `scopes` are task ids
     or `prefix*` patterns; a rate of 0 means unlimited."""
@@ -157,6 +178,34 @@ def parse_event(payload: str) -> StreamEvent:
         finish_reason=data.get("finish_reason"),
         usage=None if usage is None else {str(k): int(v) for k, v in usage.items()},
         prefix_version=data.get("prefix_version"),
+    )
+
+
+def parse_chat(data: Mapping[str, Any]) -> ChatCompletion:
+    choice, usage = data["choices"][0], data["usage"]
+    return ChatCompletion(
+        id=str(data["id"]),
+        model=str(data["model"]),
+        content=str(choice["message"]["content"] or ""),
+        finish_reason=str(choice["finish_reason"]),
+        prompt_tokens=int(usage["prompt_tokens"]),
+        completion_tokens=int(usage["completion_tokens"]),
+    )
+
+
+def parse_chat_chunk(payload: str) -> ChatChunk:
+    """The chunk in one SSE `data:` payload (not `[DONE]`); an `error` chunk raises."""
+    data = json.loads(payload)
+    if data.get("error"):
+        error = data["error"]
+        raise PrefixServerError(500, str(error.get("code")), str(error.get("message")))
+    usage = data.get("usage")
+    choices = data.get("choices") or [{}]
+    delta = choices[0].get("delta") or {}
+    return ChatChunk(
+        content=str(delta.get("content") or ""),
+        finish_reason=choices[0].get("finish_reason"),
+        usage=None if usage is None else {str(k): int(v) for k, v in usage.items()},
     )
 
 

@@ -177,3 +177,15 @@ def test_url_and_token_flags_override_env(run: Invoke, server: ServerProcess) ->
         "--url", server.url, "--token", server.admin_token, "list", "--json", PREFIX_URL="http://x:1"
     )
     assert "items" in json.loads(_ok(listed).stdout)
+
+
+def test_chat_plain_streamed_and_json(run: Invoke, prefix_client: PrefixClient) -> None:
+    prefix_client.upload("cli:chat", canonical_prefix(4, seed=9))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    expected = prefix_client.chat("cli:chat", messages, max_tokens=8, temperature=0, repetition_penalty=1.2)
+    args = ("chat", "cli:chat", "Hi there", "--system", "Be brief.", "--max-tokens", "8")
+    args += ("--temperature", "0", "--repetition-penalty", "1.2")
+    assert _stdout(run(*args)) == expected.content + "\n"
+    assert _stdout(run(*args, "--stream")) == expected.content + "\n"
+    whole = json.loads(_ok(run(*args, "--json")).stdout)
+    assert whole["content"] == expected.content and whole["completion_tokens"] == expected.completion_tokens

@@ -240,3 +240,58 @@ def test_async_client_basics(server: ServerProcess, adapter: Adapter) -> None:
             assert (unauthorized.value.status, unauthorized.value.code) == (401, "unauthorized")
 
     asyncio.run(scenario())
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+RENDERED = "<system>Be brief.\n<user>Hi there\n<assistant>"
+PENALTIES = {"frequency_penalty": 0.5, "presence_penalty": 0.4, "repetition_penalty": 1.3}
+
+
+def _raw(server: ServerProcess, path: str, body: dict[str, object]) -> dict[str, object]:
+    answer = httpx.post(server.url + path, json=body, timeout=60, headers=server.admin_headers)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def test_chat_sync_async_and_streamed_equal_the_server_and_generate(
+    prefix_client: PrefixClient, server: ServerProcess
+) -> None:
+    """chat() renders through the server's template: its answer is /generate's on the rendered
+    prompt; the async client and both streams say the same, penalties included."""
+    prefix_client.upload("c:chat", canonical_prefix(4, seed=7))
+    sampling = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, **PENALTIES}  # chat: 1 by default
+    answer = prefix_client.chat("c:chat", MESSAGES, **sampling)  # type: ignore[arg-type]
+    body = {"task_id": "c:chat", "prompt": RENDERED, "max_new_tokens": 12, "ignore_eos": True, **PENALTIES}
+    reference = _raw(server, "/generate", body)
+    assert answer.content == reference["text"] and answer.model == "c:chat"
+    assert (answer.finish_reason, answer.completion_tokens) == ("length", 12)
+    assert answer.prompt_tokens == len(RENDERED) and answer.id.startswith("chatcmpl-")
+    plain = prefix_client.chat("c:chat", MESSAGES, max_tokens=12, temperature=0, ignore_eos=True)
+    assert plain.content != answer.content  # the penalties reached the engine
+
+    chunks = list(prefix_client.chat_stream("c:chat", MESSAGES, **sampling))  # type: ignore[arg-type]
+    assert "".join(c.content for c in chunks) == answer.content
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage["completion_tokens"] == 12
+
+    async def run_async() -> tuple[str, str]:
+        async with AsyncPrefixClient(server.url, server.admin_token, timeout=60) as client:
+            whole = await client.chat("c:chat", MESSAGES, **sampling)  # type: ignore[arg-type]
+            pieces = [c.content async for c in client.chat_stream("c:chat", MESSAGES, **sampling)]  # type: ignore[arg-type]
+        return whole.content, "".join(pieces)
+
+    assert asyncio.run(run_async()) == (answer.content, answer.content)
+
+
+def test_generate_sends_penalties(prefix_client: PrefixClient, server: ServerProcess) -> None:
+    prefix_client.upload("c:pen", canonical_prefix(4, seed=8))
+    body = {"task_id": "c:pen", "prompt": "Hello", "max_new_tokens": 16, "ignore_eos": True}
+    penalised = prefix_client.generate("c:pen", "Hello", max_new_tokens=16, ignore_eos=True, **PENALTIES)  # type: ignore[arg-type]
+    assert list(penalised.token_ids) == _raw(server, "/generate", body | PENALTIES)["token_ids"]
+    assert list(penalised.token_ids) != _raw(server, "/generate", body)["token_ids"]
+
+
+def test_chat_errors_raise_with_the_openai_code(prefix_client: PrefixClient) -> None:
+    with pytest.raises(PrefixServerError) as failed:
+        prefix_client.chat("c:nobody-uploaded-this", MESSAGES)
+    assert failed.value.status == 404

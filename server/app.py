@@ -18,6 +18,7 @@ from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import REDIS_ERRORS, RedisPrefixStore
 from server.api import routes_admin, routes_chat, routes_generate, routes_health, routes_keys, routes_openai
 from server.api.auth_gate import AuthGateMiddleware
+from server.api.client_cap import ClientCapMiddleware
 from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
 from server.api.json_body import start_json_helper, stop_json_helper
@@ -295,6 +296,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_upload_bytes=settings.max_upload_bytes,
     )
     app.add_middleware(AuthGateMiddleware, app_state=app.state, routes=app.router.routes)
+    app.add_middleware(ClientCapMiddleware, max_per_client=settings.max_connections_per_client)
     app.add_middleware(RequestMetricsMiddleware, app_state=app.state)  # outermost: sees every answer
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=settings.replica_id, port=settings.port)
     return app

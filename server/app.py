@@ -279,7 +279,15 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     # no redirect_slashes: its redirect to `/path` is absolute, built from the client's Host header
-    app = FastAPI(title="prefix-server", lifespan=lifespan, redirect_slashes=False)
+    # no docs UI unless asked: it loads its JavaScript from a CDN and maps the API for anyone
+    app = FastAPI(
+        title="prefix-server",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
     install_error_handlers(app)
     app.include_router(routes_generate.router)
     app.include_router(routes_admin.router)

@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     min_body_rate: float = Field(
         1024.0, gt=0, description="bytes/s a request body must arrive at, at least, while it streams in"
     )
+    docs: bool = Field(False, description="true: serve the API docs UI (/docs, /redoc) and /openapi.json")
     stream_stall_timeout: float = Field(
         30.0, gt=0, description="seconds a stream may go unread before it is dropped and its row freed"
     )

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from bench.doc_sections import write_section  # noqa: E402
 from bench.soak_checks import LOST, WRONG, Ctx, Lost, Mismatch, Tally, final_checks  # noqa: E402
 from bench.soak_report import (  # noqa: E402
+    METRICS_TOKEN,
     after_run,
     markdown,
     report,
@@ -298,7 +299,7 @@ def server_flags(model_dir: Path, admin_token: str) -> list[str]:
     return [
         "--model", str(model_dir), "--admin-token", admin_token, "--max-model-len", str(MAX_POSITIONS),
         "--max-new-tokens", str(MAX_NEW_LIMIT), "--max-upload-bytes", str(MAX_UPLOAD_BYTES),
-        "--log-level", "warning",
+        "--log-level", "warning", "--metrics-token", METRICS_TOKEN,
     ]  # fmt: skip
 
 

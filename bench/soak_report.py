@@ -35,11 +35,15 @@ class AfterRun:
     is_healthy: bool
 
 
+METRICS_TOKEN = "soak-metrics-token"  # the server's --metrics-token (tenant keys exist: /metrics needs it)
+
+
 async def after_run(http: httpx.AsyncClient, timeout_s: float = 15.0) -> AfterRun:
     """Polls the gauges until all are 0 (aborted rows leave within a step) or `timeout_s` passed."""
     deadline = time.monotonic() + timeout_s
+    auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
     while True:
-        text = (await http.get("/metrics")).text
+        text = (await http.get("/metrics", headers=auth)).text
         gauges = {name: metric_value(text, name) for name in GAUGES}
         if not any(gauges.values()) or time.monotonic() > deadline:
             break

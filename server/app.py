@@ -17,6 +17,8 @@ from prefix_store.migrate import migrate_layout
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import REDIS_ERRORS, RedisPrefixStore
 from server.api import routes_admin, routes_chat, routes_generate, routes_health, routes_keys, routes_openai
+from server.api.auth_gate import AuthGateMiddleware
+from server.api.client_cap import ClientCapMiddleware
 from server.api.deps import RequestLimits, Services
 from server.api.errors import install_error_handlers
 from server.api.json_body import start_json_helper, stop_json_helper
@@ -277,7 +279,15 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     # no redirect_slashes: its redirect to `/path` is absolute, built from the client's Host header
-    app = FastAPI(title="prefix-server", lifespan=lifespan, redirect_slashes=False)
+    # no docs UI unless asked: it loads its JavaScript from a CDN and maps the API for anyone
+    app = FastAPI(
+        title="prefix-server",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
     install_error_handlers(app)
     app.include_router(routes_generate.router)
     app.include_router(routes_admin.router)
@@ -293,6 +303,8 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    app.add_middleware(AuthGateMiddleware, app_state=app.state, routes=app.router.routes)
+    app.add_middleware(ClientCapMiddleware, max_per_client=settings.max_connections_per_client)
     app.add_middleware(RequestMetricsMiddleware, app_state=app.state)  # outermost: sees every answer
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=settings.replica_id, port=settings.port)
     return app

@@ -14,13 +14,8 @@ import uvicorn
 from server.api.lifecycle import Lifecycle
 from server.config import Settings
 from server.engine.model_source import ModelSourceError, locate_model
-from server.http_guard import (
-    StartupError,
-    bind_listener,
-    guarded_protocol,
-    install_accept_log_limit,
-    raise_fd_limit,
-)
+from server.http_conn import ConnectionLimits, guarded_protocol
+from server.http_guard import StartupError, bind_listener, install_accept_log_limit, raise_fd_limit
 from server.logs import console_error, route_library_logs, setup_logging
 
 
@@ -97,6 +92,21 @@ def main(argv: list[str] | None = None) -> None:
     serve(settings, listener)
 
 
+def trusted_proxies(settings: Settings) -> frozenset[str]:
+    """The peers whose `X-Forwarded-For` is believed (`--forwarded-allow-ips`); none by default."""
+    return frozenset(ip.strip() for ip in (settings.forwarded_allow_ips or "").split(",") if ip.strip())
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout_s=settings.header_timeout,
+        max_connections=settings.max_connections,
+        max_per_client=settings.max_connections_per_client,
+        min_body_rate=settings.min_body_rate,
+        trusted_proxies=trusted_proxies(settings),
+    )
+
+
 def serve(settings: Settings, listener: socket.socket) -> None:
     """Run the app on an already bound socket until SIGTERM/SIGINT (then drain)."""
     from server.app import create_app  # torch and transformers load here: after the checks, not before
@@ -110,10 +120,12 @@ def serve(settings: Settings, listener: socket.socket) -> None:
         app,
         host=settings.host,
         port=settings.port,
-        http=guarded_protocol(settings.header_timeout, settings.max_connections),
+        http=guarded_protocol(connection_limits(settings)),
         log_level=settings.log_level,
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=5,  # after the drain: answers still being written
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or [],
     )
     DrainingServer(config, app.state.lifecycle).run(sockets=[listener])

@@ -165,6 +165,7 @@ class Cluster:
             port = free_port()
             data_dir = self.options.data_dir / "replicas" / f"r{i}"
             command = [sys.executable, "-m", "server", "--port", str(port), "--data-dir", str(data_dir)]
+            command += ["--forwarded-allow-ips", "127.0.0.1"]  # HAProxy's X-Forwarded-For names the client
             log = self.logs / f"replica-r{i}.log"
             self.replicas.append(_spawn(f"r{i}", command + self.options.replica_flags, env, log))
             self.ports.append(port)

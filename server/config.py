@@ -96,9 +96,27 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024, ge=1, description="open HTTP connections beyond which new ones are refused"
     )
-    header_timeout: float = Field(
-        10.0, gt=0, description="seconds a client may take to send its request headers"
+    max_connections_per_client: int = Field(
+        64,
+        ge=1,
+        description="open HTTP connections (behind a trusted proxy: requests in flight) one client "
+        "address may have; beyond it new ones are refused",
     )
+    forwarded_allow_ips: str | None = Field(
+        None,
+        description="comma-separated proxy addresses (or *) whose X-Forwarded-For names the real "
+        "client; default: trust none",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client may take to send its request headers; then each such window "
+        "must bring --min-body-rate of its body",
+    )
+    min_body_rate: float = Field(
+        1024.0, gt=0, description="bytes/s a request body must arrive at, at least, while it streams in"
+    )
+    docs: bool = Field(False, description="true: serve the API docs UI (/docs, /redoc) and /openapi.json")
     stream_stall_timeout: float = Field(
         30.0, gt=0, description="seconds a stream may go unread before it is dropped and its row freed"
     )

@@ -172,7 +172,8 @@ class Metrics:
     """One registry per app, so several apps (tests) never collide.
 
     `per_task`: task-id labels "on", "off", or "auto" (on until API keys exist, see `bind`).
-    `token`: when set, `/metrics` needs `Authorization: Bearer <token>` (`is_allowed`).
+    `token`: when set, `/metrics` needs `Authorization: Bearer <token>` (`is_allowed`); unset, it
+    is open until API keys exist, then closed.
     `vllm_names`: also export the vLLM names the Gateway API Inference Extension scrapes.
     """
 
@@ -276,9 +277,10 @@ class Metrics:
         return self.per_task == "on" or (self.per_task == "auto" and not self._has_keys())
 
     def is_allowed(self, bearer: str | None) -> bool:
-        """Whether a scrape with this bearer token may read `/metrics` (always, without a token set)."""
+        """Whether a scrape with this bearer token may read `/metrics`: with a token set, only with
+        it; without one, only while no API key exists (tenants' traffic is not for anyone to read)."""
         if self.token is None:
-            return True
+            return not self._has_keys()
         return bearer is not None and secrets.compare_digest(bearer.encode(), self.token.encode())
 
     def _fold_task_labels(self) -> None:

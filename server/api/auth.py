@@ -25,6 +25,11 @@ def require_admin(
     authorization: Annotated[str | None, Header()] = None,
 ) -> None:
     """401 without a bearer token, 403 with a wrong one."""
+    check_admin(services, authorization)
+
+
+def check_admin(services: Services, authorization: str | None) -> None:
+    """Raise 401 without a bearer token, 403 with one that is not the admin token."""
     token = bearer_token(authorization)
     if token is None:
         raise ApiError(

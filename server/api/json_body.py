@@ -1,5 +1,5 @@
-"""JSON bodies parsed so that none holds the event loop: ordinary ones inline (collector paused),
-suspicious ones (more brackets than a valid request has containers) in a helper process."""
+"""JSON bodies parsed so that none holds the event loop: small ordinary ones inline (collector
+paused), large or suspicious ones (see `json_isolated.is_off_loop`) in a helper process."""
 
 import asyncio
 import json
@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from server.api.json_isolated import is_suspicious, loads_json, parse_checked, pool, stop_pool, unpack
+from server.api.json_isolated import is_off_loop, loads_json, parse_checked, pool, stop_pool, unpack
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class _Request(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
-            if is_suspicious(body):
+            if is_off_loop(body):
                 self._json = await _parse_isolated(body)
             else:
                 self._json = loads_json(body)

@@ -1,11 +1,12 @@
-"""Parsing of suspicious JSON bodies in a helper process, so that no body holds the event loop.
+"""Parsing of large or suspicious JSON bodies in a helper process, so no body holds the event loop.
 
 `json.loads` holds the GIL from start to end: a 1 MB body of 340,000 `{}` costs ~50-150 ms on
 this class of CPU, during which no other request, thread or stream makes progress, and a thread
-cannot help. Bodies with few brackets (every ordinary request) are parsed inline; a body with
-more brackets than any valid request has containers goes to one helper process, which parses it
-and returns the value only if it holds at most `MAX_CONTAINERS` objects/arrays (else a short
-reason), so the loop never even unpickles a hostile structure. Stdlib only: this module is what
+cannot help. Small bodies with few brackets (nearly every ordinary request) are parsed inline; a
+body over `OFF_LOOP_BYTES`, or with more brackets than any valid request has containers, goes to
+one helper process, which parses it and returns the value only if it holds at most
+`MAX_CONTAINERS` objects/arrays (else a short reason), so the loop never even unpickles a hostile
+structure. Stdlib only: this module is what
 the helper process imports.
 """
 
@@ -21,6 +22,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+# Bodies larger than this are parsed in the helper process whatever they hold (the parse time of
+# a body grows with its size; one of this size costs the loop little, see docs/benchmarks.md).
+OFF_LOOP_BYTES = 64 * 1024
 # A valid request holds a few objects plus at most --max-prompts lists of token ids (<= 2048 by
 # the schema): more brackets than this in the raw bytes make a body suspicious.
 MAX_CONTAINERS = 4096
@@ -41,6 +45,12 @@ def loads_json(body: bytes) -> Any:
 def is_suspicious(body: bytes) -> bool:
     """More `[`/`{` bytes than valid requests have containers (a count, not a parse: ~0.1 ms/MB)."""
     return body.count(b"[") + body.count(b"{") > MAX_CONTAINERS
+
+
+def is_off_loop(body: bytes) -> bool:
+    """Whether `body` is parsed in the helper process: by size, and (a deeply nested small body
+    would hit the parser's recursion limit) by its count of brackets."""
+    return len(body) > OFF_LOOP_BYTES or is_suspicious(body)
 
 
 def _num_containers_over(value: Any, limit: int) -> bool:

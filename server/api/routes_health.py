@@ -51,9 +51,16 @@ async def metrics(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Prometheus text format; with `--metrics-token` set, only for `Authorization: Bearer <it>`
-    (401 without a bearer token, 403 with a wrong one)."""
+    (401 without a bearer token, 403 with a wrong one); without it, only until API keys exist."""
     token = bearer_token(authorization)
     if not services.metrics.is_allowed(token):
+        if services.metrics.token is None:
+            raise ApiError(
+                403,
+                "forbidden",
+                "API keys exist, so /metrics needs a token: start the server with --metrics-token "
+                "(env PREFIX_SERVE_METRICS_TOKEN) and send it as `Authorization: Bearer <it>`",
+            )
         if token is None:
             raise ApiError(
                 401,

@@ -15,6 +15,7 @@ from server.tenancy.keys import ApiKey
 from server.tenancy.scopes import is_in_scope, scope_ranges
 
 TOKEN_HOLD_STATE = "token_hold"  # request.state name of the request's `TokenHold`
+CALLER_STATE = "caller"  # request.state name of the authenticated `Caller`
 
 
 @dataclass
@@ -47,11 +48,23 @@ async def authenticate(
     services: ServicesDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    """401 without a valid key once keys are configured; before that, everyone may generate.
-    Until the key store has been read once, nobody but the admin may: 503, never open."""
+    """The caller, as the auth gate (`server/api/auth_gate.py`) found it from the headers before
+    the body was read; found here when the gate did not run (e.g. an app without it)."""
+    known = getattr(request.state, CALLER_STATE, None)
+    if isinstance(known, Caller):
+        return known
+    caller = await caller_for(services, authorization)
+    setattr(request.state, CALLER_STATE, caller)
+    return _remembered(request, caller)
+
+
+async def caller_for(services: Services, authorization: str | None) -> Caller:
+    """From the `Authorization` header alone: 401 without a valid key once keys are configured;
+    before that, everyone may generate. Until the key store has been read once, nobody but the
+    admin may: 503, never open."""
     token = bearer_token(authorization)
     if is_admin_token(services, token):
-        return _remembered(request, Caller(None))
+        return Caller(None)
     if not services.keys.is_known:
         raise ApiError(
             503,
@@ -60,7 +73,7 @@ async def authenticate(
             {"Retry-After": "1"},
         )
     if not services.keys.is_enabled:
-        return _remembered(request, Caller(None))  # development mode (logged loudly); bearer ignored
+        return Caller(None)  # development mode (logged loudly); bearer ignored
     if not token:
         raise ApiError(
             401, "unauthorized", "send `Authorization: Bearer <API key>`", {"WWW-Authenticate": "Bearer"}
@@ -68,7 +81,7 @@ async def authenticate(
     key = await services.keys.lookup(token)
     if key is None:
         raise ApiError(401, "unauthorized", "the API key is not valid (unknown or revoked)")
-    return _remembered(request, Caller(key))
+    return Caller(key)
 
 
 def _remembered(request: Request, caller: Caller) -> Caller:

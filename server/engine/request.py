@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -16,7 +16,6 @@ if TYPE_CHECKING:  # torch-free at run time: server/api imports these records
 # abort: the caller left; timeout: over --request-timeout; shutdown: the server stopped before it ended;
 # shed: dropped from a full queue to make room for a tenant with fewer waiting requests
 FinishReason = Literal["length", "stop", "eos", "abort", "error", "timeout", "shutdown", "shed"]
-_ids = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     tenant: str = ""  # fairness unit of admission (an API key, else the task's namespace)
-    request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
+    request_id: str = field(default_factory=lambda: f"gen-{uuid.uuid4().hex}")  # reveals no volume
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     text: str = ""  # decoded output so far (truncated at a stop string)

@@ -64,6 +64,7 @@ def fuzz_server(
     """The tiny GPT-2 with embedded Redis; short generations keep fuzzed requests cheap."""
     data_dir = tmp_path_factory.mktemp("fuzz") / "data"
     flags = ["--model", str(gpt2_dir), "--max-new-tokens", str(MAX_NEW_TOKENS), "--max-model-len", "256"]
+    flags += ["--docs", "true"]  # the schema comes from /openapi.json
     with ServerProcess(data_dir, *flags) as server:
         _upload_good(server, adapter)
         yield server

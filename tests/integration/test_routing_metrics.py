@@ -20,13 +20,14 @@ VLLM_GAUGES = (
     "vllm:kv_cache_usage_perc",
 )
 TASKS = ("acme:a", "acme:b")
+METRICS_TOKEN = "routing-metrics-token"  # once API keys exist, /metrics needs one
 
 
 @pytest.fixture(scope="module")
 def servers(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
     """One server with the vLLM names (per-task ids bounded to 1), one without."""
     root = tmp_path_factory.mktemp("routing")
-    flags = ["--model", str(gpt2_dir), "--metrics-max-tasks", "1"]
+    flags = ["--model", str(gpt2_dir), "--metrics-max-tasks", "1", "--metrics-token", METRICS_TOKEN]
     with (
         ServerProcess(root / "on", *flags, "--metrics-vllm-names", "true") as on,
         ServerProcess(root / "off", *flags) as off,
@@ -35,7 +36,9 @@ def servers(gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _scrape(server: ServerProcess) -> str:
-    response = httpx.get(server.url + "/metrics", timeout=10)
+    response = httpx.get(
+        server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10
+    )
     assert response.status_code == 200
     return response.text
 

@@ -1,0 +1,192 @@
+"""Connections that cannot hold the server hostage: uvicorn's h11 protocol with a deadline on
+reading every request (headers, then body at a minimum rate), a cap on connections per client
+address as well as in all, and a small reserve of connections for `/health` and `/ready`."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.http_guard import RateLimitedRecords
+
+log = logging.getLogger(__name__)
+log.addFilter(RateLimitedRecords(("refused a connection", "closed a connection")))  # no log floods
+
+# Per connection. Linux otherwise grows it up to tcp_wmem's max (4 MiB), which would hide a
+# client that stopped reading from --stream-stall-timeout; 256 KiB still streams MB/s at 100 ms RTT.
+_SEND_BUFFER_BYTES = 256 * 1024
+
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+)
+# a reserved connection may carry only these (the request line's start, as sent by probes)
+_PROBE_LINES = (b"GET /health ", b"GET /health?", b"GET /ready ", b"GET /ready?")
+_MAX_REQUEST_LINE = 64  # bytes read from a reserved connection before it is judged
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a request may take to arrive, and how many connections may be open.
+
+    `header_timeout_s`: request headers must be complete this long after the connection opened
+    (or after the previous response), x 1 to 1.5 (jittered). Then the body must keep arriving at
+    `min_body_rate` bytes/s on average over each such window, unless the server is not reading it.
+    `max_connections`: in all; `num_reserved` more may carry only `/health` or `/ready`.
+    `max_per_client`: per client address; peers in `trusted_proxies` (which carry many clients'
+    requests) count only towards `max_connections` (their clients are capped per request, by
+    `X-Forwarded-For`: see `server.api.client_cap`)."""
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
+    max_per_client: int = 64
+    min_body_rate: float = 1024.0
+    trusted_proxies: frozenset[str] = frozenset()
+    num_reserved: int = 8
+
+    def is_trusted(self, host: str) -> bool:
+        """Whether `host` is a trusted proxy (an address, a network like 10.0.0.0/8, or `*`)."""
+        entries = self.trusted_proxies
+        return "*" in entries or host in entries or _is_in_networks(host, entries)
+
+
+def _is_in_networks(host: str, entries: frozenset[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in entries:
+        if "/" in entry:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
+    """uvicorn's h11 protocol class, guarded by `limits` (one set of counters per class)."""
+    num_per_client: Counter[str] = Counter()
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._read_timer: asyncio.TimerHandle | None = None
+            self._host: str | None = None  # set once counted in `num_per_client`
+            self._num_window_bytes = 0  # received since the read timer was armed
+            self._window_start = 0.0
+            self._is_reserved = False  # beyond --max-connections: for probes only
+            self._reserved_head: bytes | None = None  # its request's first bytes, until judged
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # a fixed send buffer: a client that stops reading blocks us soon
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
+            num_open = len(self.connections)
+            host = self.client[0] if self.client else ""
+            if num_open > limits.max_connections + limits.num_reserved:
+                _refuse_busy(transport, f"--max-connections={limits.max_connections} reached")
+                return
+            if not limits.is_trusted(host) and num_per_client[host] >= limits.max_per_client:
+                _refuse_busy(transport, f"--max-connections-per-client={limits.max_per_client} reached")
+                return
+            num_per_client[host] += 1
+            self._host = host
+            if num_open > limits.max_connections:
+                self._is_reserved, self._reserved_head = True, b""
+            self._arm_read_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            if self._host is not None:
+                num_per_client[self._host] -= 1
+                if num_per_client[self._host] <= 0:
+                    del num_per_client[self._host]
+                self._host = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            self._num_window_bytes += len(data)
+            if self._reserved_head is not None:
+                data = self._reserved_head + data
+                if not self._is_probe(data):
+                    return
+            super().data_received(data)
+
+        def _is_probe(self, head: bytes) -> bool:
+            """A reserved connection: whether its request is a probe (False while undecided: the
+            bytes are kept; False when not a probe: 503, closed)."""
+            if any(head.startswith(line) for line in _PROBE_LINES):
+                self._reserved_head = None
+                return True
+            if len(head) < _MAX_REQUEST_LINE and any(line.startswith(head) for line in _PROBE_LINES):
+                self._reserved_head = head
+                return False
+            _refuse_busy(self.transport, f"--max-connections={limits.max_connections} reached")
+            return False
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._is_reserved:
+                self._reserved_head = b""  # its next request must be a probe too
+            if not self.transport.is_closing():
+                self._arm_read_timer()
+
+        def _arm_read_timer(self, window_s: float | None = None) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+            # jittered: a thousand connections opened together must not all be cut (and come
+            # back) in the same loop iteration, which would stall every other request at once
+            if window_s is None:
+                window_s = limits.header_timeout_s * (1.0 + 0.5 * random.random())
+            self._num_window_bytes, self._window_start = 0, self.loop.time()
+            self._read_timer = self.loop.call_later(window_s, self._on_read_deadline)
+
+        def _on_read_deadline(self) -> None:
+            self._read_timer = None
+            if self.transport.is_closing():
+                return
+            if self._reserved_head is not None:  # a reserved connection that sent no probe in time
+                _refuse_busy(self.transport, f"--max-connections={limits.max_connections} reached")
+                return
+            state = self.conn.their_state
+            if state is h11.IDLE:  # the client has not finished the headers of its next request
+                self.transport.close()
+            elif state is h11.SEND_BODY:
+                self._check_body_rate()
+            # else the request has arrived whole: the response's own guards take over
+
+        def _check_body_rate(self) -> None:
+            """Mid-body: close if it arrived slower than the minimum rate over the last window
+            (not while uvicorn has paused reading because the app has not taken what came)."""
+            elapsed = self.loop.time() - self._window_start
+            is_waiting = self.flow.read_paused or (
+                self.cycle is not None and self.cycle.waiting_for_100_continue
+            )
+            if is_waiting or self._num_window_bytes >= limits.min_body_rate * elapsed:
+                self._arm_read_timer(limits.header_timeout_s)
+                return
+            log.warning(
+                "closed a connection: its request body came slower than --min-body-rate=%g bytes/s",
+                limits.min_body_rate,
+            )
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def _refuse_busy(transport: asyncio.Transport, why: str) -> None:
+    transport.write(_BUSY)
+    transport.close()
+    log.warning("refused a connection: %s", why)

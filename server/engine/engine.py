@@ -20,7 +20,7 @@ from server.engine.core import EngineCore
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
 from server.engine.handle import PAUSE_AT, RequestHandle
 from server.engine.kv_cache import SlotKVCache
-from server.engine.model_loader import LoadedModel
+from server.engine.model_loader import LoadedModel, longest_token_chars
 from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator
@@ -47,6 +47,7 @@ class Engine:
         self.loaded = loaded
         self.kv = kv
         self.max_len = kv.layout.max_len
+        self.max_token_chars = longest_token_chars(loaded.tokenizer)  # once: a prompt's bound in characters
         self.core = EngineCore(
             loaded,
             kv,
@@ -111,6 +112,12 @@ class Engine:
         """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
         return render_chat(self.loaded.tokenizer, messages)
 
+    def has_room(self, num_requests: int, task_id: str, tenant: str | None = None) -> bool:
+        """Whether `submit` would queue `num_requests` more requests of this tenant now (asked before
+        any work for them is done; a request submitted meanwhile can still take the room)."""
+        with self._wakeup:
+            return self.scheduler.can_take(tenant_of(task_id, tenant), num_requests)
+
     def submit(
         self,
         prefix: PrefixEntry,
@@ -128,7 +135,7 @@ class Engine:
         self._validate(prefix, prompt_ids, params)
         task_id = prefix.meta.task_id
         request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
-        request.tenant = tenant if tenant is not None else task_id.split(":", 1)[0]
+        request.tenant = tenant_of(task_id, tenant)
         if self.request_timeout_s is not None:
             request.deadline = request.arrival_time + self.request_timeout_s
         request.generator = make_generator(params, self.kv.layout.device)
@@ -257,3 +264,9 @@ class Engine:
     def _emit(self, outputs: list[StepOutput]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+
+def tenant_of(task_id: str, tenant: str | None) -> str:
+    """The scheduler's fairness unit: the caller's tenant, else the task's namespace (`acme` for
+    `acme:summarize`)."""
+    return tenant if tenant is not None else task_id.split(":", 1)[0]

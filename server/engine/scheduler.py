@@ -139,6 +139,24 @@ class Scheduler(Generic[R]):
         del self.waiting[index]
         return victim
 
+    def can_take(self, tenant: str, num: int) -> bool:
+        """Whether `num` more requests of `tenant` would be queued now, shedding as `shed_for`
+        would when the queue is full; changes nothing (admission asks before any work)."""
+        room = self.max_queue - len(self.waiting)
+        if num <= room:
+            return True
+        if self.tenant_of is None:
+            return False
+        counts = Counter(self.tenant_of(r) for r in self.waiting)
+        counts[tenant] += max(0, room)
+        for _ in range(num - max(0, room)):
+            heaviest, num_heaviest = counts.most_common(1)[0]
+            if num_heaviest <= counts[tenant] + 1:
+                return False
+            counts[heaviest] -= 1
+            counts[tenant] += 1
+        return True
+
     def schedule(self) -> ScheduledBatch[R]:
         """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""
         preempted, moves = self._preempt_for_fairness()

@@ -111,16 +111,17 @@ class RateLimiter:
         except NoScriptError:
             return await self._client.eval(script, len(keys), *keys, *args)
 
-    async def admit(self, key: ApiKey, num_tokens: int = 0) -> Admission:
-        """Take one request token and hold `num_tokens` (the most the request may generate);
-        fails open (admits, holding nothing) when Redis cannot be reached."""
+    async def admit(self, key: ApiKey, num_tokens: int = 0, take_request: bool = True) -> Admission:
+        """Take one request token (unless `take_request` is False: more tokens for a request admitted
+        already) and hold `num_tokens` (the most the request may generate); fails open (admits,
+        holding nothing) when Redis cannot be reached."""
         tpm = key.tokens_per_minute
         if tpm > 0 and num_tokens > tpm:
             return Admission(False, can_ever_fit=False)
-        if key.requests_per_second <= 0 and tpm <= 0:
+        rps = key.requests_per_second if take_request else 0.0
+        if rps <= 0 and tpm <= 0:
             return Admission(True)
         hold = max(0, num_tokens) if tpm > 0 else 0
-        rps = key.requests_per_second
         args = [rps, max(1.0, rps), tpm / 60, tpm, hold]
         try:
             wait_ms = int(await self._run(_ADMIT_SCRIPT, _bucket_keys(key.id), args))

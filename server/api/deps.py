@@ -5,7 +5,7 @@ only named in annotations here."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Protocol
 
@@ -41,6 +41,13 @@ class EngineProtocol(Protocol):
         ...
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    async def encode_off_loop(
+        self,
+        prompts: Sequence[str | list[int]],
+        messages: list[dict[str, str]] | None,
+        add_special_tokens: bool,
+    ) -> list[list[int]]: ...
 
     def has_room(self, num_requests: int, task_id: str, tenant: str | None = None) -> bool: ...
 

@@ -4,7 +4,6 @@ for a request that admission took (see `generation.launch`)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from server.api.deps import EngineProtocol, Services
@@ -12,8 +11,8 @@ from server.api.errors import ApiError
 from server.engine.chat import NoChatTemplate
 
 # Work above this many characters (a chat message counting MESSAGE_CHARS more, for the template's
-# per-message cost) is rendered and tokenized in a thread, not on the event loop. A fast (Rust)
-# tokenizer releases the GIL there; a Python one does not, and is bounded by the checks below.
+# per-message cost) is rendered and tokenized away from the event loop (`engine.encode_off_loop`:
+# a thread for a fast tokenizer, which releases the GIL; a helper process for Python work).
 OFF_LOOP_CHARS = 4096
 MESSAGE_CHARS = 32
 
@@ -69,19 +68,11 @@ async def encode_prompts(
     messages: Messages | None = None,
 ) -> list[list[int]]:
     """Token ids of each prompt (text is tokenized; ids pass as they are), or of the one prompt the
-    chat template renders from `messages`; in a thread when large."""
-
-    def encode() -> list[list[int]]:
-        texts = prompts if messages is None else [render(engine, messages)]
-        return [engine.encode(p, add_special_tokens) if isinstance(p, str) else list(p) for p in texts]
-
-    if is_off_loop(sum(num_chars_of(prompts, messages)), len(messages or ())):
-        return await asyncio.to_thread(encode)
-    return encode()
-
-
-def render(engine: EngineProtocol, messages: Messages) -> str:
+    chat template renders from `messages`; large work away from the event loop."""
     try:
-        return engine.render_chat(messages)
+        if is_off_loop(sum(num_chars_of(prompts, messages)), len(messages or ())):
+            return await engine.encode_off_loop(prompts, messages, add_special_tokens)
+        texts = prompts if messages is None else [engine.render_chat(messages)]
+        return [engine.encode(p, add_special_tokens) if isinstance(p, str) else list(p) for p in texts]
     except NoChatTemplate as exc:
         raise ApiError(422, "chat_template_missing", str(exc)) from None

@@ -8,7 +8,7 @@ The loop never touches Redis: a request arrives here with its prefix already res
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -25,6 +25,7 @@ from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator
 from server.engine.stats import EngineStats, StepStats
+from server.engine.tokenize import Messages, OffLoopTokenizer, encode_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,6 +49,7 @@ class Engine:
         self.kv = kv
         self.max_len = kv.layout.max_len
         self.max_token_chars = longest_token_chars(loaded.tokenizer)  # once: a prompt's bound in characters
+        self.off_loop = OffLoopTokenizer(loaded.tokenizer)
         self.core = EngineCore(
             loaded,
             kv,
@@ -75,6 +77,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        self.off_loop.close()
         with self._wakeup:
             self._is_stopping = True
             self._wakeup.notify()
@@ -102,11 +105,14 @@ class Engine:
         return self.loaded.decode([token_id])
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # JSON can carry lone surrogates ("\ud800"); text cannot
-            raise InvalidInput(f"the prompt is not valid Unicode: {exc.reason} at {exc.start}") from exc
-        return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return encode_text(self.loaded.tokenizer, text, add_special_tokens)
+
+    async def encode_off_loop(
+        self, prompts: Sequence[str | list[int]], messages: Messages | None, add_special_tokens: bool
+    ) -> list[list[int]]:
+        """Large work: token ids of each prompt, or of the one prompt `messages` render to, away
+        from the event loop (see engine/tokenize.py)."""
+        return await self.off_loop.prepare(prompts, messages, add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""

@@ -49,6 +49,23 @@ def test_a_refused_chat_request_is_never_rendered(server: ServerProcess, client:
         assert refused.json()["error"]["code"] == "rate_limited"
 
 
+def test_prompt_tokens_count_against_tokens_per_minute(server: ServerProcess, client: httpx.Client) -> None:
+    """Finding 6: a key was charged 128 tokens for 128k prompt tokens computed. A 60 tokens/min key
+    now pays its 200-token prompt: its balance goes far below zero and the next request waits."""
+    body = {"name": "prompts", "scopes": ["t:*"], "tokens_per_minute": 60}
+    created = client.post(server.url + "/admin/keys", json=body, headers=server.admin_headers)
+    headers = {"Authorization": f"Bearer {created.json()['key']}"}
+    generate = {"task_id": "t:good", "input_ids": [5] * 200, "max_new_tokens": 1}
+    assert client.post(server.url + "/generate", json=generate, headers=headers).status_code == 200
+    deadline = time.monotonic() + 3  # the charge lands just after the answer
+    while (
+        refused := client.post(server.url + "/generate", json=generate, headers=headers)
+    ).status_code == 200:
+        assert time.monotonic() < deadline, "the prompt tokens were not charged"
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited", refused.text
+    assert int(refused.headers["Retry-After"]) >= 100  # ~140 tokens below zero, refilled at 1 per second
+
+
 @pytest.fixture(scope="module")
 def small_queue(
     gpt2_dir: Path, adapter: Adapter, redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory

@@ -359,6 +359,20 @@ def test_a_full_queue_sheds_the_heaviest_tenants_newest_request_for_a_lighter_te
     assert scheduler.shed_for("a") is None  # a holds 2: no one holds more than a would with one more
 
 
+def test_can_take_answers_what_adding_would_do_without_adding() -> None:
+    """Admission asks the queue before any work: room first, then the shedding `add` would do."""
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=4, tenant_of=_tenant)
+    for name in ("a:1", "a:2", "a:3"):
+        scheduler.add(Req(name))
+    assert scheduler.can_take("a", 1) and not scheduler.can_take("a", 2)
+    # b: one in the room, then a:3 is shed; a third would shed nothing (b would hold as many as a)
+    assert scheduler.can_take("b", 2) and not scheduler.can_take("b", 3)
+    assert ids(list(scheduler.waiting)) == ["a:1", "a:2", "a:3"]  # nothing changed
+    fifo: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
+    fifo.add(Req("a:1"))
+    assert fifo.can_take("b", 1) and not fifo.can_take("b", 2)
+
+
 def test_without_tenants_nothing_is_shed() -> None:
     scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
     scheduler.add(Req("a:1"))

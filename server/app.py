@@ -175,6 +175,7 @@ def _limits(settings: Settings) -> RequestLimits:
         settings.max_upload_bytes,
         settings.max_body_bytes,
         settings.max_prompts,
+        settings.max_prompt_chars,
     )
 
 

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="longest prompt in tokens; default: whatever fits the context"
     )
+    max_prompt_chars: int = Field(
+        1 << 20,
+        ge=1,
+        description="characters of prompt text (or chat message content) one request may carry in all",
+    )
     max_stop_strings: int = Field(4, ge=0, description="stop strings a request may send at most")
     request_timeout: float | None = Field(
         300.0, gt=0, description="seconds a generation may take, queueing included, before it is cut off"

@@ -5,7 +5,7 @@ only named in annotations here."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Protocol
 
@@ -35,7 +35,21 @@ class RequestHandleProtocol(Protocol):
 class EngineProtocol(Protocol):
     """The engine as the API sees it."""
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (a prompt's bound before tokenizing it)."""
+        ...
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    async def encode_off_loop(
+        self,
+        prompts: Sequence[str | list[int]],
+        messages: list[dict[str, str]] | None,
+        add_special_tokens: bool,
+    ) -> list[list[int]]: ...
+
+    def has_room(self, num_requests: int, task_id: str, tenant: str | None = None) -> bool: ...
 
     def submit(
         self,
@@ -95,6 +109,7 @@ class RequestLimits:
     max_upload_bytes: int
     max_body_bytes: int
     max_prompts: int = 32  # prompts x n in one /v1/completions request
+    max_prompt_chars: int = 1 << 20  # characters of prompt text (or chat messages) in one request
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ generation as the engine makes them. Routes only translate their formats to and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +13,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
-from server.api.deps import EngineProtocol, RequestHandleProtocol, Services
+from server.api.deps import RequestHandleProtocol, Services
 from server.api.errors import ApiError
-from server.api.tenancy import Caller, admit
+from server.api.prompts import Messages, check_prompt_chars, encode_prompts, num_chars_of
+from server.api.tenancy import Caller, admit, check_scope
+from server.engine.errors import QueueFull
 from server.engine.request import SamplingParams, StepOutput
 
 if TYPE_CHECKING:
@@ -50,39 +53,98 @@ class Started:
 @dataclass(frozen=True)
 class GenerationRequest:
     """What a route asks for, whatever its HTTP shape: every prompt is generated once per
-    entry of `choices` (OpenAI's `n`: the same settings with different seeds)."""
+    entry of `choices` (OpenAI's `n`: the same settings with different seeds). A chat sends its
+    `messages` instead of prompts: the chat template renders them into the one prompt once the
+    request is admitted; with `fills_context`, each choice's `max_new_tokens` is only a ceiling and
+    what the context leaves after the prefix and the rendered prompt is generated at most."""
 
     task_id: str
-    prompts: Sequence[str | list[int]]  # text (tokenized here) or token ids
+    prompts: Sequence[str | list[int]]
     choices: Sequence[SamplingParams]
     add_special_tokens: bool = False
+    messages: Messages | None = None
+    fills_context: bool = False
+
+    @property
+    def num_prompts(self) -> int:
+        return 1 if self.messages is not None else len(self.prompts)
 
     @property
     def max_tokens(self) -> int:
-        """The most the request may generate in all, held from the caller's token quota."""
-        return len(self.prompts) * sum(p.max_new_tokens for p in self.choices)
+        """The most the request may generate in all, held from the caller's token quota at
+        admission (a request that fills the context holds its part once the prompt is known)."""
+        return 0 if self.fills_context else self.num_prompts * sum(p.max_new_tokens for p in self.choices)
 
 
 async def launch(
     services: Services, caller: Caller, request: GenerationRequest, http: Request, arrival: float
 ) -> list[Started]:
     """Check, admit, resolve, tokenize and submit every generation of `request`, prompt-major
-    (prompt 0's choices first). All or nothing: if one cannot start, none runs."""
-    for params in request.choices:
-        check_limits(services, params)
-    check_num_prompts(services, len(request.prompts), len(request.choices))
+    (prompt 0's choices first). Nothing is rendered, tokenized or looked up for a request the
+    queue or the rate limiter refuses. All or nothing: if one cannot start, none runs."""
+    check_request(services, request)
+    check_scope(caller, request.task_id)
+    num_generations = request.num_prompts * len(request.choices)
+    if not services.engine.has_room(num_generations, request.task_id, caller.tenant):
+        raise QueueFull(f"the queue cannot take {num_generations} more requests now")
     await admit(services, caller, request.task_id, max_tokens=request.max_tokens)
     prefix = await resolve_prefix(services, request.task_id)
-    prompts = await encode_prompts(services.engine, request.prompts, request.add_special_tokens)
+    prompts = await encode_prompts(
+        services.engine, request.prompts, request.add_special_tokens, request.messages
+    )
+    choices = list(request.choices)
+    if request.fills_context:
+        choices = fill_context(services, choices, prefix.meta.prefix_len, prompts[0])
+        await admit(
+            services, caller, request.task_id, sum(p.max_new_tokens for p in choices), take_request=False
+        )
+    started = start_all(
+        services, caller, prefix, [(ids, params) for ids in prompts for params in choices], arrival
+    )
+    if caller.key is not None:  # prompt tokens weigh as generated ones; charged once queued, not held
+        _in_background(services.limiter.charge(caller.key, sum(len(one.prompt_ids) for one in started)))
+    http.state.generations = [one.describe(request.task_id) for one in started]
+    return started
+
+
+def check_request(services: Services, request: GenerationRequest) -> None:
+    """Everything about a request that needs no work: limits, prompt counts and lengths (ids, and
+    text by its characters). Raises the 4xx."""
+    for params in request.choices:
+        check_limits(services, params)
+    check_num_prompts(services, request.num_prompts, len(request.choices))
+    check_prompt_chars(services, num_chars_of(request.prompts, request.messages))
+    for prompt in request.prompts:
+        if not isinstance(prompt, str):
+            check_prompt(services, prompt)
+
+
+def fill_context(
+    services: Services, choices: list[SamplingParams], prefix_len: int, prompt_ids: list[int]
+) -> list[SamplingParams]:
+    """Each choice's max tokens: its ceiling, or what the context leaves (at least 1: the engine
+    answers a prompt that fills the context with context_too_long)."""
+    room = services.engine.stats().max_len - prefix_len - len(prompt_ids)
+    return [dataclasses.replace(p, max_new_tokens=max(1, min(p.max_new_tokens, room))) for p in choices]
+
+
+def start_all(
+    services: Services,
+    caller: Caller,
+    prefix: PrefixEntry,
+    generations: list[tuple[list[int], SamplingParams]],
+    arrival: float,
+) -> list[Started]:
+    """Submit every generation, or none: when one cannot be queued (full queue, bad prompt), the
+    ones already queued are cancelled before the error goes up."""
     started: list[Started] = []
     try:
-        for ids in prompts:
-            started += [start(services, caller, prefix, ids, params, arrival) for params in request.choices]
+        for prompt_ids, params in generations:
+            started.append(start(services, caller, prefix, prompt_ids, params, arrival))
     except BaseException:
         for one in started:
             one.handle.cancel()
         raise
-    http.state.generations = [one.describe(request.task_id) for one in started]
     return started
 
 
@@ -107,24 +169,6 @@ def check_num_prompts(services: Services, num_prompts: int, n: int) -> None:
             f"{num_prompts} prompts x n={n} is {num_prompts * n} generations; at most {limit} are allowed "
             "per request (--max-prompts)",
         )
-
-
-# Text longer than this is tokenized in a thread: a slow tokenizer takes ~0.5 ms per 1,000
-# characters, and a 1 MB prompt on the event loop would stall every other request.
-OFF_LOOP_CHARS = 4096
-
-
-async def encode_prompts(
-    engine: EngineProtocol, prompts: Sequence[str | list[int]], add_special_tokens: bool
-) -> list[list[int]]:
-    """Token ids of each prompt (text is tokenized; ids pass as they are), off the loop when long."""
-
-    def encode() -> list[list[int]]:
-        return [engine.encode(p, add_special_tokens) if isinstance(p, str) else p for p in prompts]
-
-    if sum(len(p) for p in prompts if isinstance(p, str)) <= OFF_LOOP_CHARS:
-        return encode()
-    return await asyncio.to_thread(encode)
 
 
 def check_prompt(services: Services, prompt_ids: list[int]) -> None:

@@ -10,13 +10,11 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response
 
 from server.api.deps import Services, ServicesDep
-from server.api.errors import ApiError
 from server.api.generation import (
     GenerationRequest,
     Started,
     check_finished,
     collect,
-    encode_prompts,
     interleave,
     launch,
     until_disconnect,
@@ -38,8 +36,7 @@ from server.api.schemas_chat import (
 )
 from server.api.schemas_openai import openai_error_responses
 from server.api.stall import ClosingStreamingResponse
-from server.api.tenancy import Caller, CallerDep, check_scope
-from server.engine.chat import NoChatTemplate
+from server.api.tenancy import CallerDep
 from server.engine.request import StepOutput
 
 router = APIRouter(
@@ -47,28 +44,6 @@ router = APIRouter(
     route_class=JSONBodyRoute,
     responses=openai_error_responses(400, 401, 403, 404, 413, 429, 503, 504),
 )
-OFF_LOOP_CHARS = 4096  # messages longer than this are rendered in a thread
-
-
-async def _prompt(services: Services, caller: Caller, body: ChatCompletionRequest) -> tuple[list[int], int]:
-    """The rendered and encoded prompt, and the default max tokens (--max-new-tokens, or what the
-    context leaves after the task's prefix and the prompt). Errors in the order a client expects:
-    403 scope, 404 unknown model, then 400 for messages the template cannot render."""
-    check_scope(caller, body.model)
-    meta = await services.prefixes.serving_meta(body.model)  # resident: no Redis round trip
-    if meta is None:
-        raise ApiError(404, "unknown_task", f"no prefix is uploaded for model (task_id) {body.model!r}")
-    messages = body.template_messages()
-    try:
-        if sum(len(m["content"]) for m in messages) > OFF_LOOP_CHARS:
-            text = await asyncio.to_thread(services.engine.render_chat, messages)
-        else:
-            text = services.engine.render_chat(messages)
-    except NoChatTemplate as exc:
-        raise ApiError(422, "chat_template_missing", str(exc)) from None
-    [prompt_ids] = await encode_prompts(services.engine, [text], add_special_tokens=False)
-    room = services.engine.stats().max_len - meta.prefix_len - len(prompt_ids)
-    return prompt_ids, max(1, min(services.limits.max_new_tokens, room))
 
 
 @router.post(
@@ -82,11 +57,14 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, services: ServicesDep, caller: CallerDep
 ) -> ChatCompletion | Response:
     arrival = time.monotonic()
-    prompt_ids, default_max_tokens = await _prompt(services, caller, body)
-    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
+    asked_max = body.max_completion_tokens or body.max_tokens
+    # without max_tokens: what the context leaves after the prefix and the rendered prompt
+    max_tokens = asked_max or services.limits.max_new_tokens
     choices = [body.sampling(j, max_tokens, body.num_logprobs) for j in range(body.n)]
-    asked = GenerationRequest(body.model, [prompt_ids], choices)
+    messages = body.template_messages()
+    asked = GenerationRequest(body.model, [], choices, messages=messages, fills_context=asked_max is None)
     started = await launch(services, caller, asked, request, arrival)
+    prompt_ids = started[0].prompt_ids
     head = ChatCompletionChunk(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[]
     )

@@ -99,17 +99,20 @@ def check_scope(caller: Caller, task_id: str) -> None:
         raise ApiError(403, "forbidden", f"this API key may not use task {task_id!r}")
 
 
-async def admit(services: Services, caller: Caller, task_id: str, max_tokens: int = 0) -> None:
+async def admit(
+    services: Services, caller: Caller, task_id: str, max_tokens: int = 0, take_request: bool = True
+) -> None:
     """Before any work: the server takes requests, the key may use the task and is within its
     limits. `max_tokens`: the most the request may generate in all (`max_tokens x n x prompts`),
-    held from the key's token bucket until the request ends; 422 if the bucket can never hold it."""
+    held from the key's token bucket until the request ends; 422 if the bucket can never hold it.
+    `take_request=False`: only hold more tokens for a request admitted already."""
     if services.lifecycle.is_draining:
         raise ApiError(503, "unavailable", "the server is shutting down", {"Retry-After": "1"})
     check_scope(caller, task_id)
     key = caller.key
     if key is None:
         return
-    admission = await services.limiter.admit(key, max_tokens)
+    admission = await services.limiter.admit(key, max_tokens, take_request)
     if not admission.can_ever_fit:
         raise ApiError(
             422,

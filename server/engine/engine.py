@@ -8,7 +8,7 @@ The loop never touches Redis: a request arrives here with its prefix already res
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -20,11 +20,12 @@ from server.engine.core import EngineCore
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
 from server.engine.handle import PAUSE_AT, RequestHandle
 from server.engine.kv_cache import SlotKVCache
-from server.engine.model_loader import LoadedModel
+from server.engine.model_loader import LoadedModel, longest_token_chars
 from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator
 from server.engine.stats import EngineStats, StepStats
+from server.engine.tokenize import Messages, OffLoopTokenizer, encode_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,8 @@ class Engine:
         self.loaded = loaded
         self.kv = kv
         self.max_len = kv.layout.max_len
+        self.max_token_chars = longest_token_chars(loaded.tokenizer)  # once: a prompt's bound in characters
+        self.off_loop = OffLoopTokenizer(loaded.tokenizer)
         self.core = EngineCore(
             loaded,
             kv,
@@ -74,6 +77,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        self.off_loop.close()
         with self._wakeup:
             self._is_stopping = True
             self._wakeup.notify()
@@ -101,15 +105,24 @@ class Engine:
         return self.loaded.decode([token_id])
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # JSON can carry lone surrogates ("\ud800"); text cannot
-            raise InvalidInput(f"the prompt is not valid Unicode: {exc.reason} at {exc.start}") from exc
-        return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return encode_text(self.loaded.tokenizer, text, add_special_tokens)
+
+    async def encode_off_loop(
+        self, prompts: Sequence[str | list[int]], messages: Messages | None, add_special_tokens: bool
+    ) -> list[list[int]]:
+        """Large work: token ids of each prompt, or of the one prompt `messages` render to, away
+        from the event loop (see engine/tokenize.py)."""
+        return await self.off_loop.prepare(prompts, messages, add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
         return render_chat(self.loaded.tokenizer, messages)
+
+    def has_room(self, num_requests: int, task_id: str, tenant: str | None = None) -> bool:
+        """Whether `submit` would queue `num_requests` more requests of this tenant now (asked before
+        any work for them is done; a request submitted meanwhile can still take the room)."""
+        with self._wakeup:
+            return self.scheduler.can_take(tenant_of(task_id, tenant), num_requests)
 
     def submit(
         self,
@@ -128,7 +141,7 @@ class Engine:
         self._validate(prefix, prompt_ids, params)
         task_id = prefix.meta.task_id
         request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
-        request.tenant = tenant if tenant is not None else task_id.split(":", 1)[0]
+        request.tenant = tenant_of(task_id, tenant)
         if self.request_timeout_s is not None:
             request.deadline = request.arrival_time + self.request_timeout_s
         request.generator = make_generator(params, self.kv.layout.device)
@@ -257,3 +270,9 @@ class Engine:
     def _emit(self, outputs: list[StepOutput]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+
+def tenant_of(task_id: str, tenant: str | None) -> str:
+    """The scheduler's fairness unit: the caller's tenant, else the task's namespace (`acme` for
+    `acme:summarize`)."""
+    return tenant if tenant is not None else task_id.split(":", 1)[0]

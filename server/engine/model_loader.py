@@ -141,6 +141,17 @@ def byte_fallback_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(i for token, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
 
 
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters of text one token can stand for: the longest vocabulary entry or added
+    token (a byte-level or sentencepiece entry is at least as long as the text it matches). A text
+    of more than `n` times this many characters has more than `n` tokens, known without tokenizing
+    it (for tokenizers that drop no characters: normalizers that delete text, or added tokens that
+    swallow the whitespace around them, can fit more)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    lengths = [len(token) for token in tokenizer.get_vocab()] + [len(str(t)) for t in added]
+    return max([1, *lengths])
+
+
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 

@@ -139,6 +139,24 @@ class Scheduler(Generic[R]):
         del self.waiting[index]
         return victim
 
+    def can_take(self, tenant: str, num: int) -> bool:
+        """Whether `num` more requests of `tenant` would be queued now, shedding as `shed_for`
+        would when the queue is full; changes nothing (admission asks before any work)."""
+        room = self.max_queue - len(self.waiting)
+        if num <= room:
+            return True
+        if self.tenant_of is None:
+            return False
+        counts = Counter(self.tenant_of(r) for r in self.waiting)
+        counts[tenant] += max(0, room)
+        for _ in range(num - max(0, room)):
+            heaviest, num_heaviest = counts.most_common(1)[0]
+            if num_heaviest <= counts[tenant] + 1:
+                return False
+            counts[heaviest] -= 1
+            counts[tenant] += 1
+        return True
+
     def schedule(self) -> ScheduledBatch[R]:
         """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""
         preempted, moves = self._preempt_for_fairness()
@@ -153,11 +171,9 @@ class Scheduler(Generic[R]):
             if left[r.request_id] <= 0 and r.request_id not in self.paused
         ]
         num_decode, budget = len(rows), budget - len(rows)
-        for slot, request in enumerate(self.running):
-            if left[request.request_id] > 0 and budget > 0:
-                chunk = min(left[request.request_id], budget, self.max_chunk_tokens)
-                rows.append(self._take(request, slot, chunk))
-                budget -= rows[-1].num_tokens
+        chunks = self._prefill_chunks(left, budget)
+        budget -= sum(chunks.values())
+        continuing = len(rows)
         admitted: list[R] = []
         held = self._running_per_tenant()
         while (
@@ -180,7 +196,45 @@ class Scheduler(Generic[R]):
                 self._take(request, len(self.running) - 1, min(target, budget, self.max_chunk_tokens))
             )
             budget -= rows[-1].num_tokens
+        rows[continuing:continuing] = self._continue_prefills(left, chunks, budget, len(admitted))
         return ScheduledBatch(rows, num_decode, admitted, preempted, moves)
+
+    def _continue_prefills(
+        self, left: dict[str, int], chunks: dict[str, int], budget: int, num_admitted: int
+    ) -> list[RowWork[R]]:
+        """The prefills under way, in slot order: their fair chunks, topped up with the budget
+        nobody new took (work-conserving)."""
+        rows = []
+        for slot, request in enumerate(self.running[: len(self.running) - num_admitted]):
+            request_id = request.request_id
+            if left[request_id] <= 0:
+                continue
+            chunk = chunks.get(request_id, 0)
+            extra = max(0, min(min(left[request_id], self.max_chunk_tokens) - chunk, budget))
+            budget -= extra
+            if chunk + extra > 0:
+                rows.append(self._take(request, slot, chunk + extra))
+        return rows
+
+    def _prefill_chunks(self, left: dict[str, int], budget: int) -> dict[str, int]:
+        """Tokens of each prefill under way this step, in slot order, each tenant (those with a
+        prefill under way, or waiting while a slot is free) within an equal share of `budget`: one
+        tenant's long prompts cannot take every step's whole budget while another's wait."""
+        tenant_of = self.tenant_of or (lambda r: "")
+        under_way = [r for r in self.running if left[r.request_id] > 0]
+        tenants = {tenant_of(r) for r in under_way}
+        if len(self.running) < self.max_rows:
+            tenants |= {tenant_of(r) for r in self.waiting}
+        quota = dict.fromkeys(tenants, max(1, budget // max(1, len(tenants))))
+        chunks: dict[str, int] = {}
+        for request in under_way:
+            tenant = tenant_of(request)
+            chunk = min(left[request.request_id], budget, self.max_chunk_tokens, quota[tenant])
+            if chunk > 0:
+                chunks[request.request_id] = chunk
+                quota[tenant] -= chunk
+                budget -= chunk
+        return chunks
 
     def _take(self, request: R, slot: int, num_tokens: int) -> RowWork[R]:
         """Schedule `num_tokens` more of a row (a decode row: its one token)."""

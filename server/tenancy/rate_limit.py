@@ -1,11 +1,12 @@
 """Per-key token buckets in Redis, so a key's limits hold across every replica.
 
 Two buckets per key: requests (refills `requests_per_second`, holds one second's worth, at
-least 1) and generated tokens (refills `tokens_per_minute / 60` per second, holds a
-minute's worth). A request needs one request token, and holds the most tokens it may
+least 1) and tokens, prompt and generated alike (refills `tokens_per_minute / 60` per second,
+holds a minute's worth). A request needs one request token, and holds the most tokens it may
 generate (`max_tokens x n x prompts`) from the token bucket at admission, atomically, so a
 key can never receive more than its bucket holds. When the request ends the hold is released
-and what was really generated is charged (`charge`), so the unused part comes back. A
+and what was really generated is charged (`charge`), so the unused part comes back; its
+prompt tokens are charged once it is queued (the caller knows them only then). A
 request whose hold exceeds the whole bucket can never be admitted (`Admission.can_ever_fit`).
 A request that holds nothing (`num_tokens=0`) only needs a non-negative balance. Time is
 Redis's clock (`TIME`), the same for every replica. Both buckets of a key share the hash tag
@@ -111,16 +112,17 @@ class RateLimiter:
         except NoScriptError:
             return await self._client.eval(script, len(keys), *keys, *args)
 
-    async def admit(self, key: ApiKey, num_tokens: int = 0) -> Admission:
-        """Take one request token and hold `num_tokens` (the most the request may generate);
-        fails open (admits, holding nothing) when Redis cannot be reached."""
+    async def admit(self, key: ApiKey, num_tokens: int = 0, take_request: bool = True) -> Admission:
+        """Take one request token (unless `take_request` is False: more tokens for a request admitted
+        already) and hold `num_tokens` (the most the request may generate); fails open (admits,
+        holding nothing) when Redis cannot be reached."""
         tpm = key.tokens_per_minute
         if tpm > 0 and num_tokens > tpm:
             return Admission(False, can_ever_fit=False)
-        if key.requests_per_second <= 0 and tpm <= 0:
+        rps = key.requests_per_second if take_request else 0.0
+        if rps <= 0 and tpm <= 0:
             return Admission(True)
         hold = max(0, num_tokens) if tpm > 0 else 0
-        rps = key.requests_per_second
         args = [rps, max(1.0, rps), tpm / 60, tpm, hold]
         try:
             wait_ms = int(await self._run(_ADMIT_SCRIPT, _bucket_keys(key.id), args))

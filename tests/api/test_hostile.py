@@ -121,14 +121,19 @@ def test_prompts_times_n_is_capped_before_tokenizing(hostile: ServerProcess) -> 
     assert ids.status_code == 400 and elapsed < 1.0, (ids.text[:300], elapsed)
 
 
-def test_a_long_prompt_is_tokenized_off_the_event_loop(hostile: ServerProcess) -> None:
-    """A 3.8 MB prompt takes the byte tokenizer ~2 s; /health keeps answering meanwhile."""
+def test_a_long_prompt_is_refused_before_tokenizing(hostile: ServerProcess) -> None:
+    """Was: a 3.8 MB prompt tokenized in a thread (~2 s of a GIL-bound tokenizer, issue 25 #4), then
+    refused. Its characters prove it cannot fit: refused untokenized, /health answering meanwhile."""
     body = {"task_id": "t:good", "prompt": "abc " * 950_000, "max_new_tokens": 1}
     answers: list[httpx.Response] = []
-    slowest, count = _health_while(hostile, lambda: answers.append(_post(hostile, "/generate", body)[0]))
-    assert answers[0].status_code == 422, answers[0].text  # longer than the tiny model's context
-    assert slowest < 0.5, slowest  # was the whole tokenization (2 s and more)
-    assert count >= 5, count  # /health was polled while the tokenizer ran
+    slowest, _ = _health_while(hostile, lambda: answers.append(_post(hostile, "/generate", body)[0]))
+    assert answers[0].status_code == 422, answers[0].text
+    assert "--max-prompt-chars" in answers[0].json()["error"]["message"]  # 1 MiB characters per request
+    assert slowest < 0.5, slowest
+    long, elapsed = _post(hostile, "/generate", {**body, "prompt": "abc " * 200_000})
+    error = long.json()["error"]
+    assert long.status_code == 422 and error["code"] == "context_too_long", long.text
+    assert "800000 characters" in error["message"] and elapsed < 1.0, (error, elapsed)
 
 
 def test_a_big_logprobs_answer_is_built_off_the_event_loop(hostile: ServerProcess) -> None:

@@ -359,6 +359,20 @@ def test_a_full_queue_sheds_the_heaviest_tenants_newest_request_for_a_lighter_te
     assert scheduler.shed_for("a") is None  # a holds 2: no one holds more than a would with one more
 
 
+def test_can_take_answers_what_adding_would_do_without_adding() -> None:
+    """Admission asks the queue before any work: room first, then the shedding `add` would do."""
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=4, tenant_of=_tenant)
+    for name in ("a:1", "a:2", "a:3"):
+        scheduler.add(Req(name))
+    assert scheduler.can_take("a", 1) and not scheduler.can_take("a", 2)
+    # b: one in the room, then a:3 is shed; a third would shed nothing (b would hold as many as a)
+    assert scheduler.can_take("b", 2) and not scheduler.can_take("b", 3)
+    assert ids(list(scheduler.waiting)) == ["a:1", "a:2", "a:3"]  # nothing changed
+    fifo: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
+    fifo.add(Req("a:1"))
+    assert fifo.can_take("b", 1) and not fifo.can_take("b", 2)
+
+
 def test_without_tenants_nothing_is_shed() -> None:
     scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
     scheduler.add(Req("a:1"))
@@ -520,3 +534,35 @@ def test_paused_rows_keep_their_slot_but_are_not_scheduled() -> None:
     assert scheduler.paused == {"b"}
     scheduler.paused.discard("b")
     assert [w.request.request_id for w in scheduler.schedule().rows] == ["b"]
+
+
+def _tenant_job(j: Job) -> str:
+    return j.request_id.split(":", 1)[0]
+
+
+def test_prefill_shares_the_step_budget_round_robin_between_tenants() -> None:
+    """Finding #6 of issue 25: one tenant's long prompts took every step's whole budget. Now each
+    tenant with a prefill under way (or waiting while a slot is free) gets an equal share; what a
+    tenant leaves unused goes to the others (work-conserving)."""
+    scheduler = _budget_scheduler(max_rows=4, budget=64, tenant_of=_tenant_job)
+    scheduler.add(Job("hog:1", 1000))
+    assert _plan(scheduler.schedule()) == [("hog:1", 0, 0, 64, False)]  # alone: the whole budget
+    scheduler.add(Job("hog:2", 1000))
+    scheduler.add(Job("quiet:1", 40))
+    # hog's prefill under way gets half; quiet is admitted (round robin) with the other half, and
+    # hog:2 waits: nothing is left
+    assert _plan(scheduler.schedule()) == [("hog:1", 0, 64, 32, False), ("quiet:1", 1, 0, 32, False)]
+    # quiet needs only 8 more: hog's prefill gets its 32, and the 24 nobody wanted start hog:2
+    assert _plan(scheduler.schedule()) == [
+        ("hog:1", 0, 96, 32, False), ("quiet:1", 1, 32, 8, True), ("hog:2", 2, 0, 24, False),
+    ]  # fmt: skip
+    # quiet decodes; hog alone shares the rest between its prefills in slot order
+    assert _plan(scheduler.schedule()) == [("quiet:1", 1, 40, 1, True), ("hog:1", 0, 128, 63, False)]
+
+
+def test_prefill_share_without_tenants_is_the_whole_budget_in_slot_order() -> None:
+    scheduler = _budget_scheduler(max_rows=4, budget=64)
+    for job in (Job("a:1", 1000), Job("b:1", 40)):
+        scheduler.add(job)
+    assert _plan(scheduler.schedule()) == [("a:1", 0, 0, 64, False)]
+    assert _plan(scheduler.schedule()) == [("a:1", 0, 64, 64, False)]  # FIFO: b:1 waits for budget

@@ -8,6 +8,7 @@ The loop never touches Redis: a request arrives here with its prefix already res
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -65,6 +66,8 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._is_stopping = False
+        self._is_kicked = False  # something changed since the last step (under the lock)
+        self._is_stalled = False  # the last step could run nothing (every row paused, no room)
         self._jobs: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []  # model work besides steps
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -76,7 +79,7 @@ class Engine:
     def stop(self) -> None:
         with self._wakeup:
             self._is_stopping = True
-            self._wakeup.notify()
+            self._kick()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -138,7 +141,7 @@ class Engine:
                 raise EngineStopped("the engine is not running")
             shed = self.core.add(request)  # raises QueueFull
             self._handles[request.request_id] = handle
-            self._wakeup.notify()
+            self._kick()
         self._emit(shed)
         return handle
 
@@ -149,14 +152,14 @@ class Engine:
         if not handle.request.is_finished:
             with self._wakeup:
                 self.core.abort(handle.request_id)
-                self._wakeup.notify()
+                self._kick()
 
     def resume(self, handle: RequestHandle) -> None:
         """The reader caught up: its row decodes again."""
         handle.is_paused = False
         with self._wakeup:
             self.core.resume(handle.request_id)
-            self._wakeup.notify()
+            self._kick()
 
     async def run_on_model(self, job: Callable[[], T]) -> T:
         """Run `job` on the engine thread between steps (the model is never used by two threads)."""
@@ -165,7 +168,7 @@ class Engine:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
             self._jobs.append((job, future))
-            self._wakeup.notify()
+            self._kick()
         return await future
 
     async def encode_prefix(self, source: PrefixSource) -> torch.Tensor:
@@ -207,22 +210,41 @@ class Engine:
                     handle._done()
 
     # ---- engine thread ------------------------------------------------------------------
+    def _kick(self) -> None:
+        """Under the lock: the engine thread has something new to look at."""
+        self._is_kicked = True
+        self._wakeup.notify()
+
+    def _wait_for_work(self) -> None:
+        """Under the lock: sleep while there is nothing to compute (idle, or the last step could
+        run nothing: every running row paused and no room for a waiting one) and nothing changed
+        since; wake when a caller kicks, or when the earliest deadline passes (so requests time
+        out even then). A stalled engine never spins."""
+        while not (self._is_kicked or self._jobs or self._is_stopping):
+            if not self.core.is_idle and not self._is_stalled:
+                return
+            requests = (*self.scheduler.waiting, *self.scheduler.running)
+            deadlines = [r.deadline for r in requests if r.deadline is not None]
+            timeout = None if not deadlines else min(deadlines) - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return
+            self._wakeup.wait(timeout)
+
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while self.core.is_idle and not self._jobs and not self._is_stopping:
-                    self._wakeup.wait()
+                self._wait_for_work()
                 if self._is_stopping:
                     break
                 jobs, self._jobs = self._jobs, []
+                self._is_kicked = False
             for job, future in jobs:
                 self._run_job(job, future)
-            if self.core.is_idle:
-                continue
             try:
                 self.step()
             except Exception as exc:  # the loop must survive anything one batch does
                 log.exception("engine step failed")
+                self._is_stalled = False  # the failed rows' slots are free: look again
                 self._emit(self.core.fail_all(f"engine error: {exc}", include_waiting=False))
         message = "the server shut down before the request ended"
         self._emit(self.core.fail_all(message, include_waiting=True, reason="shutdown"))
@@ -252,7 +274,9 @@ class Engine:
 
     def step(self) -> None:
         """One iteration of the core; its outputs go to the handles on the event loop."""
-        self._emit(self.core.step())
+        outputs = self.core.step()
+        self._is_stalled = not outputs and self.scheduler.num_last_rows == 0
+        self._emit(outputs)
 
     def _emit(self, outputs: list[StepOutput]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():

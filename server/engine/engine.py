@@ -6,6 +6,7 @@ The loop never touches Redis: a request arrives here with its prefix already res
 """
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -110,6 +111,11 @@ class Engine:
             raise InvalidInput(f"the prompt is not valid Unicode: {exc.reason} at {exc.start}") from exc
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    @functools.cached_property
+    def _max_token_chars(self) -> int:
+        """Characters of the tokenizer's longest token: no token covers more of a text."""
+        return max(map(len, self.loaded.tokenizer.get_vocab()), default=1)
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
         return render_chat(self.loaded.tokenizer, messages)
@@ -172,12 +178,25 @@ class Engine:
         return await future
 
     async def encode_prefix(self, source: PrefixSource) -> torch.Tensor:
-        """Turn a soft prompt or a text prompt into a KV prefix `[L, 2, kv_heads, P, head_dim]`."""
-        token_ids = None if source.text is None else self.encode(source.text, add_special_tokens=False)
+        """Turn a soft prompt or a text prompt into a KV prefix `[L, 2, kv_heads, P, head_dim]`.
+        A prefix leaves room for a one-token prompt and one generated token; a text longer than
+        that many of the tokenizer's longest tokens is refused before tokenizing, and tokenizing
+        runs in a thread (never on the event loop)."""
+        max_prefix_len = self.max_len - 2
+        token_ids = None
+        if source.text is not None:
+            max_chars = max_prefix_len * self._max_token_chars
+            if len(source.text) > max_chars:
+                raise InvalidPrefix(
+                    f"the text prefix does not fit: {len(source.text)} characters, more than "
+                    f"{max_prefix_len} tokens hold (at most {max_chars} with this tokenizer)"
+                )
+            token_ids = await asyncio.to_thread(self.encode, source.text, False)
         length = len(token_ids) if token_ids is not None else int(source.embeddings.shape[0])  # type: ignore[union-attr]
-        if not 1 <= length < self.max_len:
+        if not 1 <= length <= max_prefix_len:
             raise InvalidPrefix(
-                f"a {source.kind} prefix of {length} tokens does not fit: expected 1..{self.max_len - 1}"
+                f"a {source.kind} prefix of {length} tokens does not fit: expected 1..{max_prefix_len} "
+                f"(a {self.max_len}-position context keeps room for a prompt token and one more)"
             )
         model, device = self.loaded.model, self.loaded.device
         return await self.run_on_model(lambda: compute_prefix_kv(model, device, token_ids, source.embeddings))

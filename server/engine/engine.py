@@ -185,13 +185,7 @@ class Engine:
         max_prefix_len = self.max_len - 2
         token_ids = None
         if source.text is not None:
-            max_chars = max_prefix_len * self._max_token_chars
-            if len(source.text) > max_chars:
-                raise InvalidPrefix(
-                    f"the text prefix does not fit: {len(source.text)} characters, more than "
-                    f"{max_prefix_len} tokens hold (at most {max_chars} with this tokenizer)"
-                )
-            token_ids = await asyncio.to_thread(self.encode, source.text, False)
+            token_ids = await asyncio.to_thread(self._encode_prefix_text, source.text, max_prefix_len)
         length = len(token_ids) if token_ids is not None else int(source.embeddings.shape[0])  # type: ignore[union-attr]
         if not 1 <= length <= max_prefix_len:
             raise InvalidPrefix(
@@ -200,6 +194,15 @@ class Engine:
             )
         model, device = self.loaded.model, self.loaded.device
         return await self.run_on_model(lambda: compute_prefix_kv(model, device, token_ids, source.embeddings))
+
+    def _encode_prefix_text(self, text: str, max_prefix_len: int) -> list[int]:
+        max_chars = max_prefix_len * self._max_token_chars
+        if len(text) > max_chars:
+            raise InvalidPrefix(
+                f"the text prefix does not fit: {len(text)} characters, more than "
+                f"{max_prefix_len} tokens hold (at most {max_chars} with this tokenizer)"
+            )
+        return self.encode(text, add_special_tokens=False)
 
     def _validate(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

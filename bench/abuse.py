@@ -1,17 +1,17 @@
-"""Hostile-tenant benchmark: what one tenant's attack does to another tenant's latency.
+"""Hostile-tenant benchmark: what one tenant's (or an anonymous client's) attack does to another
+tenant's latency, and what it leaves behind.
 
-Starts its own `prefix-serve` (a tiny GPT-2, embedded Redis under a temporary dir), creates two
-tenants with their own scoped API keys, then measures the *victim's* 8-token greedy `/generate`
-(one request at a time, back to back) with no attack, and under each attack by the other tenant:
+Starts its own `prefix-serve` (a tiny GPT-2 with a chat template, embedded Redis under a
+temporary dir, `--request-timeout` 30 s), creates a victim and an attacker tenant with their
+own scoped API keys (and a second attacker key limited to 0.1 request/s), then measures the
+*victim's* 8-token greedy `/generate` (one request at a time, back to back) with no attack and
+under each attack of `bench/abuse_attacks.py` (issue 12's five and issue 25's eleven, by name).
 
-- `invalid_bodies`: 1 MB bodies of `"prompt": [{}, {}, ...]` / `"input_ids": [[], ...]`, 4 at a time
-- `prompt_lists`: 200,000 prompts in one `/v1/completions` request, 4 at a time
-- `hogging`: `n=16` x `max_tokens=1000` completions, 2 at a time
-- `slow_headers`: 1,000 connections that never finish their headers (re-opened when cut)
-- `unread_streams`: 50 streamed completions whose answers are never read (re-opened when cut)
-
-The bound (issue 12): under every attack the victim's p99 stays within 3x its no-attack p99 plus
-one engine step (the mean step time during that attack, from the server's own histogram).
+Per phase: victim requests answered (and refused or failed) against the baseline's, p50/p99
+and their ratios to the baseline's; after the attack, seconds until running + waiting rows
+are back to 0 (within the request timeout + 5 s) and the server's RSS growth over the phase.
+Issue 25's targets, `within`: p99 <= 3x baseline, >= 95% of the baseline's requests, rows back
+to 0. `--attacks a,b` runs a subset, `--seconds` sets the phase length.
 Writes `bench/results/abuse.json` and the `abuse` section of docs/benchmarks.md (`--no-docs`: not).
 """
 
@@ -22,12 +22,10 @@ import asyncio
 import json
 import multiprocessing
 import resource
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,152 +34,64 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.abuse_attacks import ATTACKER, ATTACKS, VICTIM, Target  # noqa: E402
 from bench.doc_sections import write_section  # noqa: E402
 from tests.server_process import ServerProcess, upload_adapter  # noqa: E402
 from tests.tiny_models import save_adapter, save_tiny_model  # noqa: E402
 
-VICTIM, ATTACKER = "victim:task", "attacker:task"
-Attack = Callable[[str, dict[str, str], asyncio.Event], Awaitable[None]]
+MAX_LEN = 2048
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
 
-async def _victim(url: str, headers: dict[str, str], stop: asyncio.Event) -> list[float]:
+async def _victim(url: str, headers: dict[str, str], stop: asyncio.Event) -> tuple[list[float], int]:
+    """Latencies of the victim's answered requests, and how many were refused or failed."""
     body = {"task_id": VICTIM, "input_ids": [5, 6, 7], "max_new_tokens": 8, "ignore_eos": True}
-    latencies = []
+    latencies, num_failed = [], 0
     async with httpx.AsyncClient(timeout=120) as client:
         while not stop.is_set():
             started = time.perf_counter()
-            answer = await client.post(url + "/generate", json=body, headers=headers)
-            answer.raise_for_status()
-            latencies.append(time.perf_counter() - started)
-    return latencies
-
-
-async def _loop_posts(
-    url: str, headers: dict[str, str], stop: asyncio.Event, path: str, content: bytes, num: int
-) -> None:
-    async def one() -> None:
-        async with httpx.AsyncClient(timeout=300) as client:
-            while not stop.is_set():
-                try:
-                    await client.post(
-                        url + path, content=content, headers={**headers, "content-type": "application/json"}
-                    )
-                except httpx.HTTPError:
-                    await asyncio.sleep(0.05)
-
-    await asyncio.gather(*(one() for _ in range(num)))
-
-
-async def invalid_bodies(url: str, headers: dict[str, str], stop: asyncio.Event) -> None:
-    v1 = b'{"model": "%s", "prompt": [' % ATTACKER.encode() + b",".join([b"{}"] * 340_000) + b"]}"
-    gen = b'{"task_id": "%s", "input_ids": [' % ATTACKER.encode() + b",".join([b"[]"] * 340_000) + b"]}"
-    await asyncio.gather(
-        _loop_posts(url, headers, stop, "/v1/completions", v1, 2),
-        _loop_posts(url, headers, stop, "/generate", gen, 2),
-    )
-
-
-async def prompt_lists(url: str, headers: dict[str, str], stop: asyncio.Event) -> None:
-    body = json.dumps({"model": ATTACKER, "prompt": ["ab"] * 200_000, "max_tokens": 1}).encode()
-    await _loop_posts(url, headers, stop, "/v1/completions", body, 4)
-
-
-async def hogging(url: str, headers: dict[str, str], stop: asyncio.Event) -> None:
-    body = {
-        "model": ATTACKER,
-        "prompt": [5, 6],
-        "n": 16,
-        "max_tokens": 1000,
-        "ignore_eos": True,
-        "temperature": 1,
-    }
-    await _loop_posts(url, headers, stop, "/v1/completions", json.dumps(body).encode(), 2)
-
-
-async def _hold_connections(
-    url: str, num: int, first_bytes: bytes, stop: asyncio.Event, rcvbuf: int = 0
-) -> None:
-    port = int(url.rsplit(":", 1)[1])
-
-    async def one() -> None:
-        while not stop.is_set():
-            sock = socket.socket()
-            if rcvbuf:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.setblocking(False)
             try:
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-                reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
-                writer.write(first_bytes)
-                while not stop.is_set():  # never read a response; notice when the server cuts us
-                    await asyncio.sleep(0.5)
-                    if writer.is_closing() or reader.at_eof() or sock.fileno() < 0:
-                        break
-                    if rcvbuf == 0 and (await _peer_closed(reader)):
-                        break
-                writer.close()
-            except OSError:
-                await asyncio.sleep(0.2)
-            finally:
-                sock.close()
-
-    await asyncio.gather(*(one() for _ in range(num)))
+                answer = await client.post(url + "/generate", json=body, headers=headers)
+                is_ok = answer.status_code == 200
+            except httpx.HTTPError:
+                is_ok = False
+            if is_ok:
+                latencies.append(time.perf_counter() - started)
+            else:  # a refused victim request is a lost one, not a fast one
+                num_failed += 1
+                await asyncio.sleep(0.05)
+    return latencies, num_failed
 
 
-async def _peer_closed(reader: asyncio.StreamReader) -> bool:
-    try:
-        return await asyncio.wait_for(reader.read(1024), 0.01) == b""
-    except TimeoutError:
-        return False
-
-
-async def slow_headers(url: str, headers: dict[str, str], stop: asyncio.Event) -> None:
-    await _hold_connections(url, 1000, b"POST /generate HTTP/1.1\r\nHost: x\r\n", stop)
-
-
-async def unread_streams(url: str, headers: dict[str, str], stop: asyncio.Event) -> None:
-    body = json.dumps(
-        {
-            "model": ATTACKER,
-            "prompt": [5, 6],
-            "max_tokens": 1000,
-            "ignore_eos": True,
-            "stream": True,
-            "logprobs": 5,
-        }
-    ).encode()
-    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    head += f"Content-Length: {len(body)}\r\nAuthorization: {headers['Authorization']}\r\n\r\n"
-    await _hold_connections(url, 50, head.encode() + body, stop, rcvbuf=1024)
-
-
-ATTACKS: dict[str, Attack] = {
-    "invalid_bodies": invalid_bodies,
-    "prompt_lists": prompt_lists,
-    "hogging": hogging,
-    "slow_headers": slow_headers,
-    "unread_streams": unread_streams,
-}
-
-
-def _step_totals(url: str) -> tuple[float, float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
+def _metrics(target: Target) -> dict[str, float]:
+    """The unlabelled samples of `/metrics` (asked as the admin, should metrics need a token)."""
+    text = httpx.get(target.url + "/metrics", headers=target.admin, timeout=30).text
     values = {}
     for line in text.splitlines():
-        for name in ("prefix_server_engine_step_seconds_sum", "prefix_server_engine_step_seconds_count"):
-            if line.startswith(name + " "):
-                values[name] = float(line.split()[1])
-    return values.get("prefix_server_engine_step_seconds_sum", 0.0), values.get(
-        "prefix_server_engine_step_seconds_count", 0.0
-    )
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            values[parts[0]] = float(parts[1])
+    return values
+
+
+def _rows(target: Target) -> float:
+    found = _metrics(target)
+    return found.get("prefix_server_running_requests", 0.0) + found.get("prefix_server_waiting_requests", 0.0)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def _attack_process(name: str, url: str, headers: dict[str, str], seconds: float) -> None:
+def _attack_process(name: str, target: Target, seconds: float) -> None:
     """One attack for `seconds`, in its own process: its client work must not slow the victim's
     client (both would otherwise share one event loop and one GIL)."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
@@ -189,56 +99,80 @@ def _attack_process(name: str, url: str, headers: dict[str, str], seconds: float
     async def run() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().call_later(seconds, stop.set)
-        await ATTACKS[name](url, headers, stop)
+        await ATTACKS[name](target, stop)
 
     asyncio.run(run())
 
 
-async def _phase(url: str, keys: dict[str, str], attack: str | None, seconds: float) -> dict[str, Any]:
+async def _drain_seconds(target: Target, limit_s: float) -> float | None:
+    """Seconds until running + waiting rows are back to 0 (None: not within `limit_s`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        if await asyncio.to_thread(_rows, target) == 0:
+            return round(time.monotonic() - started, 2)
+        await asyncio.sleep(0.25)
+    return None
+
+
+async def _phase(
+    target: Target, victim: dict[str, str], attack: str | None, seconds: float, pid: int, drain_s: float
+) -> dict[str, Any]:
     stop = asyncio.Event()
-    victim_headers = {"Authorization": f"Bearer {keys['victim']}"}
-    attacker_headers = {"Authorization": f"Bearer {keys['attacker']}"}
-    before = _step_totals(url)
+    rss_before = _rss_bytes(pid)
     attacker = None
     if attack is not None:
         attacker = multiprocessing.get_context("spawn").Process(
-            target=_attack_process, args=(attack, url, attacker_headers, seconds + 1.0)
+            target=_attack_process, args=(attack, target, seconds + 1.0)
         )
         attacker.start()
         await asyncio.sleep(1.0)  # let the attack build up first
-    victim = asyncio.ensure_future(_victim(url, victim_headers, stop))
+    measuring = asyncio.ensure_future(_victim(target.url, victim, stop))
     await asyncio.sleep(seconds)
     stop.set()
-    latencies = await victim
+    latencies, num_failed = await measuring
     if attacker is not None:
         await asyncio.to_thread(attacker.join, 600)
-    after = _step_totals(url)
-    num_steps = after[1] - before[1]
+    drained = await _drain_seconds(target, drain_s)
     return {
         "num_requests": len(latencies),
-        "p50_ms": round(1000 * statistics.median(latencies), 2),
-        "p99_ms": round(1000 * _percentile(latencies, 0.99), 2),
-        "mean_step_ms": round(1000 * (after[0] - before[0]) / num_steps, 2) if num_steps else 0.0,
+        "num_failed": num_failed,
+        "p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
+        "p99_ms": round(1000 * _percentile(latencies, 0.99), 2) if latencies else None,
+        "rows_drained_s": drained,
+        "rows_left": 0.0 if drained is not None else _rows(target),
+        "rss_growth_pct": round(100 * (_rss_bytes(pid) - rss_before) / max(1, rss_before), 2),
     }
 
 
-def _setup(workdir: Path) -> tuple[ServerProcess, dict[str, str]]:
-    model_dir = save_tiny_model("gpt2", workdir / "model", max_positions=2048)
+def _setup(workdir: Path, request_timeout_s: float) -> tuple[ServerProcess, Target, dict[str, str]]:
+    model_dir = save_tiny_model("gpt2", workdir / "model", max_positions=MAX_LEN)
     adapter = save_adapter(model_dir, workdir / "adapter", num_virtual_tokens=8, seed=0)
-    server = ServerProcess(workdir / "data", "--model", str(model_dir), "--log-level", "warning").start()
+    template = workdir / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    flags = ["--model", str(model_dir), "--log-level", "warning", "--chat-template", str(template)]
+    flags += ["--request-timeout", str(request_timeout_s)]
+    server = ServerProcess(workdir / "data", *flags).start()
     weights = (adapter.path / "adapter_model.safetensors").read_bytes()
     config = (adapter.path / "adapter_config.json").read_bytes()
-    keys = {}
+    headers = {}
+    keys = (("victim", VICTIM, 0.0), ("attacker", ATTACKER, 0.0), ("limited", ATTACKER, 0.1))
     with httpx.Client(timeout=60) as client:
-        for tenant, task in (("victim", VICTIM), ("attacker", ATTACKER)):
-            assert upload_adapter(client, server, task, weights, config).status_code == 201
+        for name, task, requests_per_second in keys:
+            if name != "limited":
+                assert upload_adapter(client, server, task, weights, config).status_code == 201
             made = client.post(
                 server.url + "/admin/keys", headers=server.admin_headers,
-                json={"name": tenant, "scopes": [task.split(":")[0] + ":*"]},
+                json={"name": name, "scopes": [task.split(":")[0] + ":*"],
+                      "requests_per_second": requests_per_second},
             )  # fmt: skip
             made.raise_for_status()
-            keys[tenant] = made.json()["key"]
-    return server, keys
+            headers[name] = {"Authorization": f"Bearer {made.json()['key']}"}
+    target = Target(server.url, headers["attacker"], headers["limited"], server.admin_headers, MAX_LEN)
+    return server, target, headers["victim"]
+
+
+def _ratio(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    return f"{row[key] / base[key]:.2f}" if row.get(key) and base.get(key) else "-"
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -246,45 +180,74 @@ def _markdown(result: dict[str, Any]) -> str:
         "## Hostile tenants (`bench/abuse.py`)",
         "",
         f"Victim: one tenant's 8-token greedy `/generate`, back to back, {result['seconds']} s per phase,",
-        "while the other tenant attacks. Bound: victim p99 <= 3 x no-attack p99 + one engine step (mean",
-        "step time during that attack, from the server's own histogram). Same run, same machine.",
+        "while the other tenant (or nobody with a key) attacks; attacks in `bench/abuse_attacks.py`.",
+        "Ratios are against the no-attack phase of the same run. After each attack: seconds until",
+        "running + waiting rows were back to 0, and the server's RSS growth over the phase.",
         "",
-        "| phase | victim requests | p50 ms | p99 ms | p99 / no-attack | mean step ms | bound ms | within |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| phase | victim requests (failed) | vs baseline | p50 ms | p99 ms | p50 ratio | p99 ratio "
+        "| rows to 0 (s) | RSS growth % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    base = result["phases"]["no_attack"]["p99_ms"]
+    base = result["phases"]["no_attack"]
     for name, row in result["phases"].items():
+        share = f"{row['num_requests'] / base['num_requests']:.2f}" if base["num_requests"] else "-"
+        drained = (
+            row["rows_drained_s"]
+            if row["rows_drained_s"] is not None
+            else f"no ({row['rows_left']:.0f} left)"
+        )
         rows.append(
-            f"| {name} | {row['num_requests']} | {row['p50_ms']} | {row['p99_ms']} "
-            f"| {row['p99_ms'] / base:.2f} | {row['mean_step_ms']} | {row.get('bound_ms', '')} "
-            f"| {row.get('within', '')} |"
+            f"| {name} | {row['num_requests']} ({row['num_failed']}) | {share} | {row['p50_ms']} "
+            f"| {row['p99_ms']} | {_ratio(row, base, 'p50_ms')} | {_ratio(row, base, 'p99_ms')} "
+            f"| {drained} | {row['rss_growth_pct']} |"
         )
     return "\n".join(rows)
+
+
+def _is_within(row: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Issue 25's targets: p99 <= 3x baseline, >= 95% of the baseline's requests, rows back to 0."""
+    if not row["p99_ms"] or not base["p99_ms"]:
+        return False
+    return (
+        row["p99_ms"] <= 3 * base["p99_ms"]
+        and row["num_requests"] >= 0.95 * base["num_requests"]
+        and row["rows_drained_s"] is not None
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="victim measuring time per phase")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset")
+    parser.add_argument(
+        "--attacks", default=",".join(ATTACKS), help=f"comma-separated subset of {','.join(ATTACKS)}"
+    )
+    parser.add_argument("--request-timeout", type=float, default=30.0, help="the server's --request-timeout")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "abuse.json")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
+    names = [name for name in args.attacks.split(",") if name]
+    unknown = sorted(set(names) - set(ATTACKS))
+    if unknown:
+        parser.error(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        server, keys = _setup(Path(tmp))
+        server, target, victim = _setup(Path(tmp), args.request_timeout)
+        drain_s = args.request_timeout + 5.0
         try:
-            phases = {"no_attack": asyncio.run(_phase(server.url, keys, None, args.seconds))}
-            for name in args.attacks.split(","):
-                phases[name] = asyncio.run(_phase(server.url, keys, name, args.seconds))
+            phases = {
+                "no_attack": asyncio.run(_phase(target, victim, None, args.seconds, server.pid, drain_s))
+            }
+            for name in names:
+                phases[name] = asyncio.run(_phase(target, victim, name, args.seconds, server.pid, drain_s))
                 print(name, phases[name], flush=True)
         finally:
             server.stop()
-    base_p99 = phases["no_attack"]["p99_ms"]
+    base = phases["no_attack"]
     for name, row in phases.items():
         if name != "no_attack":
-            row["bound_ms"] = round(3 * base_p99 + row["mean_step_ms"], 2)
-            row["within"] = row["p99_ms"] <= row["bound_ms"]
+            row["within"] = _is_within(row, base)
     result = {
         "seconds": args.seconds,
+        "request_timeout_s": args.request_timeout,
         "phases": phases,
         "all_within": all(r.get("within", True) for r in phases.values()),
     }

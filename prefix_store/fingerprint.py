@@ -73,15 +73,16 @@ def _sample(params: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, tor
 
 
 def prefix_spec_for(config: Any, dtype: torch.dtype, max_positions: int) -> PrefixSpec:
-    """The prefix shape this model needs: a prefix may use at most `max_positions - 1` positions."""
-    if max_positions < 2:
-        raise ValueError(f"max_positions must be at least 2, got {max_positions}")
+    """The prefix shape this model needs: a prefix may use at most `max_positions - 2` positions,
+    which leaves room for a prompt of one token and one generated token."""
+    if max_positions < 3:
+        raise ValueError(f"max_positions must be at least 3, got {max_positions}")
     arch = _architecture(config)
     return PrefixSpec(
         num_layers=arch["num_hidden_layers"],
         num_kv_heads=arch["num_key_value_heads"],
         head_dim=arch["head_dim"],
         dtype=dtype,
-        max_prefix_len=max_positions - 1,
+        max_prefix_len=max_positions - 2,
         hidden_size=arch["hidden_size"],
     )

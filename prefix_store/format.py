@@ -8,6 +8,7 @@ Uploads are parsed with `safetensors` only: nothing a client sends is ever unpic
 """
 
 import json
+import math
 from typing import Any
 
 import safetensors.torch
@@ -178,7 +179,25 @@ def finish_prefix(spec: PrefixSpec, prefix: torch.Tensor) -> torch.Tensor:
     out = prefix.to(device="cpu", dtype=spec.dtype).contiguous()
     if not bool(torch.isfinite(out).all()):
         raise InvalidPrefix(f"prefix contains NaN or Inf values after conversion to {dtype_name(spec.dtype)}")
+    bound = max_abs_value(spec.dtype, spec.head_dim)
+    largest = float(out.abs().max())
+    if largest > bound:
+        raise InvalidPrefix(
+            f"prefix values reach |x| = {largest:.4g}; at most {bound:.4g} in {dtype_name(spec.dtype)} "
+            f"with head_dim {spec.head_dim} (beyond it attention scores overflow to Inf/NaN)"
+        )
     return out
+
+
+def max_abs_value(dtype: torch.dtype, head_dim: int) -> float:
+    """The largest |x| a prefix may hold when served in `dtype`: sqrt(dtype max / head_dim).
+
+    An attention score sums `head_dim` products q_i * k_i; with |q_i| and |k_i| at most B it is
+    at most head_dim * B^2, finite while B <= sqrt(max / head_dim). Values are bounded alike:
+    what attention returns (at most max |v|) goes on through the model in the same dtype.
+    float32 and bfloat16 with head_dim 128: 1.6e18; float16: 22.6 (head_dim 64: 32).
+    """
+    return math.sqrt(torch.finfo(dtype).max / head_dim)
 
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:

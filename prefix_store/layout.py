@@ -10,6 +10,15 @@ primaries hold ~33% each, +-3% from the hash). Per bucket:
 - `pfx:{fp:bNNN}:index`: sorted set, all scores 0, the bucket's task ids.
 - `pfx:{fp:bNNN}:events` (Cluster only): the bucket's shard channel (SPUBLISH/SSUBSCRIBE).
 
+Per tenant namespace (`acme` of `acme:summarize`; ids without `:` have none):
+
+- `pfx:{fp:ns:<namespace>}:index`: sorted set, all scores 0, the namespace's task ids, so a
+  key scoped to `acme:*` lists its tasks from one index instead of merging 256. On a single
+  Redis or Sentinel the write script updates it atomically with the bucket index; on Cluster
+  it lives in another slot and is written by its own command (added before the record,
+  removed after it: it may name an id whose record is gone, which listing skips). Stores of
+  the previous version have none: `namespaces.py` builds them at start-up.
+
 A write (hash + version + index + event) is one Lua script over one slot. Listing merges
 the 256 per-bucket indexes (see `listing.py`), which keeps every prefix listed exactly once
 and in task-id byte order. On a single Redis or Sentinel, change events use the classic
@@ -31,6 +40,12 @@ NUM_BUCKETS = 256
 def bucket_of(task_id: str) -> int:
     """The task's bucket: stable across processes and versions (CRC-32, not Python's hash)."""
     return zlib.crc32(task_id.encode()) % NUM_BUCKETS
+
+
+def namespace_of(task_id: str) -> str | None:
+    """The tenant namespace of a task id (`acme` of `acme:summarize`), or None without one."""
+    namespace, sep, _ = task_id.partition(":")
+    return namespace if sep else None
 
 
 class KeyLayout:
@@ -56,6 +71,13 @@ class KeyLayout:
 
     def index_key_of(self, task_id: str) -> str:
         return self.index_key(bucket_of(task_id))
+
+    def namespace_index_key(self, namespace: str) -> str:
+        return f"pfx:{{{self.fingerprint}:ns:{namespace}}}:index"
+
+    def namespace_marker_key(self) -> str:
+        """Set once every namespace index is complete (see `namespaces.py`)."""
+        return f"pfx:{{{self.fingerprint}:ns}}:built"
 
     def channel_of(self, task_id: str) -> str:
         """Where a change of `task_id` is announced (a shard channel in the task's slot on Cluster)."""

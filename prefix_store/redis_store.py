@@ -28,14 +28,15 @@ from prefix_store.entry import PrefixMeta
 from prefix_store.errors import StoreUnavailable
 from prefix_store.events import listen_classic, listen_sharded
 from prefix_store.health import RedisHealth
-from prefix_store.layout import NUM_BUCKETS, KeyLayout
+from prefix_store.layout import NUM_BUCKETS, KeyLayout, namespace_of
 from prefix_store.listing import page_ids
+from prefix_store.namespaces import build_namespace_indexes, is_built
 
 __all__ = ["REDIS_ERRORS", "NotReplicated", "RedisPrefixStore", "connect", "unavailable"]
 
 # Replace the hash wholesale (DEL first: no stale field can survive a schema change).
-# KEYS: task hash, version, bucket index, event channel (same slot on Cluster).
-# ARGV[9]: PUBLISH, or SPUBLISH on Cluster.
+# KEYS: task hash, version, bucket index, event channel (same slot on Cluster), then the
+# namespace index if any (not on Cluster: another slot). ARGV[9]: PUBLISH, or SPUBLISH on Cluster.
 _PUT_SCRIPT = """
 local version = redis.call('INCR', KEYS[2])
 redis.call('DEL', KEYS[1])
@@ -44,13 +45,16 @@ redis.call('HSET', KEYS[1],
   'dtype', ARGV[4], 'model_fingerprint', ARGV[5], 'created_at', ARGV[6], 'data', ARGV[7],
   'source', ARGV[8])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
+for i = 5, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
 redis.call(ARGV[9], KEYS[4], ARGV[1])
 return version
 """
 
+# KEYS: task hash, bucket index, event channel, then the namespace index if any (not on Cluster).
 _DELETE_SCRIPT = """
 local removed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 redis.call(ARGV[2], KEYS[3], ARGV[1])
 return removed
 """
@@ -107,6 +111,7 @@ class RedisPrefixStore:
         self.num_errors = 0  # failed Redis calls, for metrics
         self.num_not_replicated = 0  # writes refused because WAIT saw too few replicas
         self.health = RedisHealth()  # fed by `ping()`
+        self._has_namespace_indexes = False  # set once they are known complete
 
     @property
     def fingerprint(self) -> str:
@@ -132,11 +137,16 @@ class RedisPrefixStore:
             layout.index_key_of(task_id),
             layout.channel_of(task_id),
         ]
+        namespace_key = self._namespace_key(task_id)
+        if namespace_key is not None and not self._is_cluster:
+            keys.append(namespace_key)
         args: builtins.list[bytes | str | int] = [
             task_id, prefix_len, len(data), dtype, self._fingerprint, created_at, data, source,
             layout.publish_command(),
         ]  # fmt: skip
         async with unavailable(self, f"put {task_id!r}"):
+            if namespace_key is not None and self._is_cluster:  # before the record: never missing
+                await self._again_if_not_sent(lambda: self._client.zadd(namespace_key, {task_id: 0}))
             version = await self._again_if_not_sent(lambda: self._write_and_wait(keys, args))
         return PrefixMeta(
             task_id, int(version), prefix_len, len(data), dtype, self._fingerprint, created_at, source
@@ -216,12 +226,29 @@ class RedisPrefixStore:
         """
         layout = self._layout
         keys = [layout.task_key(task_id), layout.index_key_of(task_id), layout.channel_of(task_id)]
+        namespace_key = self._namespace_key(task_id)
+        if namespace_key is not None and not self._is_cluster:
+            keys.append(namespace_key)
         async with unavailable(self, f"delete {task_id!r}"):
             # EVAL, not EVALSHA: a Cluster would load a missing script on every primary, dead ones too
             removed = await self._client.eval(
                 _DELETE_SCRIPT, len(keys), *keys, task_id, layout.publish_command()
             )
+            if namespace_key is not None and self._is_cluster:  # after the record is gone
+                await self._client.zrem(namespace_key, task_id)
         return bool(removed)
+
+    def _namespace_key(self, task_id: str) -> str | None:
+        namespace = namespace_of(task_id)
+        return None if namespace is None else self._layout.namespace_index_key(namespace)
+
+    async def build_namespace_indexes(self) -> int:
+        """Build the namespace indexes of a store written before they existed (once; see
+        `namespaces.py`); from then on, listing a namespace reads its index only."""
+        async with unavailable(self, "build namespace indexes"):
+            num_indexed = await build_namespace_indexes(self._client, self._layout)
+            self._has_namespace_indexes = await is_built(self._client, self._layout)
+        return num_indexed
 
     async def list(
         self, limit: int, cursor: str | None = None, prefix: str = ""
@@ -230,11 +257,15 @@ class RedisPrefixStore:
         that start with `prefix`.
 
         Returns `(items, next_cursor)`; `next_cursor` is None on the last page. Ids whose
-        hash vanished between the index read and the metadata read are skipped.
+        hash vanished between the index read and the metadata read are skipped. A `prefix`
+        within one namespace (`acme:`, `acme:sum`) reads that namespace's index only.
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         index_keys = [self._layout.index_key(b) for b in range(NUM_BUCKETS)]
+        namespace = namespace_of(prefix)
+        if namespace is not None and self._has_namespace_indexes:  # one index, not 256
+            index_keys = [self._layout.namespace_index_key(namespace)]
         async with unavailable(self, "list"):
             ids, has_more = await page_ids(self._client, index_keys, limit, cursor, prefix)
             pipe = self._client.pipeline(transaction=False)

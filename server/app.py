@@ -119,6 +119,9 @@ async def _migrate(client: Any, store: RedisPrefixStore) -> None:
     moved = await migrate_layout(client, store.layout)
     if moved:
         log.warning("moved %d prefixes to the sharded key layout", moved)
+    indexed = await store.build_namespace_indexes()  # stores of the previous version have none
+    if indexed:
+        log.warning("indexed %d prefixes by tenant namespace", indexed)
 
 
 async def _migrate_when_reachable(client: Any, store: RedisPrefixStore, interval_s: float) -> None:

@@ -5,13 +5,14 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from prefix_store.meta import PrefixMeta, WarmedPrefix
 from server.api.auth import require_admin
-from server.api.deps import ServicesDep
+from server.api.deps import Services, ServicesDep
 from server.api.errors import ApiError
 from server.api.schemas import TASK_ID_PATTERN, CacheContents, PrefixList, error_responses
+from server.api.upload_form import read_upload_form
 
 router = APIRouter(
     prefix="/admin", dependencies=[Depends(require_admin)], responses=error_responses(401, 403, 422, 503)
@@ -60,10 +61,15 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
 
     The body as a whole is bounded by the body-limit middleware; each part here."""
     max_upload_bytes = services.limits.max_upload_bytes
+    form = await read_upload_form(request, max_part_size=max_upload_bytes + 1)
     try:
-        form = await request.form(max_part_size=max_upload_bytes + 1)
-    except Exception as exc:
-        raise ApiError(422, "invalid_request", f"expected a multipart/form-data body: {exc}") from exc
+        return await _upload(task_id, form, services)
+    finally:
+        await form.close()
+
+
+async def _upload(task_id: str, form: FormData, services: Services) -> PrefixMeta:
+    max_upload_bytes = services.limits.max_upload_bytes
     unknown = sorted(set(form.keys()) - {"weights", "config", "text"})
     if unknown:
         raise ApiError(
@@ -76,8 +82,8 @@ async def upload_prefix(task_id: TaskIdPath, request: Request, services: Service
         raise ApiError(422, "invalid_request", "missing form part `weights` (a safetensors file) or `text`")
     try:
         text = None if text_bytes is None else text_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(422, "invalid_prefix", f"the text prefix is not UTF-8: {exc}") from exc
+    except UnicodeDecodeError as exc:  # a file part; plain fields are checked as they are parsed
+        raise ApiError(422, "invalid_request", f"form part `text` is not valid UTF-8: {exc}") from exc
     return await services.prefixes.upload(task_id, weights, config, text)
 
 

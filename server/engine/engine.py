@@ -6,8 +6,10 @@ The loop never touches Redis: a request arrives here with its prefix already res
 """
 
 import asyncio
+import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -68,6 +70,8 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._is_stopping = False
+        self._is_kicked = False  # something changed since the last step (under the lock)
+        self._is_stalled = False  # the last step could run nothing (every row paused, no room)
         self._jobs: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []  # model work besides steps
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -80,7 +84,7 @@ class Engine:
         self.off_loop.close()
         with self._wakeup:
             self._is_stopping = True
-            self._wakeup.notify()
+            self._kick()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -113,6 +117,11 @@ class Engine:
         """Large work: token ids of each prompt, or of the one prompt `messages` render to, away
         from the event loop (see engine/tokenize.py)."""
         return await self.off_loop.prepare(prompts, messages, add_special_tokens)
+
+    @functools.cached_property
+    def _max_token_chars(self) -> int:
+        """Characters of the tokenizer's longest token: no token covers more of a text."""
+        return max(map(len, self.loaded.tokenizer.get_vocab()), default=1)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
@@ -151,7 +160,7 @@ class Engine:
                 raise EngineStopped("the engine is not running")
             shed = self.core.add(request)  # raises QueueFull
             self._handles[request.request_id] = handle
-            self._wakeup.notify()
+            self._kick()
         self._emit(shed)
         return handle
 
@@ -162,14 +171,14 @@ class Engine:
         if not handle.request.is_finished:
             with self._wakeup:
                 self.core.abort(handle.request_id)
-                self._wakeup.notify()
+                self._kick()
 
     def resume(self, handle: RequestHandle) -> None:
         """The reader caught up: its row decodes again."""
         handle.is_paused = False
         with self._wakeup:
             self.core.resume(handle.request_id)
-            self._wakeup.notify()
+            self._kick()
 
     async def run_on_model(self, job: Callable[[], T]) -> T:
         """Run `job` on the engine thread between steps (the model is never used by two threads)."""
@@ -178,19 +187,35 @@ class Engine:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
             self._jobs.append((job, future))
-            self._wakeup.notify()
+            self._kick()
         return await future
 
     async def encode_prefix(self, source: PrefixSource) -> torch.Tensor:
-        """Turn a soft prompt or a text prompt into a KV prefix `[L, 2, kv_heads, P, head_dim]`."""
-        token_ids = None if source.text is None else self.encode(source.text, add_special_tokens=False)
+        """Turn a soft prompt or a text prompt into a KV prefix `[L, 2, kv_heads, P, head_dim]`.
+        A prefix leaves room for a one-token prompt and one generated token; a text longer than
+        that many of the tokenizer's longest tokens is refused before tokenizing, and tokenizing
+        runs in a thread (never on the event loop)."""
+        max_prefix_len = self.max_len - 2
+        token_ids = None
+        if source.text is not None:
+            token_ids = await asyncio.to_thread(self._encode_prefix_text, source.text, max_prefix_len)
         length = len(token_ids) if token_ids is not None else int(source.embeddings.shape[0])  # type: ignore[union-attr]
-        if not 1 <= length < self.max_len:
+        if not 1 <= length <= max_prefix_len:
             raise InvalidPrefix(
-                f"a {source.kind} prefix of {length} tokens does not fit: expected 1..{self.max_len - 1}"
+                f"a {source.kind} prefix of {length} tokens does not fit: expected 1..{max_prefix_len} "
+                f"(a {self.max_len}-position context keeps room for a prompt token and one more)"
             )
         model, device = self.loaded.model, self.loaded.device
         return await self.run_on_model(lambda: compute_prefix_kv(model, device, token_ids, source.embeddings))
+
+    def _encode_prefix_text(self, text: str, max_prefix_len: int) -> list[int]:
+        max_chars = max_prefix_len * self._max_token_chars
+        if len(text) > max_chars:
+            raise InvalidPrefix(
+                f"the text prefix does not fit: {len(text)} characters, more than "
+                f"{max_prefix_len} tokens hold (at most {max_chars} with this tokenizer)"
+            )
+        return self.encode(text, add_special_tokens=False)
 
     def _validate(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -220,22 +245,41 @@ class Engine:
                     handle._done()
 
     # ---- engine thread ------------------------------------------------------------------
+    def _kick(self) -> None:
+        """Under the lock: the engine thread has something new to look at."""
+        self._is_kicked = True
+        self._wakeup.notify()
+
+    def _wait_for_work(self) -> None:
+        """Under the lock: sleep while there is nothing to compute (idle, or the last step could
+        run nothing: every running row paused and no room for a waiting one) and nothing changed
+        since; wake when a caller kicks, or when the earliest deadline passes (so requests time
+        out even then). A stalled engine never spins."""
+        while not (self._is_kicked or self._jobs or self._is_stopping):
+            if not self.core.is_idle and not self._is_stalled:
+                return
+            requests = (*self.scheduler.waiting, *self.scheduler.running)
+            deadlines = [r.deadline for r in requests if r.deadline is not None]
+            timeout = None if not deadlines else min(deadlines) - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return
+            self._wakeup.wait(timeout)
+
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                while self.core.is_idle and not self._jobs and not self._is_stopping:
-                    self._wakeup.wait()
+                self._wait_for_work()
                 if self._is_stopping:
                     break
                 jobs, self._jobs = self._jobs, []
+                self._is_kicked = False
             for job, future in jobs:
                 self._run_job(job, future)
-            if self.core.is_idle:
-                continue
             try:
                 self.step()
             except Exception as exc:  # the loop must survive anything one batch does
                 log.exception("engine step failed")
+                self._is_stalled = False  # the failed rows' slots are free: look again
                 self._emit(self.core.fail_all(f"engine error: {exc}", include_waiting=False))
         message = "the server shut down before the request ended"
         self._emit(self.core.fail_all(message, include_waiting=True, reason="shutdown"))
@@ -265,7 +309,9 @@ class Engine:
 
     def step(self) -> None:
         """One iteration of the core; its outputs go to the handles on the event loop."""
-        self._emit(self.core.step())
+        outputs = self.core.step()
+        self._is_stalled = not outputs and self.scheduler.num_last_rows == 0
+        self._emit(outputs)
 
     def _emit(self, outputs: list[StepOutput]) -> None:
         if outputs and self._loop is not None and not self._loop.is_closed():

@@ -107,6 +107,7 @@ class Scheduler(Generic[R]):
         self.waiting: deque[R] = deque()
         self.running: list[R] = []  # index == slot
         self.paused: set[str] = set()  # running rows whose reader is behind: they keep the slot, skip steps
+        self.num_last_rows = 0  # rows the last `schedule()` planned (0: nothing could run)
 
     @property
     def is_idle(self) -> bool:
@@ -197,6 +198,7 @@ class Scheduler(Generic[R]):
             )
             budget -= rows[-1].num_tokens
         rows[continuing:continuing] = self._continue_prefills(left, chunks, budget, len(admitted))
+        self.num_last_rows = len(rows)
         return ScheduledBatch(rows, num_decode, admitted, preempted, moves)
 
     def _continue_prefills(

@@ -11,8 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
+from prefix_store.format import max_abs_value
 from tests.server_process import ServerProcess, upload_adapter
-from tests.tiny_models import Adapter
+from tests.tiny_models import MAX_POSITIONS, Adapter
 
 LAYERS, HEADS, HEAD_DIM = 2, 4, 8  # the tiny GPT-2
 
@@ -198,3 +199,59 @@ def test_malformed_multipart(server: ServerProcess, client: httpx.Client) -> Non
     )
     assert bad_id.status_code == 422
     _assert_absent(client, server, "bad:form")
+
+
+def _upload_values(client: httpx.Client, server: ServerProcess, task_id: str, magnitude: float):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    signs = torch.randn(LAYERS, 2, HEADS, 3, HEAD_DIM).sign()
+    weights = safetensors.torch.save({"prefix": signs * magnitude})
+    return _put(client, server, task_id, {"weights": ("p", weights, "application/octet-stream")})
+
+
+def test_values_just_below_the_attention_bound_serve_and_above_it_are_refused(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    """The bound of float32 with head_dim 8 is sqrt(3.4e38 / 8) = 6.5e18 (see format.max_abs_value);
+    3e38 (finite) was accepted and then failed every generation on it."""
+    bound = max_abs_value(torch.float32, HEAD_DIM)
+    assert _upload_values(client, server, "big:below", 0.99 * bound).status_code == 201
+    served = client.post(
+        server.url + "/generate", json={"task_id": "big:below", "input_ids": [5, 6], "max_new_tokens": 3}
+    )
+    assert served.status_code == 200 and served.json()["finish_reason"] in ("length", "eos"), served.text
+    for name, magnitude in (("above", 1.01 * bound), ("huge", 3e38)):
+        refused = _upload_values(client, server, f"big:{name}", magnitude)
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_prefix"
+        assert "beyond it attention scores overflow" in refused.json()["error"]["message"]
+        _assert_absent(client, server, f"big:{name}")
+
+
+def test_a_prefix_must_leave_room_for_a_prompt_token_and_one_more(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    """256 positions: a prefix of 254 serves a one-token prompt and one new token; 255 is refused."""
+    fits = _put(client, server, "room:fits", {"weights": ("p", _canonical(MAX_POSITIONS - 2), "x")})
+    assert fits.status_code == 201, fits.text
+    body = {"task_id": "room:fits", "input_ids": [5], "max_new_tokens": 1}
+    assert client.post(server.url + "/generate", json=body).status_code == 200
+    no_room = _put(client, server, "room:none", {"weights": ("p", _canonical(MAX_POSITIONS - 1), "x")})
+    assert no_room.status_code == 422 and no_room.json()["error"]["code"] == "invalid_prefix"
+    assert f"expected 1..{MAX_POSITIONS - 2}" in no_room.json()["error"]["message"]
+    _assert_absent(client, server, "room:none")
+
+
+def test_text_prefixes_not_utf8_or_too_long_to_fit_are_refused(
+    server: ServerProcess, client: httpx.Client
+) -> None:
+    """Invalid UTF-8 is 422 invalid_request in a plain field (once read as Latin-1) as in a file
+    part; a text with more characters than the context's tokens can hold is refused untokenized."""
+    for part in ((None, b"ok \xff\xfe"), ("t.txt", b"ok \xff\xfe")):
+        response = _put(client, server, "text:bad", {"text": part})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request" and "not valid UTF-8" in error["message"]
+    fine = _put(client, server, "text:good", {"text": (None, "héllo wörld".encode())})
+    assert fine.status_code == 201 and fine.json()["prefix_len"] == len("héllo wörld".encode())
+    huge = _put(client, server, "text:bad", {"text": (None, b"x" * 300_000)})
+    assert huge.status_code == 422 and "characters" in huge.json()["error"]["message"]
+    _assert_absent(client, server, "text:bad")

@@ -17,7 +17,7 @@ from server.engine.handle import PAUSE_AT, RequestHandle
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.engine.precision import needs_fallback
-from server.engine.request import SamplingParams, StepOutput
+from server.engine.request import Request, SamplingParams, StepOutput
 from tests.tiny_models import MAX_POSITIONS, save_tiny_model
 
 
@@ -356,3 +356,54 @@ def test_a_row_whose_reader_stops_pauses_and_resumes_with_the_same_tokens(run_en
     reference, resumed, other = run_engine(body)
     assert [t for o in resumed for t in o.token_ids] == [t for o in reference for t in o.token_ids]
     assert len(resumed) == 200 and len(other) == 150
+
+
+async def _until_paused(handle: RequestHandle) -> None:
+    while not handle.is_paused and not handle.request.is_finished:
+        await asyncio.sleep(0.01)
+
+
+def _expire_in(engine: Engine, request: Request, seconds: float) -> None:
+    """Move a request's deadline closer (a shorter --request-timeout without a slow test)."""
+    with engine._wakeup:
+        request.deadline = time.monotonic() + seconds
+        engine._wakeup.notify()  # a bare notify: not a kick, nothing else changed
+
+
+def test_a_paused_row_times_out_though_the_engine_has_nothing_to_run(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """Every running row paused and nothing waiting: the engine sleeps, yet wakes at the deadline."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        unread = engine.submit(_prefix(2, 0), [5, 6], _greedy(200))
+        await _until_paused(unread)
+        assert unread.is_paused and engine.core.is_idle
+        _expire_in(engine, unread.request, 0.2)
+        await asyncio.sleep(0.6)  # past the deadline, still unread
+        return await _collect(unread), engine.stats()
+
+    outputs, stats = run_engine(body, num_slots=2, request_timeout_s=60)
+    assert outputs[-1].finish_reason == "timeout"
+    assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_paused_rows_with_requests_waiting_do_not_spin(run_engine) -> None:  # type: ignore[no-untyped-def]
+    """The only slot held by a paused row and a request waiting for it: nothing can run, so the
+    engine thread blocks (no CPU); at the paused row's deadline it wakes, and the waiting
+    request gets the slot and runs to its end."""
+
+    async def body(engine: Engine):  # type: ignore[no-untyped-def]
+        unread = engine.submit(_prefix(2, 0), [5, 6], _greedy(200))
+        await _until_paused(unread)
+        queued = engine.submit(_prefix(2, 1), [7], _greedy(4))
+        await asyncio.sleep(0.05)
+        cpu_before, wall_before = time.process_time(), time.monotonic()
+        await asyncio.sleep(0.8)
+        cpu_s, wall_s = time.process_time() - cpu_before, time.monotonic() - wall_before
+        _expire_in(engine, unread.request, 0.2)
+        queued_out = await _collect(queued)
+        return cpu_s, wall_s, queued_out, await _collect(unread)
+
+    cpu_s, wall_s, queued_out, unread_out = run_engine(body, num_slots=1, request_timeout_s=60)
+    assert cpu_s < 0.25 * wall_s, f"{cpu_s:.2f} s of CPU in {wall_s:.2f} s while nothing could run"
+    assert unread_out[-1].finish_reason == "timeout"
+    assert queued_out[-1].finish_reason == "length"

@@ -79,7 +79,7 @@ def test_bfloat16_load_of_bfloat16_weights_matches() -> None:
 def test_prefix_spec_gpt2() -> None:
     spec = prefix_spec_for(_gpt2_config(), torch.bfloat16, 128)
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (2, 4, 8)
-    assert spec.dtype == torch.bfloat16 and spec.max_prefix_len == 127
+    assert spec.dtype == torch.bfloat16 and spec.max_prefix_len == 126
 
 
 def test_prefix_spec_gqa_llama() -> None:
@@ -90,9 +90,9 @@ def test_prefix_spec_gqa_llama() -> None:
 
 def test_prefix_spec_explicit_head_dim() -> None:
     spec = prefix_spec_for(_llama_config(head_dim=16), torch.float32, 64)
-    assert spec.head_dim == 16 and spec.max_prefix_len == 63
+    assert spec.head_dim == 16 and spec.max_prefix_len == 62
 
 
-def test_prefix_spec_needs_two_positions() -> None:
+def test_prefix_spec_needs_three_positions() -> None:
     with pytest.raises(ValueError, match="max_positions"):
-        prefix_spec_for(_gpt2_config(), torch.float32, 1)
+        prefix_spec_for(_gpt2_config(), torch.float32, 2)

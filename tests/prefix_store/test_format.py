@@ -17,6 +17,7 @@ from prefix_store.fingerprint import prefix_spec_for
 from prefix_store.format import (
     dtype_from_name,
     dtype_name,
+    max_abs_value,
     parse_upload,
     tensor_from_bytes,
     tensor_to_bytes,
@@ -162,6 +163,25 @@ def test_overflow_on_cast_is_rejected() -> None:
     prefix[0, 0, 0, 0, 0] = 1e6  # finite in float32, inf in float16
     with pytest.raises(InvalidPrefix, match="NaN or Inf values after conversion to float16"):
         parse_upload(spec, _st(prefix=prefix), None)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound"), [(torch.float32, 6.52e18), (torch.bfloat16, 6.51e18), (torch.float16, 90.49)]
+)
+def test_values_beyond_the_attention_bound_are_refused(dtype: torch.dtype, bound: float) -> None:
+    """|x| <= sqrt(dtype max / head_dim): just below it is accepted, just above refused (finite
+    values all: 3e38 is finite in float32 and bfloat16, yet its attention scores are not)."""
+    spec = PrefixSpec(2, 4, 8, dtype, 127)
+    assert max_abs_value(dtype, spec.head_dim) == pytest.approx(bound, rel=1e-3)
+    below, above = _canonical(3), _canonical(3)
+    below[1, 0, 2, 1, 3] = -0.99 * bound
+    above[1, 1, 2, 1, 3] = 1.01 * bound
+    assert float(parse_upload(spec, _st(prefix=below), None).abs().max()) <= bound
+    with pytest.raises(InvalidPrefix, match=r"at most .* head_dim 8 \(beyond it attention scores overflow"):
+        parse_upload(spec, _st(prefix=above), None)
+    if dtype != torch.float16:
+        with pytest.raises(InvalidPrefix, match="at most"):
+            parse_upload(spec, _st(prefix=torch.full(spec.shape(3), 3e38)), None)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])

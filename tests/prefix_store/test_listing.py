@@ -4,12 +4,14 @@ with ids spread evenly or piled into one bucket (which needs the second round)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from prefix_store.layout import NUM_BUCKETS, bucket_of
 from prefix_store.redis_store import RedisPrefixStore, connect
 from tests.redis_server import RedisProcess
+from tests.redis_topology import ClusterSetup, redis7_server
 
 
 def _one_bucket_ids(count: int) -> list[str]:
@@ -53,3 +55,72 @@ def test_every_id_once_in_order(redis_proc: RedisProcess, fingerprint: str, limi
     assert [t for page in pages for t in page] == sorted(ids)
     assert all(len(page) == limit for page in pages[:-1])
     assert [t for page in hot_pages for t in page] == sorted(hot)
+
+
+async def _num_range_reads(client: object) -> int:
+    stats = await client.info("commandstats")  # type: ignore[attr-defined]
+    return int(stats.get("cmdstat_zrangebylex", {}).get("calls", 0))
+
+
+def test_a_namespace_lists_from_its_own_index_even_in_a_store_written_before_it(
+    redis_proc: RedisProcess, fingerprint: str
+) -> None:
+    """A store of the previous version (bucket indexes only) gets its namespace indexes built
+    once; then listing `t1:` reads one index (one range read per page, not 256), with the same
+    pages as the bucket merge; writes and deletes keep the index current."""
+    ids = [f"t{i % 5}:task-{i:04d}" for i in range(200)] + ["plain-1", "t1x:other"]
+
+    async def scenario() -> tuple[list[list[str]], list[list[str]], int, int, int, list[str]]:
+        client = connect(redis_proc.url)
+        try:
+            store = RedisPrefixStore(client, fingerprint)
+            await asyncio.gather(*(store.put(t, b"d", 1, "float32") for t in ids))
+            stale = [k async for k in client.scan_iter(match=f"pfx:{{{fingerprint}:ns*")]
+            await client.delete(*stale)  # what the previous version left: no namespace index
+            merged = await _walk(store, 7, prefix="t1:")
+            num_indexed = await store.build_namespace_indexes()
+            await client.config_resetstat()
+            pages = await _walk(store, 7, prefix="t1:")
+            num_reads = await _num_range_reads(client)
+            await store.delete("t1:task-0001")
+            await store.put("t1:late", b"d", 1, "float32")
+            after = [m.task_id for m in (await store.list(100, None, "t1:"))[0]]
+            again = await RedisPrefixStore(client, fingerprint).build_namespace_indexes()
+            return merged, pages, num_reads, num_indexed, again, after
+        finally:
+            await client.aclose()
+
+    merged, pages, num_reads, num_indexed, again, after = asyncio.run(scenario())
+    expected = sorted(t for t in ids if t.startswith("t1:"))
+    assert [t for page in merged for t in page] == expected
+    assert pages == merged and len(pages) == 6
+    assert num_reads == len(pages)  # 256 per page before: one bucket index each
+    assert num_indexed == len(ids) - 1 and again == 0  # built once; `plain-1` has no namespace
+    assert after == sorted([t for t in expected if t != "t1:task-0001"] + ["t1:late"])
+
+
+@pytest.mark.skipif(redis7_server() is None, reason="needs redis-server >= 7 on PATH")
+def test_namespace_indexes_on_a_cluster(fingerprint: str) -> None:
+    """On Cluster a namespace index lives in its own slot: written by its own commands, built
+    across every primary, and listing from it gives the merged listing's answer."""
+    ids = [f"n{i % 3}:task-{i:03d}" for i in range(60)]
+
+    async def scenario(url: str) -> tuple[list[list[str]], list[list[str]]]:
+        client = connect(url)
+        try:
+            store = RedisPrefixStore(client, fingerprint)
+            for task_id in ids:
+                await store.put(task_id, b"d", 1, "float32")
+            await store.delete("n1:task-001")
+            merged = await _walk(store, 6, prefix="n1:")
+            await store.build_namespace_indexes()
+            return merged, await _walk(store, 6, prefix="n1:")
+        finally:
+            await client.aclose()
+
+    with contextlib.closing(ClusterSetup(3)) as cluster:
+        merged, pages = asyncio.run(scenario(cluster.url))
+    assert [t for page in merged for t in page] == sorted(
+        t for t in ids if t.startswith("n1:") and t != "n1:task-001"
+    )
+    assert pages == merged

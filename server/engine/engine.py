@@ -31,6 +31,9 @@ from server.engine.tokenize import Messages, OffLoopTokenizer, encode_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A stalled engine (rows to run, none runnable) plans again at least this often, should
+# something change that no caller announced; between times it sleeps.
+_RECHECK_S = 0.5
 
 
 class Engine:
@@ -253,14 +256,14 @@ class Engine:
     def _wait_for_work(self) -> None:
         """Under the lock: sleep while there is nothing to compute (idle, or the last step could
         run nothing: every running row paused and no room for a waiting one) and nothing changed
-        since; wake when a caller kicks, or when the earliest deadline passes (so requests time
-        out even then). A stalled engine never spins."""
+        since; wake when a caller kicks, when the earliest deadline passes (so requests time out
+        even then), or after `_RECHECK_S` while it holds requests. A stalled engine never spins."""
         while not (self._is_kicked or self._jobs or self._is_stopping):
             if not self.core.is_idle and not self._is_stalled:
                 return
             requests = (*self.scheduler.waiting, *self.scheduler.running)
-            deadlines = [r.deadline for r in requests if r.deadline is not None]
-            timeout = None if not deadlines else min(deadlines) - time.monotonic()
+            deadlines = [r.deadline - time.monotonic() for r in requests if r.deadline is not None]
+            timeout = min([*deadlines, _RECHECK_S]) if requests else None
             if timeout is not None and timeout <= 0:
                 return
             self._wakeup.wait(timeout)

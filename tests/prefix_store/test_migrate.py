@@ -86,3 +86,28 @@ def test_a_crash_between_copy_and_delete_is_repaired(redis_proc: RedisProcess, f
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_migrated_legacy_store_gets_its_namespace_indexes(
+    redis_proc: RedisProcess, fingerprint: str
+) -> None:
+    """Start-up order: layout migration, then the namespace indexes (see server/app.py)."""
+    ids = [f"ns{i % 2}:t{i:02d}" for i in range(12)] + ["plain"]
+
+    async def scenario() -> tuple[int, list[str], list[str]]:
+        client = connect(redis_proc.url)
+        try:
+            for task_id in ids:
+                await _legacy_put(client, fingerprint, task_id, b"d")
+            store = RedisPrefixStore(client, fingerprint)
+            await migrate_layout(client, store.layout)
+            num_indexed = await store.build_namespace_indexes()
+            ns1 = [m.task_id for m in (await store.list(100, None, "ns1:"))[0]]
+            members = await client.zrange(store.layout.namespace_index_key("ns1"), 0, -1)
+            return num_indexed, ns1, [raw.decode() for raw in members]
+        finally:
+            await client.aclose()
+
+    num_indexed, ns1, members = asyncio.run(scenario())
+    assert num_indexed == 12
+    assert ns1 == members == sorted(t for t in ids if t.startswith("ns1:"))

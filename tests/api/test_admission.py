@@ -66,12 +66,16 @@ def test_prompt_tokens_count_against_tokens_per_minute(server: ServerProcess, cl
     assert int(refused.headers["Retry-After"]) >= 100  # ~140 tokens below zero, refilled at 1 per second
 
 
+METRICS_TOKEN = "queue-metrics"
+
+
 @pytest.fixture(scope="module")
 def small_queue(
     gpt2_dir: Path, adapter: Adapter, redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     data_dir = tmp_path_factory.mktemp("queue") / "data"
-    with serving_good_task(gpt2_dir, adapter, redis_proc, data_dir, "--max-queue", "8") as proc:
+    flags = ("--max-queue", "8", "--metrics-token", METRICS_TOKEN)  # keys exist: /metrics needs a token
+    with serving_good_task(gpt2_dir, adapter, redis_proc, data_dir, *flags) as proc:
         yield proc
 
 
@@ -83,7 +87,8 @@ def test_a_request_the_queue_cannot_take_leaves_no_rows(small_queue: ServerProce
     with httpx.Client(timeout=60, headers=small_queue.admin_headers) as client:  # Redis holds keys now
         refused = client.post(small_queue.url + "/v1/completions", json=body)
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded", refused.text
-        metrics = client.get(small_queue.url + "/metrics").text
+        scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        metrics = client.get(small_queue.url + "/metrics", headers=scrape).text
         assert metric_value(metrics, "prefix_server_waiting_requests") == 0
         assert metric_value(metrics, "prefix_server_running_requests") == 0
         assert client.post(small_queue.url + "/v1/completions", json={**body, "n": 8}).status_code == 200

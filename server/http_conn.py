@@ -36,7 +36,9 @@ _MAX_REQUEST_LINE = 64  # bytes read from a reserved connection before it is jud
 # lingering close, as web servers do: the server half-closes, then discards what still comes for
 # at most this long / this many bytes, then closes. Closing at once would make the kernel answer
 # the body's next bytes with a reset, which can destroy the response before the client reads it.
+# A client that sends nothing for `_LINGER_IDLE_S` is done (or trickling): closed then.
 _LINGER_S = 1.0
+_LINGER_IDLE_S = 0.5
 _LINGER_BYTES = 256 * 1024
 
 
@@ -209,6 +211,7 @@ class _LingeringTransport:
         self._transport = transport
         self._is_mid_body = is_mid_body
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._num_discarded = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -229,7 +232,15 @@ class _LingeringTransport:
             return
         self._transport.write_eof()  # the response is complete: the client sees it, then end of file
         self._transport.resume_reading()  # (paused by flow control, maybe) so that the rest drains
-        self._timer = asyncio.get_running_loop().call_later(_LINGER_S, self._transport.close)
+        self._deadline = asyncio.get_running_loop().time() + _LINGER_S
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = min(_LINGER_IDLE_S, self._deadline - loop.time())
+        self._timer = loop.call_later(max(delay, 0.0), self._transport.close)
 
     def discard(self, num_bytes: int) -> None:
         """Bytes that came while lingering: dropped unread; past `_LINGER_BYTES`, close now."""
@@ -237,6 +248,8 @@ class _LingeringTransport:
         if self._num_discarded > _LINGER_BYTES:
             self.cancel()
             self._transport.close()
+        else:
+            self._close_when_idle()
 
     def cancel(self) -> None:
         if self._timer is not None:

@@ -10,8 +10,9 @@ import logging
 import random
 import socket
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -31,6 +32,14 @@ _BUSY = (
 # a reserved connection may carry only these (the request line's start, as sent by probes)
 _PROBE_LINES = (b"GET /health ", b"GET /health?", b"GET /ready ", b"GET /ready?")
 _MAX_REQUEST_LINE = 64  # bytes read from a reserved connection before it is judged
+# A response sent before its request's body was read (a refused credential) is followed by a
+# lingering close, as web servers do: the server half-closes, then discards what still comes for
+# at most this long / this many bytes, then closes. Closing at once would make the kernel answer
+# the body's next bytes with a reset, which can destroy the response before the client reads it.
+# A client that sends nothing for `_LINGER_IDLE_S` is done (or trickling): closed then.
+_LINGER_S = 1.0
+_LINGER_IDLE_S = 0.5
+_LINGER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             self._window_start = 0.0
             self._is_reserved = False  # beyond --max-connections: for probes only
             self._reserved_head: bytes | None = None  # its request's first bytes, until judged
+            self._lingering: _LingeringTransport | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -102,6 +112,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 return
             num_per_client[host] += 1
             self._host = host
+            self._lingering = _LingeringTransport(transport, lambda: self.conn.their_state is h11.SEND_BODY)
+            self.transport = cast(asyncio.Transport, self._lingering)  # what uvicorn closes
             if num_open > limits.max_connections:
                 self._is_reserved, self._reserved_head = True, b""
             self._arm_read_timer()
@@ -109,6 +121,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             if self._read_timer is not None:
                 self._read_timer.cancel()
+            if self._lingering is not None:
+                self._lingering.cancel()
             if self._host is not None:
                 num_per_client[self._host] -= 1
                 if num_per_client[self._host] <= 0:
@@ -117,6 +131,9 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._lingering is not None and self._lingering.is_lingering:
+                self._lingering.discard(len(data))
+                return
             self._num_window_bytes += len(data)
             if self._reserved_head is not None:
                 data = self._reserved_head + data
@@ -181,9 +198,63 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 "closed a connection: its request body came slower than --min-body-rate=%g bytes/s",
                 limits.min_body_rate,
             )
-            self.transport.close()
+            self.transport.abort()
 
     return GuardedH11Protocol
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: `close()` while the client is still sending
+    a body nobody will read becomes a lingering close (see `_LINGER_S`); all else is delegated."""
+
+    def __init__(self, transport: asyncio.Transport, is_mid_body: Callable[[], bool]) -> None:
+        self._transport = transport
+        self._is_mid_body = is_mid_body
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._num_discarded = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    @property
+    def is_lingering(self) -> bool:
+        return self._timer is not None
+
+    def is_closing(self) -> bool:
+        return self.is_lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.is_lingering or self._transport.is_closing():
+            return
+        if not self._is_mid_body() or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self._transport.write_eof()  # the response is complete: the client sees it, then end of file
+        self._transport.resume_reading()  # (paused by flow control, maybe) so that the rest drains
+        self._deadline = asyncio.get_running_loop().time() + _LINGER_S
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = min(_LINGER_IDLE_S, self._deadline - loop.time())
+        self._timer = loop.call_later(max(delay, 0.0), self._transport.close)
+
+    def discard(self, num_bytes: int) -> None:
+        """Bytes that came while lingering: dropped unread; past `_LINGER_BYTES`, close now."""
+        self._num_discarded += num_bytes
+        if self._num_discarded > _LINGER_BYTES:
+            self.cancel()
+            self._transport.close()
+        else:
+            self._close_when_idle()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _refuse_busy(transport: asyncio.Transport, why: str) -> None:

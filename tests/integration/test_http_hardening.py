@@ -5,6 +5,7 @@ trusted proxy) with a reserve for probes, `/metrics` and the docs are closed, id
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import time
@@ -185,3 +186,24 @@ def test_metrics_and_docs_are_closed(served: tuple[ServerProcess, str]) -> None:
         assert answer.status_code == 403 and "--metrics-token" in answer.text
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(server.url + path).status_code == 404
+
+
+def test_a_client_still_sending_its_body_can_read_the_refusal(served: tuple[ServerProcess, str]) -> None:
+    """The server half-closes and discards what still comes for a moment (lingering close):
+    closing with unread bytes would make the kernel reset the connection, which can destroy the
+    401 before the client reads it (the soak bench lost a few of these before)."""
+    server, _ = served
+
+    async def refused(client: httpx.AsyncClient) -> list[int]:
+        statuses = []
+        for _ in range(16):
+            upload = await client.put("/admin/prefixes/t:x", files={"text": (None, b"x")})
+            generate = await client.post("/generate", json={"task_id": "t:good", "input_ids": [5] * 3000})
+            statuses += [upload.status_code, generate.status_code]
+        return statuses
+
+    async def run() -> list[list[int]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            return await asyncio.gather(*(refused(client) for _ in range(PER_CLIENT)))
+
+    assert all(status == 401 for statuses in asyncio.run(run()) for status in statuses)

@@ -173,15 +173,6 @@ class PrefixCache:
     async def get_meta(self, task_id: str) -> PrefixMeta | None:
         return await self.store.get_meta(task_id)
 
-    async def serving_meta(self, task_id: str) -> PrefixMeta | None:
-        """The metadata generation would use now: a resident entry's (no Redis round trip, and
-        it answers while Redis is down, as generation does), else the store's."""
-        for tier in self.tiers:
-            entry = tier.peek(task_id)
-            if entry is not None:
-                return entry.meta
-        return await self.store.get_meta(task_id)
-
     async def list(
         self, limit: int, cursor: str | None, prefix: str = ""
     ) -> tuple[list[PrefixMeta], str | None]:

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 _SEND_BUFFER_BYTES = 256 * 1024
 
 _BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nX-Prefix-Retry-Safe: 1\r\n"
+    b"Connection: close\r\n\r\n"
 )
 
 

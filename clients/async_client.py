@@ -11,7 +11,9 @@ from typing import Any, Unpack
 import httpx
 
 from clients.calls import (
+    _DRAIN_STATE,
     _LIST_KEYS,
+    _UNDRAIN,
     ChatSampling,
     Files,
     Message,
@@ -21,6 +23,7 @@ from clients.calls import (
     _Call,
     _chat_call,
     _create_key_call,
+    _drain_call,
     _generate_call,
     _incomplete,
     _key_path,
@@ -35,6 +38,7 @@ from clients.models import (
     ChatChunk,
     ChatCompletion,
     CreatedKey,
+    DrainState,
     Generation,
     KeyInfo,
     PrefixInfo,
@@ -44,6 +48,7 @@ from clients.models import (
     parse_chat,
     parse_chat_chunk,
     parse_created_key,
+    parse_drain_state,
     parse_event,
     parse_generation,
     parse_info,
@@ -139,6 +144,17 @@ class AsyncPrefixClient(_Base):
 
     async def revoke_key(self, key_id: str) -> KeyInfo:
         return parse_key((await self._send(_Call("DELETE", _key_path(key_id), "admin"))).json())
+
+    async def drain(self, grace_s: float | None = None) -> DrainState:
+        """Take this replica out of rotation for maintenance (see `PrefixClient.drain`)."""
+        return parse_drain_state((await self._send(_drain_call(grace_s))).json())
+
+    async def undrain(self) -> DrainState:
+        """Back into rotation after `drain()`."""
+        return parse_drain_state((await self._send(_UNDRAIN)).json())
+
+    async def drain_state(self) -> DrainState:
+        return parse_drain_state((await self._send(_DRAIN_STATE)).json())
 
     async def generate(
         self,

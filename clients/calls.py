@@ -136,6 +136,16 @@ def _create_key_call(
 
 _LIST_KEYS = _Call("GET", "/admin/keys", "admin")
 
+# maintenance of one replica: call it at the replica's own address, not through a proxy
+_DRAIN_STATE = _Call("GET", "/admin/drain", "admin")
+
+
+def _drain_call(grace_s: float | None) -> _Call:
+    return _Call("POST", "/admin/drain", "admin", None if grace_s is None else {"grace": str(grace_s)})
+
+
+_UNDRAIN = _Call("DELETE", "/admin/drain", "admin")
+
 
 def peft_files(directory: Path) -> tuple[Path, Path]:
     """`adapter_model.safetensors` and `adapter_config.json` of a PEFT `save_pretrained` folder."""

@@ -1,5 +1,5 @@
-"""`prefixctl`: upload, inspect and delete prefixes, manage tenant API keys, and generate, from
-the shell.
+"""`prefixctl`: upload, inspect and delete prefixes, manage tenant API keys, drain a replica for
+maintenance, and generate, from the shell.
 
 Server errors print `error <code>: <message>` on stderr and exit 1; usage errors exit 2.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from clients.client import ChatSampling, PrefixClient, Sampling, peft_files
 from clients.client import Progress as ProgressCallback
-from clients.models import Generation, KeyInfo, PrefixInfo, PrefixServerError
+from clients.models import DrainState, Generation, KeyInfo, PrefixInfo, PrefixServerError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 PROGRESS_MIN_BYTES = 1024 * 1024  # smaller uploads finish before a bar is worth drawing
@@ -280,6 +281,48 @@ def revoke_key(
     with _client(ctx) as client:
         info = client.revoke_key(key_id)
     typer.echo(f"revoked {info.id} ({info.name})")
+
+
+def _wait_drained(client: PrefixClient, state: DrainState, timeout_s: float) -> DrainState:
+    """Poll until nothing is in flight; exit 1 (the replica stays drained) past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not state.drained:
+        if time.monotonic() > deadline:
+            _print_json(dataclasses.asdict(state))
+            typer.echo(f"error not_drained: still {state.requests_in_flight} in flight", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.2)
+        state = client.drain_state()
+    return state
+
+
+@app.command()
+def drain(
+    ctx: typer.Context,
+    wait: Annotated[bool, typer.Option(help="Wait until no request is in flight any more.")] = False,
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds --wait waits at most.")] = 600.0,
+    grace: Annotated[
+        float | None,
+        typer.Option(min=0, help="Seconds new work is still served while the proxy notices (3)."),
+    ] = None,
+) -> None:
+    """Take the replica at --url out of rotation for maintenance: its /ready fails, so the proxy
+    sends it no new work; after --grace, requests that still reach it get a retry-safe 503;
+    running requests finish. Prints its drain state. Call the replica's own port, not the proxy."""
+    with _client(ctx) as client:
+        state = client.drain(grace)
+        if wait:
+            state = _wait_drained(client, state, timeout)
+    _print_json(dataclasses.asdict(state))
+
+
+@app.command()
+def undrain(ctx: typer.Context) -> None:
+    """Put the replica at --url back into rotation after `drain` (the proxy's health checks see
+    it ready again within a few seconds)."""
+    with _client(ctx) as client:
+        state = client.undrain()
+    _print_json(dataclasses.asdict(state))
 
 
 def _given(**options: Any) -> dict[str, Any]:

@@ -13,7 +13,9 @@ from typing import Any, Unpack
 import httpx
 
 from clients.calls import (
+    _DRAIN_STATE,
     _LIST_KEYS,
+    _UNDRAIN,
     ChatSampling,
     Files,
     Message,
@@ -23,6 +25,7 @@ from clients.calls import (
     _Call,
     _chat_call,
     _create_key_call,
+    _drain_call,
     _generate_call,
     _incomplete,
     _key_path,
@@ -37,6 +40,7 @@ from clients.models import (
     ChatChunk,
     ChatCompletion,
     CreatedKey,
+    DrainState,
     Generation,
     KeyInfo,
     PrefixInfo,
@@ -46,6 +50,7 @@ from clients.models import (
     parse_chat,
     parse_chat_chunk,
     parse_created_key,
+    parse_drain_state,
     parse_event,
     parse_generation,
     parse_info,
@@ -146,6 +151,20 @@ class PrefixClient(_Base):
     def revoke_key(self, key_id: str) -> KeyInfo:
         """Revoke a key (refused from the next request on); returns what it was."""
         return parse_key(self._send(_Call("DELETE", _key_path(key_id), "admin")).json())
+
+    def drain(self, grace_s: float | None = None) -> DrainState:
+        """Take this replica out of rotation for maintenance: `/ready` fails (a proxy stops
+        sending work), running requests finish, and after `grace_s` (server default 3 s: the
+        time a proxy's health checks take to notice) new generations get a retry-safe 503; poll
+        `drain_state()` until `drained`. Use the replica's own URL, not the proxy's."""
+        return parse_drain_state(self._send(_drain_call(grace_s)).json())
+
+    def undrain(self) -> DrainState:
+        """Back into rotation after `drain()` (409 `shutting_down` after a SIGTERM)."""
+        return parse_drain_state(self._send(_UNDRAIN).json())
+
+    def drain_state(self) -> DrainState:
+        return parse_drain_state(self._send(_DRAIN_STATE).json())
 
     def generate(
         self,

@@ -116,6 +116,35 @@ class CreatedKey(KeyInfo):
         return KeyInfo(**{f.name: getattr(self, f.name) for f in fields(KeyInfo)})
 
 
+@dataclass(frozen=True)
+class DrainState:
+    """`/admin/drain` of one replica: `draining` (`/ready` 503) by `maintenance` (`drain()`,
+    undone by `undrain()`) or `shutting_down` (SIGTERM); `refusing` new generations (after the
+    drain's grace); `drained` once refusing and nothing is in flight any more."""
+
+    draining: bool
+    refusing: bool
+    maintenance: bool
+    shutting_down: bool
+    requests_in_flight: int
+    generations_running: int
+    generations_waiting: int
+    drained: bool
+
+
+def parse_drain_state(data: Mapping[str, Any]) -> DrainState:
+    return DrainState(
+        draining=bool(data["draining"]),
+        refusing=bool(data["refusing"]),
+        maintenance=bool(data["maintenance"]),
+        shutting_down=bool(data["shutting_down"]),
+        requests_in_flight=int(data["requests_in_flight"]),
+        generations_running=int(data["generations_running"]),
+        generations_waiting=int(data["generations_waiting"]),
+        drained=bool(data["drained"]),
+    )
+
+
 def parse_info(data: Mapping[str, Any]) -> PrefixInfo:
     """The fields `PrefixInfo` knows, converted to their types (unknown fields are ignored)."""
     known: dict[str, Any] = {f.name: f.type for f in fields(PrefixMeta) if f.name != "source"}

@@ -16,7 +16,15 @@ from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
 from prefix_store.migrate import migrate_layout
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import REDIS_ERRORS, RedisPrefixStore
-from server.api import routes_admin, routes_chat, routes_generate, routes_health, routes_keys, routes_openai
+from server.api import (
+    routes_admin,
+    routes_chat,
+    routes_drain,
+    routes_generate,
+    routes_health,
+    routes_keys,
+    routes_openai,
+)
 from server.api.auth_gate import AuthGateMiddleware
 from server.api.client_cap import ClientCapMiddleware
 from server.api.deps import RequestLimits, Services
@@ -25,6 +33,7 @@ from server.api.json_body import start_json_helper, stop_json_helper
 from server.api.lifecycle import Lifecycle
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.api.replica import ReplicaHeaderMiddleware
+from server.api.retry_safe import RetrySafeMiddleware
 from server.api.stall import StreamStallMiddleware
 from server.config import Settings
 from server.engine.chat import use_chat_template
@@ -299,9 +308,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_chat.router)
     app.include_router(routes_keys.router)
+    app.include_router(routes_drain.router)
     app.state.lifecycle = lifecycle
 
     app.add_middleware(StreamStallMiddleware, stall_s=settings.stream_stall_timeout)  # innermost
+    app.add_middleware(RetrySafeMiddleware)
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,

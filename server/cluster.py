@@ -5,6 +5,8 @@ For trying scale-out and for tests; production runs the same pieces with compose
 flags after `--`; they share one Redis (embedded under `--data-dir` unless `--redis-url`) and one
 admin token. HAProxy uses the repository's docker/haproxy/haproxy.cfg with the replicas'
 addresses filled in. SIGTERM or Ctrl-C stops HAProxy, drains the replicas, then stops Redis.
+One replica is taken out for maintenance, and back, at its own port: `prefixctl --url
+http://127.0.0.1:<port> drain --wait` / `undrain` (it prints the commands).
 """
 
 from __future__ import annotations
@@ -340,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
         cluster.start()
         for child, port in zip(cluster.replicas, cluster.ports, strict=True):
             print(f"cluster: replica {child.name} http://127.0.0.1:{port} (log {child.log_path})", flush=True)
+        print(
+            "cluster: maintenance of a replica (its port, not the proxy's; admin token):\n"
+            f"  prefixctl --url http://127.0.0.1:{cluster.ports[0]} drain --wait   # out of rotation, "
+            "in-flight work done\n"
+            f"  prefixctl --url http://127.0.0.1:{cluster.ports[0]} undrain        # back in rotation",
+            flush=True,
+        )
         announce_admin_token(*cluster.admin_token)  # a new token only on a terminal, never in a log
         print(f"cluster ready: {cluster.url}", flush=True)
         cluster.wait()

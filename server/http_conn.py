@@ -26,8 +26,9 @@ log.addFilter(RateLimitedRecords(("refused a connection", "closed a connection")
 # client that stopped reading from --stream-stall-timeout; 256 KiB still streams MB/s at 100 ms RTT.
 _SEND_BUFFER_BYTES = 256 * 1024
 
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+_BUSY = (  # before any work: a proxy may send it to another replica (X-Prefix-Retry-Safe)
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nX-Prefix-Retry-Safe: 1\r\n"
+    b"Connection: close\r\n\r\n"
 )
 # a reserved connection may carry only these (the request line's start, as sent by probes)
 _PROBE_LINES = (b"GET /health ", b"GET /health?", b"GET /ready ", b"GET /ready?")

@@ -60,9 +60,15 @@ def test_haproxy_accepts_the_dns_config_and_it_is_current(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_haproxy_retries_only_what_never_reached_a_replica() -> None:
+def test_haproxy_retries_only_what_never_reached_a_replica_or_did_no_work() -> None:
     lines = [line.split("#")[0].strip() for line in CONFIG_TEMPLATE.read_text().splitlines()]
-    assert "retry-on conn-failure" in lines  # not empty-response / response-timeout / 5xx
+    assert "retry-on conn-failure" in lines  # not empty-response / response-timeout / other 5xx
+    # generations also on 503, which the replicas answer only before any work (server/api/retry_safe.py)
+    by_task = lines[lines.index("backend by_task") : lines.index("backend any")]
+    assert "retry-on conn-failure 503" in by_task
+    assert [line for line in lines if line.startswith("retry-on")] == ["retry-on conn-failure"] + [
+        "retry-on conn-failure 503"
+    ]
     assert "option redispatch 1" in lines and "option http-buffer-request" in lines
     assert "option httpchk GET /ready" in lines
     assert 'hash-balance-factor "${PREFIX_HASH_BALANCE_FACTOR-125}"' in lines

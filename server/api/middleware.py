@@ -16,7 +16,9 @@ from server.api.lifecycle import Lifecycle
 from server.api.tenancy import release_hold
 from server.logs import ACCESS_LOGGER
 
-_PROBES = ("/metrics", "/health", "/ready")  # scraped every few seconds: no log line, not "in flight"
+# scraped every few seconds (/admin/drain: polled until drained, logs its own changes): no
+# access-log line, not "in flight"
+_PROBES = ("/metrics", "/health", "/ready", "/admin/drain")
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 

@@ -106,8 +106,8 @@ async def admit(
     limits. `max_tokens`: the most the request may generate in all (`max_tokens x n x prompts`),
     held from the key's token bucket until the request ends; 422 if the bucket can never hold it.
     `take_request=False`: only hold more tokens for a request admitted already."""
-    if services.lifecycle.is_draining:
-        raise ApiError(503, "unavailable", "the server is shutting down", {"Retry-After": "1"})
+    if services.lifecycle.is_refusing:
+        raise ApiError(503, "unavailable", services.lifecycle.refusal, {"Retry-After": "1"})
     check_scope(caller, task_id)
     key = caller.key
     if key is None:

@@ -10,7 +10,7 @@ from server.engine.request import StepOutput
     ("reason", "error", "expected"),
     [
         ("timeout", "too slow", (504, "timeout", {})),
-        ("shutdown", "bye", (503, "unavailable", {"Retry-After": "1"})),
+        ("shutdown", "bye", (500, "interrupted", {"Retry-After": "1"})),  # after work: never a 503
         ("shed", "queue full", (429, "overloaded", {"Retry-After": "1"})),
         ("error", "non-finite logits", (500, "internal", {})),
         ("abort", None, (500, "internal", {})),

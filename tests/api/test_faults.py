@@ -75,6 +75,7 @@ def test_redis_down_then_back(
         cold = client.post(server.url + "/generate", json={**GOOD, "task_id": "t:cold"})
         assert cold.status_code == 503 and cold.json()["error"]["code"] == "store_unavailable"
         assert cold.headers["Retry-After"] == "1"
+        assert cold.headers["X-Prefix-Retry-Safe"] == "1"  # before any work: a proxy may retry it
         # the cause names Redis's address: the log gets it, the client does not (issue 12, finding 8)
         assert f":{redis_proc.port}" not in cold.text and "connecting" not in cold.text, cold.text
         assert "answering 503 store_unavailable: redis" in server.log_tail(200_000)
@@ -82,6 +83,7 @@ def test_redis_down_then_back(
         assert ready.status_code == 503 and ready.json()["store"] is False
         listing = client.get(server.url + "/admin/prefixes", headers=server.admin_headers)
         assert listing.status_code == 503 and f":{redis_proc.port}" not in listing.text
+        assert "X-Prefix-Retry-Safe" not in listing.headers  # only generation routes are marked
         assert client.get(server.url + "/health").status_code == 200
     finally:
         redis_proc.start()

@@ -32,6 +32,7 @@ def _openapi() -> dict:
     from server.api import (
         routes_admin,
         routes_chat,
+        routes_drain,
         routes_generate,
         routes_health,
         routes_keys,
@@ -39,7 +40,16 @@ def _openapi() -> dict:
     )
 
     app = FastAPI()
-    for module in (routes_admin, routes_chat, routes_generate, routes_health, routes_keys, routes_openai):
+    modules = (
+        routes_admin,
+        routes_chat,
+        routes_drain,
+        routes_generate,
+        routes_health,
+        routes_keys,
+        routes_openai,
+    )
+    for module in modules:
         app.include_router(module.router)
     return get_openapi(title="t", version="0", routes=app.routes)
 
@@ -74,3 +84,12 @@ def test_one_prefix_metadata_schema() -> None:
 
     assert issubclass(PrefixInfo, PrefixMeta)
     assert {f.name for f in fields(PrefixInfo)} == meta | {"tiers"}
+
+
+def test_the_clients_drain_state_is_the_servers() -> None:
+    from dataclasses import fields
+
+    from clients.models import DrainState
+
+    schema = _openapi()["components"]["schemas"]["DrainState"]
+    assert {f.name for f in fields(DrainState)} == set(schema["properties"])

@@ -1,6 +1,6 @@
 """SIGTERM drains: new generations get 503 and `/ready` says draining while running ones finish;
-past `--drain-seconds` the rest end with 503; the embedded Redis is flushed; `--request-timeout`
-cuts a generation off with 504 and frees its row."""
+past `--drain-seconds` the rest end with 500 `interrupted` (not 503: a proxy retries 503s); the
+embedded Redis is flushed; `--request-timeout` cuts a generation off with 504 and frees its row."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_flushes_redis(
         refused = httpx.post(server.url + "/generate", json=_body(2), timeout=30)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
         assert refused.headers["retry-after"] == "1"
+        assert refused.headers["x-prefix-retry-safe"] == "1"  # no work done: a proxy retries it
+        assert httpx.delete(server.url + "/admin/drain", headers=server.admin_headers).status_code == 409
         assert not [e for e in events if e == "[DONE]"], "the long request ended before the checks"
         reader.join(120)
         assert server.wait(60) is not None
@@ -76,7 +78,7 @@ def test_sigterm_drains_running_requests_refuses_new_ones_and_flushes_redis(
         assert httpx.get(again.url + "/admin/prefixes/t:long", headers=again.admin_headers).status_code == 200
 
 
-def test_past_drain_seconds_the_rest_end_with_503_and_the_server_exits(
+def test_past_drain_seconds_the_rest_end_with_500_interrupted_and_the_server_exits(
     long_model: tuple[Path, Adapter], tmp_path: Path
 ) -> None:
     model_dir, adapter = long_model
@@ -101,7 +103,8 @@ def test_past_drain_seconds_the_rest_end_with_503_and_the_server_exits(
         elapsed = time.monotonic() - terminated
     finally:
         server.stop()
-    assert answer[0].status_code == 503 and answer[0].json()["error"]["code"] == "unavailable"
+    assert answer[0].status_code == 500 and answer[0].json()["error"]["code"] == "interrupted"
+    assert "X-Prefix-Retry-Safe" not in answer[0].headers  # work was done: no proxy may run it again
     assert elapsed < 15, f"took {elapsed:.1f} s to exit with --drain-seconds 0.5"
 
 

@@ -138,15 +138,13 @@ class RedisPrefixStore:
             layout.channel_of(task_id),
         ]
         namespace_key = self._namespace_key(task_id)
-        if namespace_key is not None and not self._is_cluster:
+        if namespace_key is not None:
             keys.append(namespace_key)
         args: builtins.list[bytes | str | int] = [
             task_id, prefix_len, len(data), dtype, self._fingerprint, created_at, data, source,
             layout.publish_command(),
         ]  # fmt: skip
         async with unavailable(self, f"put {task_id!r}"):
-            if namespace_key is not None and self._is_cluster:  # before the record: never missing
-                await self._again_if_not_sent(lambda: self._client.zadd(namespace_key, {task_id: 0}))
             version = await self._again_if_not_sent(lambda: self._write_and_wait(keys, args))
         return PrefixMeta(
             task_id, int(version), prefix_len, len(data), dtype, self._fingerprint, created_at, source
@@ -227,24 +225,29 @@ class RedisPrefixStore:
         layout = self._layout
         keys = [layout.task_key(task_id), layout.index_key_of(task_id), layout.channel_of(task_id)]
         namespace_key = self._namespace_key(task_id)
-        if namespace_key is not None and not self._is_cluster:
+        if namespace_key is not None:
             keys.append(namespace_key)
         async with unavailable(self, f"delete {task_id!r}"):
             # EVAL, not EVALSHA: a Cluster would load a missing script on every primary, dead ones too
             removed = await self._client.eval(
                 _DELETE_SCRIPT, len(keys), *keys, task_id, layout.publish_command()
             )
-            if namespace_key is not None and self._is_cluster:  # after the record is gone
-                await self._client.zrem(namespace_key, task_id)
         return bool(removed)
 
     def _namespace_key(self, task_id: str) -> str | None:
+        """Not on Cluster: a namespace's index lives in one slot while its tasks are spread over
+        every primary, so one dead primary would fail every upload of the namespace; Cluster
+        listings merge the bucket indexes instead."""
         namespace = namespace_of(task_id)
-        return None if namespace is None else self._layout.namespace_index_key(namespace)
+        if namespace is None or self._is_cluster:
+            return None
+        return self._layout.namespace_index_key(namespace)
 
     async def build_namespace_indexes(self) -> int:
         """Build the namespace indexes of a store written before they existed (once; see
         `namespaces.py`); from then on, listing a namespace reads its index only."""
+        if self._is_cluster:  # see `_namespace_key`
+            return 0
         async with unavailable(self, "build namespace indexes"):
             num_indexed = await build_namespace_indexes(self._client, self._layout)
             self._has_namespace_indexes = await is_built(self._client, self._layout)

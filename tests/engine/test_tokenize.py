@@ -25,6 +25,7 @@ def test_python_work_runs_in_the_helper_process_once_it_is_ready() -> None:
     prompts: list[str | list[int]] = ["héllo wörld " * 500, [5, 6], "<extra_id_3> x"]
     messages = [{"role": "user", "content": "hi " * 2000}] * 3
     expected = prepare(tokenizer, prompts, None, False)
+    others = set(multiprocessing.active_children())  # e.g. the JSON helper of an earlier test
 
     async def main() -> None:
         assert await off.prepare(prompts, None, False) == expected  # in a thread: the helper starts
@@ -32,7 +33,7 @@ def test_python_work_runs_in_the_helper_process_once_it_is_ready() -> None:
             if off.is_ready:
                 break
             await asyncio.sleep(0.1)
-        assert off.is_ready and len(multiprocessing.active_children()) == 1
+        assert off.is_ready and len(set(multiprocessing.active_children()) - others) == 1
         assert await off.prepare(prompts, None, False) == expected
         assert await off.prepare([], messages, True) == prepare(tokenizer, [], messages, True)
         with pytest.raises(InvalidInput, match="not valid Unicode"):

@@ -24,6 +24,9 @@ from tests.server_process import ServerProcess, metric_value
 pytestmark = pytest.mark.skipif(redis7_server() is None, reason="needs redis-server >= 7 on PATH")
 
 
+METRICS_TOKEN = "sentinel-metrics"
+
+
 @pytest.fixture(scope="module")
 def sentinel_server(
     gpt2_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -31,6 +34,7 @@ def sentinel_server(
     root = tmp_path_factory.mktemp("sentinel")
     with contextlib.closing(SentinelSetup(down_after_ms=1000)) as sentinels:
         flags = ["--model", str(gpt2_dir), "--redis-url", sentinels.url, "--redis-wait-ms", "500"]
+        flags += ["--metrics-token", METRICS_TOKEN]  # the test creates keys: then /metrics needs it
         with ServerProcess(root / "server", *flags) as server:
             yield sentinels, server
 
@@ -134,7 +138,7 @@ def _check_outage_was_visible(
 ) -> None:
     after = [status for at, status in traffic.ready if at > killed_at]
     assert 503 in after and after[-1] == 200, "/ready did not show the outage and the recovery"
-    text = client.get(server.url + "/metrics").text
+    text = client.get(server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert metric_value(text, "prefix_server_redis_up") == 1.0
     assert metric_value(text, "prefix_server_redis_outages_total") >= 1
     last = metric_value(text, "prefix_server_redis_last_outage_seconds")

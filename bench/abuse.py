@@ -63,9 +63,13 @@ async def _victim(url: str, headers: dict[str, str], stop: asyncio.Event) -> tup
     return latencies, num_failed
 
 
+METRICS_TOKEN = "abuse-bench-metrics"  # keys exist: /metrics answers this bearer only
+
+
 def _metrics(target: Target) -> dict[str, float]:
-    """The unlabelled samples of `/metrics` (asked as the admin, should metrics need a token)."""
-    text = httpx.get(target.url + "/metrics", headers=target.admin, timeout=30).text
+    """The unlabelled samples of `/metrics`."""
+    scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    text = httpx.get(target.url + "/metrics", headers=scrape, timeout=30).text
     values = {}
     for line in text.splitlines():
         parts = line.split()
@@ -150,7 +154,7 @@ def _setup(workdir: Path, request_timeout_s: float) -> tuple[ServerProcess, Targ
     template = workdir / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
     flags = ["--model", str(model_dir), "--log-level", "warning", "--chat-template", str(template)]
-    flags += ["--request-timeout", str(request_timeout_s)]
+    flags += ["--request-timeout", str(request_timeout_s), "--metrics-token", METRICS_TOKEN]
     server = ServerProcess(workdir / "data", *flags).start()
     weights = (adapter.path / "adapter_model.safetensors").read_bytes()
     config = (adapter.path / "adapter_config.json").read_bytes()

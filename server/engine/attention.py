@@ -1,16 +1,18 @@
-"""Exact per-row attention for a mixed step, plugged into transformers as an attention function.
+"""Exact attention over the paged pool for a mixed step, plugged into transformers as an
+attention function; every row's prefix part is computed per *task*, not per row.
 
 A mixed step runs every token of the step as one sequence `[1, tokens]`, so the linear layers
-see all of them at once. Attention must still stay per row (its own prefix, its own past, causal
-within its chunk), and a dense mask over all tokens and all rows would waste work in proportion
-to the number of rows. So, per layer:
-- rows feeding one token (decode rows, one-token prompts) attend together: one batched call over
-  a *view* of slots `0..n-1` with a `[n, 1, 1, kv_len]` length mask;
-- each row feeding a chunk attends alone over its own slot with a causal mask offset by its start.
-Both read the slot tensors the `StepCache` just wrote (keys/values of every slot).
+see all of them at once. Attention stays per row, in two parts merged exactly by log-sum-exp
+(Hydragen, arXiv 2402.05099; FlashInfer's cascade attention):
+- prefix part: the queries of every row of one prefix (decode tokens and prefill chunks alike;
+  no mask, every query sees the whole prefix) against that prefix's K/V as one matrix product,
+  the query heads that share a KV head folded into the query dimension;
+- own part: rows feeding one token attend to their own positions together (one batched product
+  over a padded gather, with a length mask); each row feeding a chunk attends alone, causally.
+Pure PyTorch: the same code on CPU and CUDA. The plan (`StepAttention`) is built once a step
+(attention_plan.py) and read by every layer.
 """
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,74 +20,111 @@ from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-NAME = "prefix_slots"
+from server.engine.attention_plan import StepAttention
+
+NAME = "prefix_paged"
 
 
-@dataclass(frozen=True)
-class ChunkRow:
-    """A row feeding `length` tokens (tokens `offset..offset+length-1` of the step) at `start`."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax attention returning float32 `(out [..., M, d], lse [..., M])`.
 
-    slot: int
-    offset: int
-    start: int  # cache position of its first new token
-    mask: torch.Tensor  # [length, start + length] causal, offset by `start`
-
-
-@dataclass(frozen=True)
-class StepAttention:
-    """Where each token of the step sits, prepared once per step and read by every layer."""
-
-    token_slots: torch.Tensor  # [tokens] the slot of each token
-    token_positions: torch.Tensor  # [tokens] its cache position
-    single_tokens: torch.Tensor  # [n1] step indices of the one-token rows
-    single_slots: list[int]  # their slots
-    single_view: int  # slots 0..single_view-1 are read for them
-    single_query_rows: torch.Tensor | None  # [n1] row of the view for each (None: 0..n1-1)
-    single_mask: torch.Tensor  # [single_view, 1, 1, single_kv_len]
-    chunks: list[ChunkRow]
+    `q` `[..., M, d]`, `k`/`v` `[..., N, d]`, `mask` (True: attend) broadcastable to `[..., M, N]`.
+    Without `need_lse` it is one fused SDPA call (and lse is None)."""
+    if not need_lse:
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).float(), None
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [..., M, N]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [..., M]
+    probs = torch.exp(scores - lse[..., None])
+    return torch.matmul(probs.to(v.dtype), v).float(), lse
 
 
-def prepare(rows: list[tuple[int, int, int]], device: torch.device) -> StepAttention:
-    """Plan attention for rows `(slot, start position, num_tokens)` in token order."""
-    slots: list[int] = []
-    positions: list[int] = []
-    singles: list[int] = []
-    single_slots: list[int] = []
-    single_lens: list[int] = []
-    chunks: list[ChunkRow] = []
-    offset = 0
-    for slot, start, length in rows:
-        slots += [slot] * length
-        positions += range(start, start + length)
-        if length == 1:
-            singles.append(offset)
-            single_slots.append(slot)
-            single_lens.append(start + 1)
-        else:
-            keys = torch.arange(start + length)
-            mask = keys[None, :] <= torch.arange(start, start + length)[:, None]
-            chunks.append(ChunkRow(slot, offset, start, mask.to(device)))
-        offset += length
-    view = max(single_slots, default=-1) + 1
-    lens = torch.ones(view, dtype=torch.long)  # rows of the view that do not query: see position 0
-    if single_slots:
-        lens[torch.tensor(single_slots)] = torch.tensor(single_lens)
-    kv_len = int(lens.max()) if view else 0
-    mask = torch.arange(kv_len)[None, :] < lens[:, None]
-    contiguous = single_slots == list(range(len(single_slots)))
-    return StepAttention(
-        token_slots=torch.tensor(slots, dtype=torch.long, device=device),
-        token_positions=torch.tensor(positions, dtype=torch.long, device=device),
-        single_tokens=torch.tensor(singles, dtype=torch.long, device=device),
-        single_slots=single_slots,
-        single_view=view,
-        single_query_rows=None if contiguous else torch.tensor(single_slots, dtype=torch.long, device=device),
-        single_mask=mask[:, None, None, :].to(device),
-        chunks=chunks,
-    )
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over keys `A ∪ B` from attention over each: `out [..., d]`, `lse [...]`."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return torch.exp(lse_a - lse)[..., None] * out_a + torch.exp(lse_b - lse)[..., None] * out_b, lse
 
 
-def slot_attention(
+def _own_singles(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One-token rows against the keys each reads by itself: `[n1, heads, d]`, `[n1, heads]`."""
+    n1, heads, d = q.shape
+    kv_heads = key.shape[1]
+    width = plan.single_positions.shape[1]
+    qs = q.view(n1, kv_heads, heads // kv_heads, d)  # [n1, kv_heads, rep, d]
+    where = plan.single_positions.reshape(-1)  # a flat index_select: far cheaper than a 2-D gather
+    ks = key.index_select(0, where).view(n1, width, kv_heads, d).permute(0, 2, 1, 3)  # [n1, kv_heads, L, d]
+    vs = value.index_select(0, where).view(n1, width, kv_heads, d).permute(0, 2, 1, 3)
+    out, lse = attend(qs, ks, vs, scale, plan.single_mask[:, None, None, :], need_lse)
+    return out.reshape(n1, heads, d), None if lse is None else lse.reshape(n1, heads)
+
+
+def _own_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk `q` `[length, heads, d]` against the keys its row reads by itself `[L, kv_heads, d]`."""
+    length, heads, d = q.shape
+    kv_heads = k.shape[1]
+    qc = q.view(length, kv_heads, heads // kv_heads, d).permute(1, 2, 0, 3)  # [kv_heads, rep, length, d]
+    kc, vc = k.transpose(0, 1)[:, None], v.transpose(0, 1)[:, None]  # [kv_heads, 1, L, d]
+    out, lse = attend(qc, kc, vc, scale, mask, need_lse)  # [kv_heads, rep, length, (d)]
+    out = out.permute(2, 0, 1, 3).reshape(length, heads, d)
+    return out, None if lse is None else lse.permute(2, 0, 1).reshape(length, heads)
+
+
+def grouped_prefix(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query `[T, heads, d]` of one prefix's rows against its K/V `[P, kv_heads, d]` as one
+    product per KV head (GQA folded: `[kv_heads, T * rep, d]`); no mask."""
+    tokens, heads, d = q.shape
+    kv_heads = k.shape[1]
+    rep = heads // kv_heads
+    qg = q.view(tokens, kv_heads, rep, d).transpose(0, 1).reshape(kv_heads, tokens * rep, d)
+    out, lse = attend(qg, k.transpose(0, 1), v.transpose(0, 1), scale)  # [kv_heads, T * rep, (d)]
+    assert lse is not None
+    out = out.view(kv_heads, tokens, rep, d).transpose(0, 1).reshape(tokens, heads, d)
+    return out, lse.view(kv_heads, tokens, rep).transpose(0, 1).reshape(tokens, heads)
+
+
+def step_attention_forward(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`q` `[tokens, heads, d]` against the pool `[positions, kv_heads, d]`: float32 `[tokens, heads, d]`."""
+    tokens, heads, d = q.shape
+    need_lse = bool(plan.groups)  # without a group every row reads all its keys by itself: no merge
+    out = q.new_empty(tokens, heads, d, dtype=torch.float32)
+    lse = q.new_empty(tokens, heads, dtype=torch.float32)
+    if plan.single_tokens.numel():
+        o, l_ = _own_singles(plan, q[plan.single_tokens], key, value, scale, need_lse)
+        out[plan.single_tokens] = o
+        if l_ is not None:
+            lse[plan.single_tokens] = l_
+    for chunk in plan.chunks:
+        span = slice(chunk.offset, chunk.offset + chunk.length)
+        k, v = key[chunk.positions], value[chunk.positions]  # [L, kv_heads, d]
+        out[span], l_ = _own_chunk(q[span], k, v, chunk.mask, scale, need_lse)
+        if l_ is not None:
+            lse[span] = l_
+    for group in plan.groups:
+        k, v = key[group.positions], value[group.positions]  # [P, kv_heads, d]
+        out_p, lse_p = grouped_prefix(q[group.tokens], k, v, scale)
+        out[group.tokens], lse[group.tokens] = merge(out[group.tokens], lse[group.tokens], out_p, lse_p)
+    return out
+
+
+def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -95,44 +134,17 @@ def slot_attention(
     step_attention: StepAttention | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """`query` `[1, heads, tokens, d]`; `key`/`value`: every slot `[slots, kv_heads, max_len, d]`.
+    """`query` `[1, heads, tokens, d]`; `key`/`value`: the pool `[positions, kv_heads, d]`.
 
     Returns `[1, tokens, heads, d]` as transformers' attention functions do. Without a step plan
     (any other use of the model, e.g. encoding a text prefix) it is plain SDPA.
     """
     if step_attention is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    plan = step_attention
-    gqa = query.shape[1] != key.shape[1]
-    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [tokens, heads, d]
-    if plan.single_slots:
-        q = query[0, :, plan.single_tokens].transpose(0, 1)[:, :, None]  # [n1, heads, 1, d]
-        if plan.single_query_rows is not None:  # some rows of the view do not query: give them zeros
-            q = q.new_zeros(plan.single_view, *q.shape[1:]).index_copy_(0, plan.single_query_rows, q)
-        kv_len = plan.single_mask.shape[-1]
-        o = scaled_dot_product_attention(
-            q,
-            key[: plan.single_view, :, :kv_len],
-            value[: plan.single_view, :, :kv_len],
-            attn_mask=plan.single_mask,
-            scale=scaling,
-            enable_gqa=gqa,
-        )  # [view, heads, 1, d]
-        if plan.single_query_rows is not None:
-            o = o[plan.single_query_rows]
-        out[plan.single_tokens] = o[:, :, 0]
-    for chunk in plan.chunks:
-        length, end = chunk.mask.shape[0], chunk.mask.shape[1]
-        o = scaled_dot_product_attention(
-            query[:, :, chunk.offset : chunk.offset + length],
-            key[chunk.slot : chunk.slot + 1, :, :end],
-            value[chunk.slot : chunk.slot + 1, :, :end],
-            attn_mask=chunk.mask,
-            scale=scaling,
-            enable_gqa=gqa,
-        )  # [1, heads, length, d]
-        out[chunk.offset : chunk.offset + length] = o[0].transpose(0, 1)
-    return out[None], None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, d]
+    out = step_attention_forward(step_attention, q, key, value, scale)
+    return out.to(query.dtype)[None], None
 
 
-AttentionInterface.register(NAME, slot_attention)
+AttentionInterface.register(NAME, paged_attention)

@@ -1,17 +1,18 @@
 """Exact attention over the paged pool for a mixed step, plugged into transformers as an
-attention function; every row's prefix part is computed per *task*, not per row.
+attention function; a shared prefix is read once per step for all the rows of its task.
 
 A mixed step runs every token of the step as one sequence `[1, tokens]`, so the linear layers
 see all of them at once. Attention stays per row, in two parts merged exactly by log-sum-exp
 (Hydragen, arXiv 2402.05099; FlashInfer's cascade attention):
-- prefix part: the queries of every row of one prefix (decode tokens and prefill chunks alike;
-  no mask, every query sees the whole prefix) against that prefix's K/V as one matrix product,
-  the query heads that share a KV head folded into the query dimension;
-- own part: rows feeding one token attend to their own positions together (one batched product
-  over a padded gather, with a length mask); each row feeding a chunk attends alone, causally.
+- prefix part, for a prefix read by several rows of the step (attention_plan.MIN_GROUP_ROWS):
+  the queries of all its rows (decode tokens and prefill chunks alike; no mask, every query
+  sees the whole prefix) against its K/V as one matrix product per KV head, the query heads that
+  share a KV head folded into the query dimension; all such groups in one padded batch;
+- what each row reads by itself: its own tokens (and its prefix, when that is not read by a
+  group): one-token rows in one padded batch with a length mask, chunk rows in another with a
+  causal mask. A step without a group needs no merge and runs fused SDPA.
 Pure PyTorch: the same code on CPU and CUDA. The plan (`StepAttention`) is built once a step
-(attention_plan.py) and read by every layer.
-"""
+(attention_plan.py) and read by every layer."""
 
 from typing import Any
 
@@ -70,32 +71,51 @@ def _own_singles(
     return out.reshape(n1, heads, d), None if lse is None else lse.reshape(n1, heads)
 
 
-def _own_chunk(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, need_lse: bool
+def _own_chunks(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, need_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A chunk `q` `[length, heads, d]` against the keys its row reads by itself `[L, kv_heads, d]`."""
-    length, heads, d = q.shape
-    kv_heads = k.shape[1]
-    qc = q.view(length, kv_heads, heads // kv_heads, d).permute(1, 2, 0, 3)  # [kv_heads, rep, length, d]
-    kc, vc = k.transpose(0, 1)[:, None], v.transpose(0, 1)[:, None]  # [kv_heads, 1, L, d]
-    out, lse = attend(qc, kc, vc, scale, mask, need_lse)  # [kv_heads, rep, length, (d)]
-    out = out.permute(2, 0, 1, 3).reshape(length, heads, d)
-    return out, None if lse is None else lse.permute(2, 0, 1).reshape(length, heads)
-
-
-def grouped_prefix(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query `[T, heads, d]` of one prefix's rows against its K/V `[P, kv_heads, d]` as one
-    product per KV head (GQA folded: `[kv_heads, T * rep, d]`); no mask."""
-    tokens, heads, d = q.shape
-    kv_heads = k.shape[1]
+    """Every chunk row's queries against the keys it reads by itself, padded into one batch;
+    returns `[real queries, heads, d]`, `[real queries, heads]` in `chunk_tokens` order."""
+    nc, width_q = plan.chunk_tokens.shape
+    width_k = plan.chunk_positions.shape[1]
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = key.shape[1]
     rep = heads // kv_heads
-    qg = q.view(tokens, kv_heads, rep, d).transpose(0, 1).reshape(kv_heads, tokens * rep, d)
-    out, lse = attend(qg, k.transpose(0, 1), v.transpose(0, 1), scale)  # [kv_heads, T * rep, (d)]
+    qc = q[plan.chunk_tokens.reshape(-1)].view(nc, width_q, kv_heads, rep, d)
+    qc = qc.permute(0, 2, 3, 1, 4).reshape(nc, kv_heads, rep * width_q, d)  # [nc, kv_heads, rep * Lq, d]
+    where = plan.chunk_positions.reshape(-1)
+    kc = key.index_select(0, where).view(nc, width_k, kv_heads, d).transpose(1, 2)  # [nc, kv_heads, Lk, d]
+    vc = value.index_select(0, where).view(nc, width_k, kv_heads, d).transpose(1, 2)
+    mask = plan.chunk_mask.repeat(1, rep, 1)[:, None]  # [nc, 1, rep * Lq, Lk]
+    out, lse = attend(qc, kc, vc, scale, mask, need_lse)
+    real = plan.chunk_queries.reshape(-1)
+    out = out.view(nc, kv_heads, rep, width_q, d).permute(0, 3, 1, 2, 4).reshape(nc * width_q, heads, d)
+    if lse is not None:
+        lse = lse.view(nc, kv_heads, rep, width_q).permute(0, 3, 1, 2).reshape(nc * width_q, heads)[real]
+    return out[real], lse
+
+
+def _grouped_prefixes(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's queries against its prefix, all groups in one batched product (GQA folded:
+    `[groups, kv_heads, T * rep, d]` against `[groups, kv_heads, P, d]`); returns
+    `[real queries, heads, d]`, `[real queries, heads]` in `group_tokens` order."""
+    ng, width_t = plan.group_tokens.shape
+    width_p = plan.group_positions.shape[1]
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = key.shape[1]
+    rep = heads // kv_heads
+    qg = q[plan.group_tokens.reshape(-1)].view(ng, width_t, kv_heads, rep, d)
+    qg = qg.transpose(1, 2).reshape(ng, kv_heads, width_t * rep, d)
+    where = plan.group_positions.reshape(-1)
+    kg = key.index_select(0, where).view(ng, width_p, kv_heads, d).transpose(1, 2)  # [ng, kv_heads, P, d]
+    vg = value.index_select(0, where).view(ng, width_p, kv_heads, d).transpose(1, 2)
+    out, lse = attend(qg, kg, vg, scale, plan.group_mask[:, None, None, :])
     assert lse is not None
-    out = out.view(kv_heads, tokens, rep, d).transpose(0, 1).reshape(tokens, heads, d)
-    return out, lse.view(kv_heads, tokens, rep).transpose(0, 1).reshape(tokens, heads)
+    real = plan.group_queries.reshape(-1)
+    out = out.view(ng, kv_heads, width_t, rep, d).transpose(1, 2).reshape(ng * width_t, heads, d)[real]
+    return out, lse.view(ng, kv_heads, width_t, rep).transpose(1, 2).reshape(ng * width_t, heads)[real]
 
 
 def step_attention_forward(
@@ -103,7 +123,7 @@ def step_attention_forward(
 ) -> torch.Tensor:
     """`q` `[tokens, heads, d]` against the pool `[positions, kv_heads, d]`: float32 `[tokens, heads, d]`."""
     tokens, heads, d = q.shape
-    need_lse = bool(plan.groups)  # without a group every row reads all its keys by itself: no merge
+    need_lse = plan.has_groups  # without a group every row reads all its keys by itself: no merge
     out = q.new_empty(tokens, heads, d, dtype=torch.float32)
     lse = q.new_empty(tokens, heads, dtype=torch.float32)
     if plan.single_tokens.numel():
@@ -111,16 +131,16 @@ def step_attention_forward(
         out[plan.single_tokens] = o
         if l_ is not None:
             lse[plan.single_tokens] = l_
-    for chunk in plan.chunks:
-        span = slice(chunk.offset, chunk.offset + chunk.length)
-        k, v = key[chunk.positions], value[chunk.positions]  # [L, kv_heads, d]
-        out[span], l_ = _own_chunk(q[span], k, v, chunk.mask, scale, need_lse)
+    if plan.chunk_tokens.numel():
+        real = plan.chunk_tokens[plan.chunk_queries]
+        o, l_ = _own_chunks(plan, q, key, value, scale, need_lse)
+        out[real] = o
         if l_ is not None:
-            lse[span] = l_
-    for group in plan.groups:
-        k, v = key[group.positions], value[group.positions]  # [P, kv_heads, d]
-        out_p, lse_p = grouped_prefix(q[group.tokens], k, v, scale)
-        out[group.tokens], lse[group.tokens] = merge(out[group.tokens], lse[group.tokens], out_p, lse_p)
+            lse[real] = l_
+    if plan.has_groups:
+        real = plan.group_tokens[plan.group_queries]
+        out_p, lse_p = _grouped_prefixes(plan, q, key, value, scale)
+        out[real], lse[real] = merge(out[real], lse[real], out_p, lse_p)
     return out
 
 

@@ -29,40 +29,37 @@ class PlanRow:
 
 
 @dataclass(frozen=True)
-class PrefixGroup:
-    """The step's queries of every row of one prefix, and the prefix's physical positions."""
-
-    tokens: torch.Tensor  # [T] step indices
-    positions: torch.Tensor  # [P]
-
-
-@dataclass(frozen=True)
-class OwnChunk:
-    """A row feeding `length` tokens (tokens `offset..` of the step) attends to its keys by itself."""
-
-    offset: int
-    length: int
-    positions: torch.Tensor  # [L] physical positions: its prefix's unless grouped, then its own
-    mask: torch.Tensor  # [length, L] causal: the chunk's last query sees all L
-
-
-@dataclass(frozen=True)
 class StepAttention:
     """Where each token of the step sits and what each row reads."""
 
     slot_mapping: torch.Tensor  # [tokens] physical position each new token's K/V is written to
     token_positions: torch.Tensor  # [tokens] logical positions (the model's position ids)
     single_tokens: torch.Tensor  # [n1] step indices of the one-token rows
-    single_positions: torch.Tensor  # [n1, L] keys each reads by itself (see OwnChunk; padding: 0)
+    # keys a row reads by itself: its own positions, after its prefix's unless its group reads those
+    single_positions: torch.Tensor  # [n1, L] (padding: position 0, in the zero block)
     single_mask: torch.Tensor  # [n1, L] which of those are real
-    chunks: list[OwnChunk]
-    groups: list[PrefixGroup]
+    # rows feeding several tokens, padded to [chunks, Lq] queries and [chunks, Lk] keys
+    chunk_tokens: torch.Tensor  # [nc, Lq] step index of each query (padding: 0)
+    chunk_queries: torch.Tensor  # [nc, Lq] which queries are real
+    chunk_positions: torch.Tensor  # [nc, Lk] keys each reads by itself (padding: 0)
+    chunk_mask: torch.Tensor  # [nc, Lq, Lk] causal; a padding query sees key 0 (stays finite)
+    # prefixes read by a group of rows, padded: [groups, T] queries against [groups, P] keys
+    group_tokens: torch.Tensor  # [ng, T] step index of each query of the group's rows (padding: 0)
+    group_queries: torch.Tensor  # [ng, T] which are real
+    group_positions: torch.Tensor  # [ng, P] the prefix's physical positions (padding: 0)
+    group_mask: torch.Tensor  # [ng, P] which are real
+
+    @property
+    def has_groups(self) -> bool:
+        return self.group_tokens.shape[0] > 0
 
 
 def _positions(tables: list[list[int]], lengths: list[int], block_size: int) -> torch.Tensor:
     """Physical positions `[rows, width]` of logical positions `0..length-1` of each block table
     (beyond a row's length: 0, in the zero block)."""
     width = max(max(lengths, default=0), 1)
+    if not tables:
+        return torch.zeros(0, width, dtype=torch.long)
     num_blocks = -(-width // block_size)
     table = torch.tensor([t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables])
     logical = torch.arange(width)
@@ -103,22 +100,19 @@ def prepare(
     prefix_lens = torch.tensor([r.prefix_len for r in rows])
     singles = [i for i, r in enumerate(rows) if r.num_tokens == 1]
     width = int(valid[singles].sum(1).max()) if singles else 0
-    chunks = []
-    for i, row in enumerate(rows):
-        if row.num_tokens > 1:
-            end = int(valid[i].sum())
-            mask = torch.arange(end)[None, :] <= torch.arange(end - row.num_tokens, end)[:, None]
-            chunks.append(
-                OwnChunk(int(offsets[i]), row.num_tokens, keys[i, :end].to(device), mask.to(device))
-            )
+    chunk_rows = [i for i, r in enumerate(rows) if r.num_tokens > 1]
+    chunks = _chunks(chunk_rows, counts, offsets, keys, valid)
     return StepAttention(
         slot_mapping=own[row_of, own_index].to(device),
         token_positions=(prefix_lens[row_of] + own_index).to(device),
         single_tokens=offsets[singles].to(device),
         single_positions=keys[singles, :width].to(device),
         single_mask=valid[singles, :width].to(device),
-        chunks=chunks,
-        groups=_groups(
+        chunk_tokens=chunks[0].to(device),
+        chunk_queries=chunks[1].to(device),
+        chunk_positions=chunks[2].to(device),
+        chunk_mask=chunks[3].to(device),
+        **_groups(
             [r if g else None for r, g in zip(rows, grouped, strict=True)],
             offsets,
             counts,
@@ -128,24 +122,52 @@ def prepare(
     )
 
 
+def _chunks(
+    rows: list[int], counts: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk rows' queries and keys, padded: see `StepAttention.chunk_*`."""
+    num_queries, num_keys = counts[rows], valid[rows].sum(1)  # [nc]
+    width_q = int(num_queries.max()) if rows else 0
+    width_k = int(num_keys.max()) if rows else 0
+    q_index, k_index = torch.arange(width_q), torch.arange(width_k)
+    queries = q_index[None, :] < num_queries[:, None]  # [nc, Lq]
+    tokens = torch.where(queries, offsets[rows][:, None] + q_index[None, :], 0)
+    first = (num_keys - num_queries)[:, None, None]  # key index of each chunk's first query
+    mask = (k_index[None, None, :] <= first + q_index[None, :, None]) & queries[:, :, None]
+    if rows:
+        mask[:, :, 0] |= ~queries
+    return tokens, queries, keys[rows, :width_k], mask
+
+
 def _groups(
     rows: list[PlanRow | None],
     offsets: torch.Tensor,
     counts: torch.Tensor,
     block_size: int,
     device: torch.device,
-) -> list[PrefixGroup]:
-    """One group per grouped prefix of the step (rows not grouped: None), in order of first appearance."""
+) -> dict[str, torch.Tensor]:
+    """The `group_*` fields: one group per grouped prefix (rows not grouped: None)."""
     members: dict[int, list[int]] = {}
     prefixes: dict[int, PrefixBlocks] = {}
     for i, row in enumerate(rows):
         if row is not None and row.prefix is not None:
             members.setdefault(id(row.prefix), []).append(i)
             prefixes[id(row.prefix)] = row.prefix
-    groups = []
-    for key, indices in members.items():
-        prefix = prefixes[key]
-        tokens = torch.cat([torch.arange(int(offsets[i]), int(offsets[i] + counts[i])) for i in indices])
-        positions = _positions([prefix.blocks], [prefix.num_positions], block_size)[0]
-        groups.append(PrefixGroup(tokens.to(device), positions.to(device)))
-    return groups
+    tokens = [
+        torch.cat([torch.arange(int(offsets[i]), int(offsets[i] + counts[i])) for i in m])
+        for m in members.values()
+    ]
+    lengths = [p.num_positions for p in prefixes.values()]
+    positions = _positions([p.blocks for p in prefixes.values()], lengths, block_size)
+    width = max((len(t) for t in tokens), default=0)
+    padded = torch.zeros(len(tokens), width, dtype=torch.long)
+    for g, t in enumerate(tokens):
+        padded[g, : len(t)] = t
+    queries = torch.arange(width)[None, :] < torch.tensor([len(t) for t in tokens], dtype=torch.long)[:, None]
+    mask = torch.arange(positions.shape[1])[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]
+    return {
+        "group_tokens": padded.to(device),
+        "group_queries": queries.to(device),
+        "group_positions": positions.to(device),
+        "group_mask": mask.to(device),
+    }

@@ -64,7 +64,7 @@ def test_grouped_attention_equals_per_row_reference(
         torch.testing.assert_close(out[offset : offset + n], expected, atol=2e-6, rtol=1e-5)
         offset += n
     readers = Counter(id(r.prefix) for r in rows if r.prefix is not None)
-    assert len(plan.groups) == sum(n >= min_group_rows for n in readers.values())
+    assert plan.group_tokens.shape[0] == sum(n >= min_group_rows for n in readers.values())
 
 
 def _own_positions(row: PlanRow) -> torch.Tensor:

@@ -55,6 +55,11 @@ class BlockStats:
     num_resident_prefixes: int
     num_prefix_refs: int  # rows pointing at a resident prefix
 
+    @classmethod
+    def empty(cls) -> "BlockStats":
+        """No pool (a stats record built without an engine)."""
+        return cls(0, 0, 0, 0, 0, 0, 0, 0)
+
     @property
     def num_used_blocks(self) -> int:
         """Blocks that running rows need: their own and those of the prefixes they use."""

@@ -1,6 +1,6 @@
 """What the engine reports: a snapshot of its state, one record per step, one per finished request."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.engine.block_pool import BlockStats
 from server.engine.request import Request
@@ -17,7 +17,7 @@ class EngineStats:
     is_alive: bool
     kv_used_bytes: int = 0  # blocks held by running rows and the prefixes they use
     kv_capacity_bytes: int = 0  # the pre-allocated pool
-    blocks: BlockStats | None = None  # where the pool's blocks are
+    blocks: BlockStats = field(default_factory=BlockStats.empty)  # where the pool's blocks are
 
 
 @dataclass(frozen=True)

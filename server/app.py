@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import AsyncIterator, Coroutine
@@ -38,7 +39,7 @@ from server.api.stall import StreamStallMiddleware
 from server.config import Settings
 from server.engine.chat import use_chat_template
 from server.engine.engine import Engine
-from server.engine.kv_cache import KVLayout, SlotKVCache
+from server.engine.kv_cache import KVLayout, PagedKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.logs import announce_admin_token, console
 from server.metrics import Metrics
@@ -49,20 +50,42 @@ log = logging.getLogger(__name__)
 
 
 def plan_kv(settings: Settings, loaded: LoadedModel) -> KVLayout:
-    """Slots = min(max batch size, what the KV budget holds at full context length)."""
+    """The paged pool: as many blocks as `--kv-cache-bytes` holds; `--max-batch-size` caps the
+    rows. `max_model_len` only limits a request: it reserves nothing."""
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
     max_len = min(loaded.max_positions, settings.max_model_len or loaded.max_positions)
     layout = KVLayout(
-        spec.num_layers, spec.num_kv_heads, spec.head_dim, 1, max_len, loaded.dtype, loaded.device
+        spec.num_layers,
+        spec.num_kv_heads,
+        spec.head_dim,
+        settings.max_batch_size,
+        max_len,
+        loaded.dtype,
+        loaded.device,
+        num_blocks=1,
     )
-    num_slots = min(settings.max_batch_size, settings.kv_cache_bytes // layout.bytes_per_slot)
-    if num_slots < 1:
+    num_blocks = settings.kv_cache_bytes // layout.bytes_per_block
+    needed = -(-max_len // layout.block_size) + 2  # one full-length row, its prefix's last block, block 0
+    if num_blocks < needed:
         raise ValueError(
             f"--kv-cache-bytes={settings.kv_cache_bytes} cannot hold one row of {max_len} positions "
-            f"({layout.bytes_per_slot} bytes); raise it or lower --max-model-len"
+            f"({needed} blocks of {layout.bytes_per_block} bytes); raise it or lower --max-model-len"
         )
-    return KVLayout(
-        spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, max_len, loaded.dtype, loaded.device
+    return dataclasses.replace(layout, num_blocks=num_blocks)
+
+
+def _log_pool(layout: KVLayout) -> None:
+    usable = (layout.total_blocks - 1) * layout.block_size
+    log.info(
+        "KV pool: %d blocks of %d positions (%d MiB) = %d positions, %.1f rows of %d positions; "
+        "at most %d rows at once",
+        layout.total_blocks - 1,
+        layout.block_size,
+        layout.total_blocks * layout.bytes_per_block >> 20,
+        usable,
+        usable / layout.max_len,
+        layout.max_len,
+        layout.num_slots,
     )
 
 
@@ -224,11 +247,13 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
             "fingerprint": fingerprint,
             "max_len": str(layout.max_len),
             "kv_slots": str(layout.num_slots),
+            "kv_blocks": str(layout.total_blocks - 1),
+            "kv_block_size": str(layout.block_size),
         }
     )
     engine = Engine(
         loaded,
-        SlotKVCache(layout),
+        PagedKVCache(layout),
         settings.max_queue,
         on_step=metrics.observe_step,
         request_timeout_s=settings.request_timeout,
@@ -257,13 +282,8 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     metrics.bind(
         engine.stats, prefixes, lambda: keys.num_errors + limiter.num_errors, lambda: keys.is_enabled
     )
-    log.info(
-        "model %s fingerprint %s, %d KV slots of %d positions",
-        loaded.name,
-        fingerprint,
-        layout.num_slots,
-        layout.max_len,
-    )
+    log.info("model %s fingerprint %s, context %d positions", loaded.name, fingerprint, layout.max_len)
+    _log_pool(layout)
     console(
         f"model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}",
         also_logged=True,

@@ -51,14 +51,14 @@ class Settings(BaseSettings):
     admin_token_file: Path | None = Field(
         None, description="a file holding the admin token (keeps it out of `ps` and of the environment)"
     )
-    max_batch_size: int = Field(32, ge=1, description="rows decoded together at most")
+    max_batch_size: int = Field(256, ge=1, description="rows running at once at most")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429")
     cache_bytes: int = Field(256 * MiB, ge=0, description="device prefix cache budget")
     host_cache_bytes: int = Field(1024 * MiB, ge=0, description="host-memory prefix cache budget")
     coherence_interval_s: float = Field(
         0.5, gt=0, description="how often resident prefixes are checked against Redis versions"
     )
-    kv_cache_bytes: int = Field(1024 * MiB, ge=1, description="KV slot memory budget")
+    kv_cache_bytes: int = Field(1024 * MiB, ge=1, description="KV pool memory (blocks of 16 positions)")
     max_model_len: int | None = Field(None, ge=2, description="cap on prefix+prompt+output positions")
     max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_upload_bytes: int = Field(512 * MiB, ge=1, description="largest prefix upload")

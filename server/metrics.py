@@ -105,8 +105,9 @@ class _LiveCollector(Collector):
             "prefix_server_kv_cache_capacity_bytes", "Pre-allocated KV slot memory", stats.kv_capacity_bytes
         )
         yield GaugeMetricFamily(
-            "prefix_server_kv_cache_usage_ratio", "KV slot memory in use, 0..1", kv_usage_ratio(stats)
+            "prefix_server_kv_cache_usage_ratio", "KV pool memory in use, 0..1", kv_usage_ratio(stats)
         )
+        yield from _block_metrics(stats)
         yield from self._tier_metrics()
         yield CounterMetricFamily(
             "prefix_server_prefix_loads", "Prefix loads from Redis", prefixes.load_stats.loads
@@ -326,3 +327,21 @@ class Metrics:
         if not self.is_per_task() and self.task_label.known():
             self._fold_task_labels()
         return generate_latest(self.registry)
+
+
+def _block_metrics(stats: EngineStats) -> Iterator[Metric]:
+    """Where the paged pool's blocks are, and how many rows read the resident prefixes."""
+    blocks = stats.blocks
+    family = GaugeMetricFamily("prefix_server_kv_blocks", "KV pool blocks by holder", labels=["state"])
+    family.add_metric(["prefix"], blocks.num_prefix_blocks - blocks.num_idle_prefix_blocks)
+    family.add_metric(["cached_prefix"], blocks.num_idle_prefix_blocks)
+    family.add_metric(["rows"], blocks.num_row_blocks)
+    family.add_metric(["free"], blocks.num_free_blocks)
+    yield family
+    yield GaugeMetricFamily("prefix_server_kv_block_size", "Positions per KV block", blocks.block_size)
+    yield GaugeMetricFamily(
+        "prefix_server_kv_resident_prefixes", "Prefixes held in the KV pool", blocks.num_resident_prefixes
+    )
+    yield GaugeMetricFamily(
+        "prefix_server_kv_prefix_refs", "Running rows reading a shared prefix", blocks.num_prefix_refs
+    )

@@ -55,6 +55,12 @@ class VllmCollector(Collector):
         yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1", usage)
         yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage, 0..1", usage)
         yield self._lora_info(stats.num_slots)
+        # what the Gateway API inference extension reads
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "KV cache configuration", labels=["block_size", "num_gpu_blocks"]
+        )
+        info.add_metric([str(stats.blocks.block_size), str(stats.blocks.num_blocks)], 1.0)
+        yield info
 
     def _lora_info(self, max_lora: int) -> Metric:
         running: list[str] = []

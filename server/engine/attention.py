@@ -1,16 +1,19 @@
-"""Exact per-row attention for a mixed step, plugged into transformers as an attention function.
+"""Exact attention over the paged pool for a mixed step, plugged into transformers as an
+attention function; a shared prefix is read once per step for all the rows of its task.
 
 A mixed step runs every token of the step as one sequence `[1, tokens]`, so the linear layers
-see all of them at once. Attention must still stay per row (its own prefix, its own past, causal
-within its chunk), and a dense mask over all tokens and all rows would waste work in proportion
-to the number of rows. So, per layer:
-- rows feeding one token (decode rows, one-token prompts) attend together: one batched call over
-  a *view* of slots `0..n-1` with a `[n, 1, 1, kv_len]` length mask;
-- each row feeding a chunk attends alone over its own slot with a causal mask offset by its start.
-Both read the slot tensors the `StepCache` just wrote (keys/values of every slot).
-"""
+see all of them at once. Attention stays per row, in two parts merged exactly by log-sum-exp
+(Hydragen, arXiv 2402.05099; FlashInfer's cascade attention):
+- prefix part, for a prefix read by several rows of the step (attention_plan.MIN_GROUP_ROWS):
+  the queries of all its rows (decode tokens and prefill chunks alike; no mask, every query
+  sees the whole prefix) against its K/V as one matrix product per KV head, the query heads that
+  share a KV head folded into the query dimension; all such groups in one padded batch;
+- what each row reads by itself: its own tokens (and its prefix, when that is not read by a
+  group): one-token rows in one padded batch with a length mask, chunk rows in another with a
+  causal mask. A step without a group needs no merge and runs fused SDPA.
+Pure PyTorch: the same code on CPU and CUDA. The plan (`StepAttention`) is built once a step
+(attention_plan.py) and read by every layer."""
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,74 +21,130 @@ from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-NAME = "prefix_slots"
+from server.engine.attention_plan import StepAttention
+
+NAME = "prefix_paged"
 
 
-@dataclass(frozen=True)
-class ChunkRow:
-    """A row feeding `length` tokens (tokens `offset..offset+length-1` of the step) at `start`."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax attention returning float32 `(out [..., M, d], lse [..., M])`.
 
-    slot: int
-    offset: int
-    start: int  # cache position of its first new token
-    mask: torch.Tensor  # [length, start + length] causal, offset by `start`
-
-
-@dataclass(frozen=True)
-class StepAttention:
-    """Where each token of the step sits, prepared once per step and read by every layer."""
-
-    token_slots: torch.Tensor  # [tokens] the slot of each token
-    token_positions: torch.Tensor  # [tokens] its cache position
-    single_tokens: torch.Tensor  # [n1] step indices of the one-token rows
-    single_slots: list[int]  # their slots
-    single_view: int  # slots 0..single_view-1 are read for them
-    single_query_rows: torch.Tensor | None  # [n1] row of the view for each (None: 0..n1-1)
-    single_mask: torch.Tensor  # [single_view, 1, 1, single_kv_len]
-    chunks: list[ChunkRow]
+    `q` `[..., M, d]`, `k`/`v` `[..., N, d]`, `mask` (True: attend) broadcastable to `[..., M, N]`.
+    Without `need_lse` it is one fused SDPA call (and lse is None)."""
+    if not need_lse:
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).float(), None
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [..., M, N]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [..., M]
+    probs = torch.exp(scores - lse[..., None])
+    return torch.matmul(probs.to(v.dtype), v).float(), lse
 
 
-def prepare(rows: list[tuple[int, int, int]], device: torch.device) -> StepAttention:
-    """Plan attention for rows `(slot, start position, num_tokens)` in token order."""
-    slots: list[int] = []
-    positions: list[int] = []
-    singles: list[int] = []
-    single_slots: list[int] = []
-    single_lens: list[int] = []
-    chunks: list[ChunkRow] = []
-    offset = 0
-    for slot, start, length in rows:
-        slots += [slot] * length
-        positions += range(start, start + length)
-        if length == 1:
-            singles.append(offset)
-            single_slots.append(slot)
-            single_lens.append(start + 1)
-        else:
-            keys = torch.arange(start + length)
-            mask = keys[None, :] <= torch.arange(start, start + length)[:, None]
-            chunks.append(ChunkRow(slot, offset, start, mask.to(device)))
-        offset += length
-    view = max(single_slots, default=-1) + 1
-    lens = torch.ones(view, dtype=torch.long)  # rows of the view that do not query: see position 0
-    if single_slots:
-        lens[torch.tensor(single_slots)] = torch.tensor(single_lens)
-    kv_len = int(lens.max()) if view else 0
-    mask = torch.arange(kv_len)[None, :] < lens[:, None]
-    contiguous = single_slots == list(range(len(single_slots)))
-    return StepAttention(
-        token_slots=torch.tensor(slots, dtype=torch.long, device=device),
-        token_positions=torch.tensor(positions, dtype=torch.long, device=device),
-        single_tokens=torch.tensor(singles, dtype=torch.long, device=device),
-        single_slots=single_slots,
-        single_view=view,
-        single_query_rows=None if contiguous else torch.tensor(single_slots, dtype=torch.long, device=device),
-        single_mask=mask[:, None, None, :].to(device),
-        chunks=chunks,
-    )
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over keys `A ∪ B` from attention over each: `out [..., d]`, `lse [...]`."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return torch.exp(lse_a - lse)[..., None] * out_a + torch.exp(lse_b - lse)[..., None] * out_b, lse
 
 
-def slot_attention(
+def _own_singles(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One-token rows against the keys each reads by itself: `[n1, heads, d]`, `[n1, heads]`."""
+    n1, heads, d = q.shape
+    kv_heads = key.shape[1]
+    width = plan.single_positions.shape[1]
+    qs = q.view(n1, kv_heads, heads // kv_heads, d)  # [n1, kv_heads, rep, d]
+    where = plan.single_positions.reshape(-1)  # a flat index_select: far cheaper than a 2-D gather
+    ks = key.index_select(0, where).view(n1, width, kv_heads, d).permute(0, 2, 1, 3)  # [n1, kv_heads, L, d]
+    vs = value.index_select(0, where).view(n1, width, kv_heads, d).permute(0, 2, 1, 3)
+    out, lse = attend(qs, ks, vs, scale, plan.single_mask[:, None, None, :], need_lse)
+    return out.reshape(n1, heads, d), None if lse is None else lse.reshape(n1, heads)
+
+
+def _own_chunks(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every chunk row's queries against the keys it reads by itself, padded into one batch;
+    returns `[real queries, heads, d]`, `[real queries, heads]` in `chunk_tokens` order."""
+    nc, width_q = plan.chunk_tokens.shape
+    width_k = plan.chunk_positions.shape[1]
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = key.shape[1]
+    rep = heads // kv_heads
+    qc = q[plan.chunk_tokens.reshape(-1)].view(nc, width_q, kv_heads, rep, d)
+    qc = qc.permute(0, 2, 3, 1, 4).reshape(nc, kv_heads, rep * width_q, d)  # [nc, kv_heads, rep * Lq, d]
+    where = plan.chunk_positions.reshape(-1)
+    kc = key.index_select(0, where).view(nc, width_k, kv_heads, d).transpose(1, 2)  # [nc, kv_heads, Lk, d]
+    vc = value.index_select(0, where).view(nc, width_k, kv_heads, d).transpose(1, 2)
+    mask = plan.chunk_mask.repeat(1, rep, 1)[:, None]  # [nc, 1, rep * Lq, Lk]
+    out, lse = attend(qc, kc, vc, scale, mask, need_lse)
+    real = plan.chunk_queries.reshape(-1)
+    out = out.view(nc, kv_heads, rep, width_q, d).permute(0, 3, 1, 2, 4).reshape(nc * width_q, heads, d)
+    if lse is not None:
+        lse = lse.view(nc, kv_heads, rep, width_q).permute(0, 3, 1, 2).reshape(nc * width_q, heads)[real]
+    return out[real], lse
+
+
+def _grouped_prefixes(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group's queries against its prefix, all groups in one batched product (GQA folded:
+    `[groups, kv_heads, T * rep, d]` against `[groups, kv_heads, P, d]`); returns
+    `[real queries, heads, d]`, `[real queries, heads]` in `group_tokens` order."""
+    ng, width_t = plan.group_tokens.shape
+    width_p = plan.group_positions.shape[1]
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = key.shape[1]
+    rep = heads // kv_heads
+    qg = q[plan.group_tokens.reshape(-1)].view(ng, width_t, kv_heads, rep, d)
+    qg = qg.transpose(1, 2).reshape(ng, kv_heads, width_t * rep, d)
+    where = plan.group_positions.reshape(-1)
+    kg = key.index_select(0, where).view(ng, width_p, kv_heads, d).transpose(1, 2)  # [ng, kv_heads, P, d]
+    vg = value.index_select(0, where).view(ng, width_p, kv_heads, d).transpose(1, 2)
+    out, lse = attend(qg, kg, vg, scale, plan.group_mask[:, None, None, :])
+    assert lse is not None
+    real = plan.group_queries.reshape(-1)
+    out = out.view(ng, kv_heads, width_t, rep, d).transpose(1, 2).reshape(ng * width_t, heads, d)[real]
+    return out, lse.view(ng, kv_heads, width_t, rep).transpose(1, 2).reshape(ng * width_t, heads)[real]
+
+
+def step_attention_forward(
+    plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`q` `[tokens, heads, d]` against the pool `[positions, kv_heads, d]`: float32 `[tokens, heads, d]`."""
+    tokens, heads, d = q.shape
+    need_lse = plan.has_groups  # without a group every row reads all its keys by itself: no merge
+    out = q.new_empty(tokens, heads, d, dtype=torch.float32)
+    lse = q.new_empty(tokens, heads, dtype=torch.float32)
+    if plan.single_tokens.numel():
+        o, l_ = _own_singles(plan, q[plan.single_tokens], key, value, scale, need_lse)
+        out[plan.single_tokens] = o
+        if l_ is not None:
+            lse[plan.single_tokens] = l_
+    if plan.chunk_tokens.numel():
+        real = plan.chunk_tokens[plan.chunk_queries]
+        o, l_ = _own_chunks(plan, q, key, value, scale, need_lse)
+        out[real] = o
+        if l_ is not None:
+            lse[real] = l_
+    if plan.has_groups:
+        real = plan.group_tokens[plan.group_queries]
+        out_p, lse_p = _grouped_prefixes(plan, q, key, value, scale)
+        out[real], lse[real] = merge(out[real], lse[real], out_p, lse_p)
+    return out
+
+
+def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -95,44 +154,17 @@ def slot_attention(
     step_attention: StepAttention | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """`query` `[1, heads, tokens, d]`; `key`/`value`: every slot `[slots, kv_heads, max_len, d]`.
+    """`query` `[1, heads, tokens, d]`; `key`/`value`: the pool `[positions, kv_heads, d]`.
 
     Returns `[1, tokens, heads, d]` as transformers' attention functions do. Without a step plan
     (any other use of the model, e.g. encoding a text prefix) it is plain SDPA.
     """
     if step_attention is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    plan = step_attention
-    gqa = query.shape[1] != key.shape[1]
-    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [tokens, heads, d]
-    if plan.single_slots:
-        q = query[0, :, plan.single_tokens].transpose(0, 1)[:, :, None]  # [n1, heads, 1, d]
-        if plan.single_query_rows is not None:  # some rows of the view do not query: give them zeros
-            q = q.new_zeros(plan.single_view, *q.shape[1:]).index_copy_(0, plan.single_query_rows, q)
-        kv_len = plan.single_mask.shape[-1]
-        o = scaled_dot_product_attention(
-            q,
-            key[: plan.single_view, :, :kv_len],
-            value[: plan.single_view, :, :kv_len],
-            attn_mask=plan.single_mask,
-            scale=scaling,
-            enable_gqa=gqa,
-        )  # [view, heads, 1, d]
-        if plan.single_query_rows is not None:
-            o = o[plan.single_query_rows]
-        out[plan.single_tokens] = o[:, :, 0]
-    for chunk in plan.chunks:
-        length, end = chunk.mask.shape[0], chunk.mask.shape[1]
-        o = scaled_dot_product_attention(
-            query[:, :, chunk.offset : chunk.offset + length],
-            key[chunk.slot : chunk.slot + 1, :, :end],
-            value[chunk.slot : chunk.slot + 1, :, :end],
-            attn_mask=chunk.mask,
-            scale=scaling,
-            enable_gqa=gqa,
-        )  # [1, heads, length, d]
-        out[chunk.offset : chunk.offset + length] = o[0].transpose(0, 1)
-    return out[None], None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, d]
+    out = step_attention_forward(step_attention, q, key, value, scale)
+    return out.to(query.dtype)[None], None
 
 
-AttentionInterface.register(NAME, slot_attention)
+AttentionInterface.register(NAME, paged_attention)

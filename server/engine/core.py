@@ -14,8 +14,10 @@ from collections.abc import Callable
 
 import torch
 
+from server.engine.attention_plan import PlanRow
+from server.engine.block_pool import RequestBlocks
 from server.engine.errors import QueueFull
-from server.engine.kv_cache import SlotKVCache
+from server.engine.kv_cache import PagedKVCache
 from server.engine.model_loader import LoadedModel
 from server.engine.model_runner import ForwardRow, ModelRunner
 from server.engine.penalties import PenaltyTable
@@ -29,12 +31,12 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Continuous batching with mixed prefill/decode steps over a slot KV cache."""
+    """Continuous batching with mixed prefill/decode steps over the paged KV pool."""
 
     def __init__(
         self,
         loaded: LoadedModel,
-        kv: SlotKVCache,
+        kv: PagedKVCache,
         max_queue: int,
         max_num_batched_tokens: int | None = 512,
         max_rows_per_tenant: int | None = None,
@@ -53,6 +55,7 @@ class EngineCore:
             max_num_tokens=max_num_batched_tokens,
             max_rows_per_tenant=max_rows_per_tenant,
             max_chunk_tokens=max_chunk_tokens,
+            blocks=RequestBlocks(kv.pool),
         )
         output_embeddings = loaded.model.get_output_embeddings()
         vocab = output_embeddings.weight.shape[0] if output_embeddings is not None else loaded.vocab_size
@@ -123,25 +126,22 @@ class EngineCore:
         with self.lock:
             batch = self.scheduler.schedule()
         self._move_slots(batch.moves)  # preempted rows left holes
+        self.kv.write_pending()  # prefixes newly placed in the pool for the admitted rows
         now = time.monotonic()
-        for request in batch.admitted:  # fresh, or resumed after a preemption: the slot starts anew
+        for request in batch.admitted:  # fresh, or resumed after a preemption: the row starts anew
             if request.admitted_time is None:
                 request.admitted_time = now
-            slot = self.scheduler.slot_of(request)
-            self.kv.load_prefix(slot, request.prefix.kv)
             if request.params.has_penalties:
-                self.penalties.load(slot, request.prompt_ids, request.output_ids)
+                self.penalties.load(self.scheduler.slot_of(request), request.prompt_ids, request.output_ids)
         return batch
 
     def _move_slots(self, moves: list[SlotMove]) -> None:
-        """Apply compaction moves to the KV cache (and to penalised rows' token histories)."""
+        """Apply compaction moves to penalised rows' token histories (KV blocks stay where they are)."""
         if not moves:
             return
         with self.lock:
             running = {r.request_id: r for r in self.scheduler.running}
-            lengths = {i: r.prefix_len + self.scheduler.num_computed(r) for i, r in running.items()}
         for move in moves:
-            self.kv.move_slot(move.src, move.dst, lengths[move.request_id])
             if running[move.request_id].params.has_penalties:
                 self.penalties.move(move.src, move.dst)
 
@@ -152,7 +152,9 @@ class EngineCore:
             ids = request.output_ids[start - num_prompt : end - num_prompt]
         else:
             ids = request.prompt_ids[start:end] + request.output_ids[: max(0, end - num_prompt)]
-        return ForwardRow(work.slot, request.prefix_len + start, ids, work.samples)
+        pool, row_id = self.kv.pool, request.request_id
+        plan = PlanRow(pool.prefix_of(row_id), pool.table(row_id), start, work.num_tokens)
+        return ForwardRow(plan, ids, work.samples)
 
     def _sample(self, rows: list[Request], slots: list[int], logits: torch.Tensor) -> list[StepOutput]:
         """Sample every row; a row whose logits are not finite fails alone (the others go on)."""

@@ -21,7 +21,7 @@ from server.engine.chat import render_chat
 from server.engine.core import EngineCore
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
 from server.engine.handle import PAUSE_AT, RequestHandle
-from server.engine.kv_cache import SlotKVCache
+from server.engine.kv_cache import PagedKVCache
 from server.engine.model_loader import LoadedModel, longest_token_chars
 from server.engine.prefix_encoder import compute_prefix_kv
 from server.engine.request import Request, SamplingParams, StepOutput
@@ -42,7 +42,7 @@ class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
-        kv: SlotKVCache,
+        kv: PagedKVCache,
         max_queue: int,
         on_step: Callable[[StepStats], None] | None = None,
         request_timeout_s: float | None = None,
@@ -98,12 +98,12 @@ class Engine:
     def stats(self) -> EngineStats:
         layout = self.kv.layout
         with self._wakeup:
-            running, num_waiting = list(self.scheduler.running), len(self.scheduler.waiting)
-        bytes_per_position = layout.bytes_per_slot // layout.max_len
-        used = sum(r.num_cached + 1 for r in running) * bytes_per_position
-        capacity = layout.bytes_per_slot * layout.num_slots
+            num_running, num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+            blocks = self.kv.pool.stats()
+        used = blocks.num_used_blocks * layout.bytes_per_block
+        capacity = blocks.num_blocks * layout.bytes_per_block
         return EngineStats(
-            len(running), num_waiting, layout.num_slots, self.max_len, self.is_alive, used, capacity
+            num_running, num_waiting, layout.num_slots, self.max_len, self.is_alive, used, capacity, blocks
         )
 
     # ---- caller side (event loop thread) -----------------------------------------------

@@ -6,15 +6,15 @@ import torch
 from transformers import PreTrainedModel
 
 from server.engine import attention
-from server.engine.kv_cache import SlotKVCache, StepCache
+from server.engine.attention_plan import PlanRow, prepare
+from server.engine.kv_cache import PagedKVCache, StepCache
 
 
 @dataclass(frozen=True)
 class ForwardRow:
-    """One row of a step: `token_ids` go to `slot` from cache position `start` on."""
+    """One row of a step: `token_ids` follow the row's cached positions (see `PlanRow`)."""
 
-    slot: int
-    start: int  # = positions already in the slot (prefix + earlier tokens)
+    plan: PlanRow
     token_ids: list[int]
     samples: bool = True  # whether the step needs logits at its last token
 
@@ -22,7 +22,7 @@ class ForwardRow:
 class ModelRunner:
     """Prepares the flat inputs (ids, positions, per-row attention plan) and runs the model."""
 
-    def __init__(self, model: PreTrainedModel, kv: SlotKVCache, max_positions: int) -> None:
+    def __init__(self, model: PreTrainedModel, kv: PagedKVCache, max_positions: int) -> None:
         self.model = model
         self.kv = kv
         self.device = kv.layout.device
@@ -33,18 +33,18 @@ class ModelRunner:
         """Run every row's tokens as one sequence; return float32 logits `[sampling rows, vocab]`
         at the last token of each row with `samples`, in row order."""
         ids = [t for r in rows for t in r.token_ids]
-        plan = attention.prepare([(r.slot, r.start, len(r.token_ids)) for r in rows], self.device)
+        plan = prepare([r.plan for r in rows], self.kv.layout.block_size, self.device)
         ends = torch.tensor([len(r.token_ids) for r in rows]).cumsum(0) - 1
         keep = ends[torch.tensor([r.samples for r in rows], dtype=torch.bool)]
         if not len(keep):
             keep = ends[-1:]  # the model wants at least one position; its logits are dropped
         config = self.model.config
         previous, config._attn_implementation = config._attn_implementation, attention.NAME
-        try:  # only this forward uses the slot attention; any other use of the model stays SDPA
+        try:  # only this forward uses the paged attention; any other use of the model stays SDPA
             out = self.model(
                 input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                 position_ids=plan.token_positions.clamp(max=self.max_positions - 1)[None],
-                cache=StepCache(self.kv, plan.token_slots, plan.token_positions),
+                cache=StepCache(self.kv, plan.slot_mapping),
                 use_cache=True,
                 logits_to_keep=keep.to(self.device),
                 step_attention=plan,

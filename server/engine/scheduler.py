@@ -9,6 +9,10 @@ what it generated so far). Like vLLM v1, prompt and generated tokens are alike: 
 row feeds its next tokens; while it has more than one left it is *prefilling* (possibly in
 chunks over several steps), then it *decodes* one token a step. Running decode rows are
 scheduled first, prefill chunks fill the rest of the budget.
+
+With `blocks` (the paged KV pool), memory is a resource too: a row is admitted only when its
+prefix and first chunk fit, a chunk is cut to the blocks available, and when decode rows need
+more blocks than are left, rows are preempted (the last slot first, recomputed later).
 """
 
 from collections import Counter, deque
@@ -23,6 +27,24 @@ class HasId(Protocol):
 
 
 R = TypeVar("R", bound=HasId)
+R_contra = TypeVar("R_contra", bound=HasId, contravariant=True)
+
+
+class BlockBudget(Protocol[R_contra]):
+    """KV blocks as the scheduler sees them; `num_tokens` counts a row's own tokens (prefix excluded)."""
+
+    @property
+    def num_available(self) -> int: ...
+
+    def admit(self, request: R_contra, num_tokens: int) -> bool: ...
+
+    def grow(self, request: R_contra, num_tokens: int) -> bool: ...
+
+    def num_needed(self, request: R_contra, num_tokens: int) -> int: ...
+
+    def room(self, request: R_contra) -> int: ...
+
+    def free(self, request: R_contra) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -89,8 +111,10 @@ class Scheduler(Generic[R]):
         max_num_tokens: int | None = None,
         max_rows_per_tenant: int | None = None,
         max_chunk_tokens: int | None = None,
+        blocks: BlockBudget[R] | None = None,
     ) -> None:
         self.max_rows = max_rows
+        self.blocks = blocks
         self.max_queue = max_queue
         self.max_prefill_rows = max_prefill_rows or max_rows
         self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
@@ -161,6 +185,10 @@ class Scheduler(Generic[R]):
     def schedule(self) -> ScheduledBatch[R]:
         """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""
         preempted, moves = self._preempt_for_fairness()
+        for victim in self._preempt_for_blocks():
+            preempted.append(victim)
+            moves += self.retire({victim.request_id})
+            self.waiting.appendleft(victim)
         budget = self.max_num_tokens if self.max_num_tokens is not None else 1 << 62
         left = {
             r.request_id: self._targets[r.request_id] - self._computed[r.request_id] for r in self.running
@@ -172,9 +200,13 @@ class Scheduler(Generic[R]):
             if left[r.request_id] <= 0 and r.request_id not in self.paused
         ]
         num_decode, budget = len(rows), budget - len(rows)
+        # prefills under way: each tenant's fair chunk, taken now (their blocks before any admission's)
         chunks = self._prefill_chunks(left, budget)
-        budget -= sum(chunks.values())
         continuing = len(rows)
+        for slot, request in enumerate(self.running):
+            if request.request_id in chunks:
+                rows.append(self._take(request, slot, chunks[request.request_id]))
+        budget -= sum(chunks.values())
         admitted: list[R] = []
         held = self._running_per_tenant()
         while (
@@ -187,32 +219,40 @@ class Scheduler(Generic[R]):
             if picked is None:
                 break
             request = picked
+            target = self.num_tokens_of(request)
+            first_chunk = min(target, budget, self.max_chunk_tokens)
+            if self.blocks is not None and not self.blocks.admit(request, first_chunk):
+                self.waiting.appendleft(request)  # no room for it yet: it stays first in line
+                break
             admitted.append(request)
             if self.tenant_of is not None:
                 held[self.tenant_of(request)] += 1
             self.running.append(request)
-            target = self.num_tokens_of(request)
             self._targets[request.request_id], self._computed[request.request_id] = target, 0
-            rows.append(
-                self._take(request, len(self.running) - 1, min(target, budget, self.max_chunk_tokens))
-            )
+            rows.append(self._take(request, len(self.running) - 1, first_chunk))
             budget -= rows[-1].num_tokens
-        rows[continuing:continuing] = self._continue_prefills(left, chunks, budget, len(admitted))
+        end = len(rows) - len(admitted)
+        rows[continuing:end] = self._top_up(left, rows[continuing:end], budget, len(admitted))
         self.num_last_rows = len(rows)
         return ScheduledBatch(rows, num_decode, admitted, preempted, moves)
 
-    def _continue_prefills(
-        self, left: dict[str, int], chunks: dict[str, int], budget: int, num_admitted: int
+    def _top_up(
+        self, left: dict[str, int], taken: list[RowWork[R]], budget: int, num_admitted: int
     ) -> list[RowWork[R]]:
-        """The prefills under way, in slot order: their fair chunks, topped up with the budget
-        nobody new took (work-conserving)."""
+        """The prefills under way, in slot order: their fair chunks (`taken`) topped up with the
+        budget nobody new took (work-conserving), within the blocks they can get."""
+        by_id = {row.request.request_id: row for row in taken}
         rows = []
         for slot, request in enumerate(self.running[: len(self.running) - num_admitted]):
             request_id = request.request_id
             if left[request_id] <= 0:
                 continue
-            chunk = chunks.get(request_id, 0)
-            extra = max(0, min(min(left[request_id], self.max_chunk_tokens) - chunk, budget))
+            row = by_id.get(request_id)
+            chunk = 0 if row is None else row.num_tokens
+            if row is not None:
+                self._computed[request_id] = row.start  # taken again below, with the extra
+            room = min(left[request_id], self.max_chunk_tokens, self._room(request))
+            extra = max(0, min(room - chunk, budget))
             budget -= extra
             if chunk + extra > 0:
                 rows.append(self._take(request, slot, chunk + extra))
@@ -231,7 +271,8 @@ class Scheduler(Generic[R]):
         chunks: dict[str, int] = {}
         for request in under_way:
             tenant = tenant_of(request)
-            chunk = min(left[request.request_id], budget, self.max_chunk_tokens, quota[tenant])
+            room = min(self.max_chunk_tokens, quota[tenant], self._room(request))
+            chunk = min(left[request.request_id], budget, room)
             if chunk > 0:
                 chunks[request.request_id] = chunk
                 quota[tenant] -= chunk
@@ -242,10 +283,37 @@ class Scheduler(Generic[R]):
         """Schedule `num_tokens` more of a row (a decode row: its one token)."""
         request_id = request.request_id
         start = self._computed[request_id]
+        if self.blocks is not None and not self.blocks.grow(request, start + num_tokens):
+            raise RuntimeError(f"no KV blocks for {num_tokens} more tokens of {request_id}")
         self._computed[request_id] = start + num_tokens
         return RowWork(
             request, slot, start, num_tokens, samples=start + num_tokens >= self._targets[request_id]
         )
+
+    def _room(self, request: R) -> int:
+        """Tokens a prefilling row may add under the free blocks."""
+        if self.blocks is None:
+            return 1 << 62
+        return self.blocks.room(request) - self._computed[request.request_id]
+
+    def _preempt_for_blocks(self) -> list[R]:
+        """Rows to preempt (the last slot first) until every decode row, and the first prefilling
+        row (so that something always moves), can grow by one token."""
+        if self.blocks is None:
+            return []
+        victims: list[R] = []
+        running = list(self.running)
+        while running:
+            active = [r for r in running if r.request_id not in self.paused]
+            growing = [r for r in active if self._targets[r.request_id] <= self._computed[r.request_id]]
+            growing += [r for r in active if self._targets[r.request_id] > self._computed[r.request_id]][:1]
+            needed = sum(self.blocks.num_needed(r, self._computed[r.request_id] + 1) for r in growing)
+            if needed <= self.blocks.num_available:
+                break
+            victim = running.pop()
+            self.blocks.free(victim)  # its blocks count as available for the next round
+            victims.append(victim)
+        return victims
 
     def _running_per_tenant(self) -> Counter[str]:
         if self.tenant_of is None:
@@ -327,6 +395,10 @@ class Scheduler(Generic[R]):
 
         Returns the moves to apply, in order.
         """
+        if self.blocks is not None:
+            for request in self.running:
+                if request.request_id in finished:
+                    self.blocks.free(request)
         moves: list[SlotMove] = []
         slot = 0
         while slot < len(self.running):

@@ -1,7 +1,8 @@
 """What the engine reports: a snapshot of its state, one record per step, one per finished request."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from server.engine.block_pool import BlockStats
 from server.engine.request import Request
 
 
@@ -11,11 +12,12 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    num_slots: int
+    num_slots: int  # rows that may run at once (--max-batch-size)
     max_len: int
     is_alive: bool
-    kv_used_bytes: int = 0  # positions held by running rows (prefix + tokens)
-    kv_capacity_bytes: int = 0  # the pre-allocated slot memory
+    kv_used_bytes: int = 0  # blocks held by running rows and the prefixes they use
+    kv_capacity_bytes: int = 0  # the pre-allocated pool
+    blocks: BlockStats = field(default_factory=BlockStats.empty)  # where the pool's blocks are
 
 
 @dataclass(frozen=True)

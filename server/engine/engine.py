@@ -6,7 +6,6 @@ The loop never touches Redis: a request arrives here with its prefix already res
 """
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -121,11 +120,6 @@ class Engine:
         from the event loop (see engine/tokenize.py)."""
         return await self.off_loop.prepare(prompts, messages, add_special_tokens)
 
-    @functools.cached_property
-    def _max_token_chars(self) -> int:
-        """Characters of the tokenizer's longest token: no token covers more of a text."""
-        return max(map(len, self.loaded.tokenizer.get_vocab()), default=1)
-
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
         return render_chat(self.loaded.tokenizer, messages)
@@ -212,7 +206,7 @@ class Engine:
         return await self.run_on_model(lambda: compute_prefix_kv(model, device, token_ids, source.embeddings))
 
     def _encode_prefix_text(self, text: str, max_prefix_len: int) -> list[int]:
-        max_chars = max_prefix_len * self._max_token_chars
+        max_chars = max_prefix_len * self.max_token_chars
         if len(text) > max_chars:
             raise InvalidPrefix(
                 f"the text prefix does not fit: {len(text)} characters, more than "

@@ -10,14 +10,13 @@ see all of them at once. Attention stays per row, in two parts merged exactly by
   share a KV head folded into the query dimension; all such groups in one padded batch;
 - what each row reads by itself: its own tokens (and its prefix, when that is not read by a
   group): one-token rows in one padded batch with a length mask, chunk rows in another with a
-  causal mask. A step without a group needs no merge and runs fused SDPA.
+  causal mask. A step without a group needs no merge.
 Pure PyTorch: the same code on CPU and CUDA. The plan (`StepAttention`) is built once a step
 (attention_plan.py) and read by every layer."""
 
 from typing import Any
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -37,15 +36,14 @@ def attend(
     """Softmax attention returning float32 `(out [..., M, d], lse [..., M])`.
 
     `q` `[..., M, d]`, `k`/`v` `[..., N, d]`, `mask` (True: attend) broadcastable to `[..., M, N]`.
-    Without `need_lse` it is one fused SDPA call (and lse is None)."""
-    if not need_lse:
-        return scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).float(), None
+    Plain matrix products, not SDPA: PyTorch's fused CPU kernel costs far more at these small,
+    many-batch shapes (it threads over the batch). Without `need_lse`, lse is None."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [..., M, N]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [..., M]
     probs = torch.exp(scores - lse[..., None])
-    return torch.matmul(probs.to(v.dtype), v).float(), lse
+    return torch.matmul(probs.to(v.dtype), v).float(), lse if need_lse else None
 
 
 def merge(

@@ -31,13 +31,20 @@ def _best(fn: Any, repeats: int = 5) -> float:
 
 def _decode_step(engine: Any, w: Any) -> tuple[Any, int]:
     """A step of `concurrency` decode rows at a mid-generation context: forward + sampling."""
+    from server.engine.attention_plan import PlanRow
     from server.engine.model_runner import ForwardRow
     from server.engine.request import SamplingParams
     from server.engine.sampler import sample
 
     rows = w.concurrency
     context = w.prefix_len + (w.prompt_min + w.prompt_max) // 2 + w.new_tokens // 2
-    forward = [ForwardRow(slot, context, [1]) for slot in range(rows)]
+    pool = engine.runner.kv.pool  # rows of `context` cached positions (no prefix) in the paged pool
+    forward = []
+    for i in range(rows):
+        row_id = f"probe-{i}"
+        pool.free(row_id)  # a probe called again reuses its rows
+        assert pool.admit(row_id, "probe", None, 0, context + 1), "the bench pool is too small"
+        forward.append(ForwardRow(PlanRow(None, pool.table(row_id), context, 1), [1]))
     params = [SamplingParams()] * rows
     return (lambda: sample(engine.runner.forward(forward), params, [None] * rows)), context
 

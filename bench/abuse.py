@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.abuse_attacks import ATTACKER, ATTACKS, VICTIM, Target  # noqa: E402
 from bench.doc_sections import write_section  # noqa: E402
+from server.engine.precision import describe, machine_info  # noqa: E402
 from tests.server_process import ServerProcess, upload_adapter  # noqa: E402
 from tests.tiny_models import save_adapter, save_tiny_model  # noqa: E402
 
@@ -183,6 +184,7 @@ def _markdown(result: dict[str, Any]) -> str:
     rows = [
         "## Hostile tenants (`bench/abuse.py`)",
         "",
+        f"One run, {result['date']}, on {describe(result['machine'])}.",
         f"Victim: one tenant's 8-token greedy `/generate`, back to back, {result['seconds']} s per phase,",
         "while the other tenant (or nobody with a key) attacks; attacks in `bench/abuse_attacks.py`.",
         "Ratios are against the no-attack phase of the same run. After each attack: seconds until",
@@ -250,6 +252,8 @@ def main() -> int:
         if name != "no_attack":
             row["within"] = _is_within(row, base)
     result = {
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d"),
         "seconds": args.seconds,
         "request_timeout_s": args.request_timeout,
         "phases": phases,

@@ -1,4 +1,4 @@
-"""README's table of tested model families names exactly the families the tests serve."""
+"""The table of tested model families (docs/models.md) names exactly the families the tests serve."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import Path
 
 from tests.tiny_families import FAMILIES
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 ORACLE_HTTP_ROWS = {"GPT-2 (the demo model's)", "Llama"}  # tests/integration/test_oracle_http.py
 
 
-def test_readme_lists_the_tested_families() -> None:
-    text = README.read_text()
+def test_models_page_lists_the_tested_families() -> None:
+    text = MODELS_PAGE.read_text()
     table = text[text.index("Tested model families") :].split("\n\n")[1]
     rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]  # after the header rows
     titles = {row.split("|")[1].strip() for row in rows}

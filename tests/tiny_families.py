@@ -55,7 +55,7 @@ class Family:
     tokenizer: str  # "sentencepiece" / "tiktoken" (a tokenizer.model alone) or "bpe" (tokenizer.json)
     tokenizer_class: str
     specials: dict[str, str | None]  # bos / eos / unk / pad token strings
-    title: str  # as README's table of tested families names it
+    title: str  # as the table of tested families in docs/models.md names it
 
 
 _LLAMA2 = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": None}

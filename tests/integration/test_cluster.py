@@ -23,7 +23,7 @@ import pytest
 
 from prefix_store.embedded_redis import free_port
 from server.cluster import ClusterError, find_haproxy
-from tests.readme_runner import commands, failures, run_commands, shell_blocks
+from tests.readme_runner import commands, failures, page_blocks, run_commands
 from tests.server_process import ROOT, clean_env
 from tests.tiny_models import Adapter, save_adapter, save_tiny_model
 
@@ -185,13 +185,9 @@ def test_a_hot_task_spills_over_beyond_the_load_bound(client: httpx.Client) -> N
     assert len(replicas) == 6 and len(set(replicas)) >= 2, replicas
 
 
-def test_the_readmes_scale_out_commands_run_against_the_cluster(cluster: Cluster) -> None:
-    readme = (ROOT / "README.md").read_text()
-    cmds = [
-        c.replace("127.0.0.1:8080", "127.0.0.1:8000")
-        for b in shell_blocks(readme, "Scale out")
-        for c in commands(b)
-    ]
+def test_the_scale_out_pages_commands_run_against_the_cluster(cluster: Cluster) -> None:
+    page = (ROOT / "docs/scale-out.md").read_text()  # tests/readme_runner.py RUN_ELSEWHERE
+    cmds = [c.replace("127.0.0.1:8080", "127.0.0.1:8000") for b in page_blocks(page) for c in commands(b)]
     port = int(cluster.url.rsplit(":", 1)[1])
     ran = run_commands(cmds, cluster.log_path.parent, port, clean_env())  # cwd: where data/ is
     assert len(ran) == 4 and failures(ran) == []

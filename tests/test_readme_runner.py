@@ -1,6 +1,8 @@
 """The README runner itself: it must see a failed command, or the README test proves nothing.
-Also: every page with runnable blocks is run somewhere, and every relative link resolves."""
+Also: every page with runnable blocks is run somewhere, every relative link resolves, and every
+folder says what it holds."""
 
+import ast
 from pathlib import Path
 
 from tests.readme_runner import (
@@ -93,3 +95,18 @@ def test_every_relative_link_resolves() -> None:
             elif anchor and linked.suffix == ".md" and anchor not in anchors(linked.read_text()):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert broken == []
+
+
+def test_every_folder_says_what_it_holds() -> None:
+    """Each top-level folder's first file (its `__init__.py`, else its README.md) says what it holds."""
+    skipped = {"data", "models"}  # not in the repository: run data, local checkpoints (.gitignore)
+    for folder in sorted(ROOT.iterdir()):
+        if not folder.is_dir() or folder.name.startswith((".", "_")) or folder.name in skipped:
+            continue
+        if folder.name.endswith(".egg-info"):
+            continue
+        init, readme = folder / "__init__.py", folder / "README.md"
+        if init.exists():
+            assert ast.get_docstring(ast.parse(init.read_text())), f"{folder.name}/__init__.py: no docstring"
+        else:
+            assert readme.exists() and readme.read_text().strip(), f"{folder.name}/ has no README.md"

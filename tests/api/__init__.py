@@ -1,0 +1,1 @@
+"""Tests of server/api: routes, schemas, errors, HTTP guards."""

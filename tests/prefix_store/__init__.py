@@ -1,0 +1,1 @@
+"""Tests of prefix_store: format, PEFT conversion, fingerprint, Redis store, cache tiers."""

@@ -1,0 +1,1 @@
+"""Tests of server/tenancy: API keys, scopes, rate limits."""

@@ -1,0 +1,1 @@
+"""Tests of trainer: `prefix-train` and `prefix-eval`."""

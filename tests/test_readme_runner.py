@@ -99,7 +99,7 @@ def test_every_relative_link_resolves() -> None:
 
 def test_every_folder_says_what_it_holds() -> None:
     """Each top-level folder's first file (its `__init__.py`, else its README.md) says what it holds."""
-    skipped = {"data", "models"}  # not in the repository: run data, local checkpoints (.gitignore)
+    skipped = {"data"}  # not in the repository: run data (.gitignore)
     for folder in sorted(ROOT.iterdir()):
         if not folder.is_dir() or folder.name.startswith((".", "_")) or folder.name in skipped:
             continue

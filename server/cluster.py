@@ -12,7 +12,6 @@ http://127.0.0.1:<port> drain --wait` / `undrain` (it prints the commands).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
 import signal
@@ -26,7 +25,8 @@ from typing import IO
 
 import httpx
 
-from prefix_store.embedded_redis import EmbeddedRedis, free_port, log_tail
+from infra.processes import die_with_parent_hook
+from prefix_store.embedded_redis import EmbeddedRedis, free_port, log_tail, terminate
 from server.config import Settings
 from server.logs import announce_admin_token
 
@@ -85,12 +85,6 @@ def find_haproxy(given: str | None = None) -> tuple[str, dict[str, str]]:
     raise ClusterError("no haproxy: run `make haproxy` (Debian's package under .venv) or install it")
 
 
-def _die_with_parent() -> None:
-    """Pre-exec hook: the kernel SIGTERMs the child if this process dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Child:
     """One supervised process and its log."""
@@ -101,13 +95,7 @@ class Child:
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM, then SIGKILL after `timeout_s`; waits until the process is gone."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
 
 
 def _spawn(name: str, command: list[str], env: dict[str, str], log_path: Path) -> Child:
@@ -121,7 +109,7 @@ def _spawn(name: str, command: list[str], env: dict[str, str], log_path: Path) -
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             process_group=0,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent_hook(),
         )
     return Child(name, proc, log_path)
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
+from server.api.callers import Caller, admit, check_scope
 from server.api.deps import RequestHandleProtocol, Services
 from server.api.errors import ApiError
 from server.api.prompts import Messages, check_prompt_chars, encode_prompts, num_chars_of
-from server.api.tenancy import Caller, admit, check_scope
 from server.engine.errors import QueueFull
 from server.engine.request import SamplingParams, StepOutput
 

@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.engine.stats import EngineStats, FinishedRequest, StepStats
-from server.metrics_redis import RedisHealthCollector
-from server.metrics_vllm import VllmCollector, kv_usage_ratio
+from server.metrics.redis_health import RedisHealthCollector
+from server.metrics.vllm_names import VllmCollector, kv_usage_ratio
 
 if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports this module
     from prefix_store.prefix_cache import PrefixCache

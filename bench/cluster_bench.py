@@ -100,7 +100,7 @@ def start_cluster(mode: str, replicas: int, flags: list[str], root: Path) -> Run
 
 
 def _free_port() -> int:
-    from prefix_store.embedded_redis import free_port
+    from infra.embedded_redis import free_port
 
     return free_port()
 

@@ -25,8 +25,8 @@ from typing import IO
 
 import httpx
 
+from infra.embedded_redis import EmbeddedRedis, free_port, log_tail, terminate
 from infra.processes import die_with_parent_hook
-from prefix_store.embedded_redis import EmbeddedRedis, free_port, log_tail, terminate
 from server.config import Settings
 from server.logs import announce_admin_token
 

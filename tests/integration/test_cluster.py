@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 from server.cluster import ClusterError, find_haproxy
 from tests.readme_runner import commands, failures, run_commands, shell_blocks
 from tests.server_process import ROOT, clean_env

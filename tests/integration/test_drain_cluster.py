@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 from server.cluster import ClusterError, find_haproxy
 from tests.server_process import clean_env
 from tests.tiny_models import save_adapter, save_tiny_model

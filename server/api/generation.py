@@ -243,7 +243,7 @@ async def collect(started: Started, services: Services) -> list[StepOutput]:
 
 _ENDINGS = {  # finish reasons that are failures: status, code, headers
     "timeout": (504, "timeout", {}),
-    # not 503: a proxy retries 503s on another replica (docker/haproxy/haproxy.cfg), and this one
+    # not 503: a proxy retries 503s on another replica (prefix_cluster/haproxy.cfg), and this one
     # came after work was done; running it again would run (and bill) it twice
     "shutdown": (500, "interrupted", {"Retry-After": "1"}),
     "shed": (429, "overloaded", {"Retry-After": "1"}),

@@ -1,88 +1,29 @@
-"""`prefix-cluster`: one Redis, N `prefix-serve` replicas and HAProxy in front, on one box.
+"""Starts one Redis, N `prefix-serve` replicas and HAProxy (`Cluster.start`), and stops them in
+reverse (`Cluster.stop`).
 
-For trying scale-out and for tests; production runs the same pieces with compose or Kubernetes
-(docker/). Every replica inherits this process's environment (`PREFIX_SERVE_*` included) and the
-flags after `--`; they share one Redis (embedded under `--data-dir` unless `--redis-url`) and one
-admin token. HAProxy uses the repository's docker/haproxy/haproxy.cfg with the replicas'
-addresses filled in. SIGTERM or Ctrl-C stops HAProxy, drains the replicas, then stops Redis.
-One replica is taken out for maintenance, and back, at its own port: `prefixctl --url
-http://127.0.0.1:<port> drain --wait` / `undrain` (it prints the commands).
+Every replica inherits this process's environment (`PREFIX_SERVE_*` included) and the given
+replica flags; they share one Redis (embedded under the data dir unless a Redis URL is given) and
+one admin token. HAProxy runs this package's haproxy.cfg with the replicas' addresses filled in.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import IO
 
 import httpx
 
 from infra.embedded_redis import EmbeddedRedis, free_port, log_tail, terminate
 from infra.processes import die_with_parent_hook
+from prefix_cluster import ClusterError
+from prefix_cluster.haproxy import find_haproxy, loopback_servers, render_config
 from server.config import Settings
-from server.logs import announce_admin_token
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_TEMPLATE = ROOT / "docker" / "haproxy" / "haproxy.cfg"
-SERVERS_MARK = "    #@servers"
-HASH_BALANCE = "    balance hash var(txn.task_id)"
-
-
-class ClusterError(RuntimeError):
-    """Something did not start; the message says what and where its log is."""
-
-
-class _Stop(Exception):
-    """Raised from the SIGTERM/SIGINT handler to leave the wait loop."""
-
-
-def render_config(servers: list[str], balance: str = "hash", template: Path = CONFIG_TEMPLATE) -> str:
-    """The HAProxy config: `servers` (config lines, without indent) at each `#@servers` mark;
-    `balance="roundrobin"` swaps task-affinity hashing for round-robin (the benchmark's baseline)."""
-    text = template.read_text()
-    if SERVERS_MARK not in text or HASH_BALANCE not in text:
-        raise ClusterError(f"{template} lacks the `#@servers` mark or the hash `balance` line")
-    if balance == "roundrobin":
-        text = text.replace(HASH_BALANCE, "    balance roundrobin")
-    elif balance != "hash":
-        raise ValueError(f"balance must be hash or roundrobin, not {balance!r}")
-    return text.replace(SERVERS_MARK, "\n".join("    " + line for line in servers))
-
-
-def loopback_servers(ports: list[int]) -> list[str]:
-    """One `server` line per replica (health checks come from `default-server`)."""
-    return [f"server r{i} 127.0.0.1:{port}" for i, port in enumerate(ports, start=1)]
-
-
-def dns_servers(address: str, slots: int) -> list[str]:
-    """Up to `slots` replicas found by resolving `address` (host:port) through the `dns`
-    resolvers section: Docker's embedded DNS or a Kubernetes headless Service."""
-    return [f'server-template replica {slots} "{address}" resolvers dns init-addr none']
-
-
-def find_haproxy(given: str | None = None) -> tuple[str, dict[str, str]]:
-    """The haproxy binary and the environment it needs: `given`, else PATH, else the Debian package
-    `make haproxy` unpacked under the venv (its Lua/OpenTracing libraries next to it)."""
-    if given:
-        return given, {}
-    found = shutil.which("haproxy")
-    if found:
-        return found, {}
-    unpacked = Path(sys.prefix) / "haproxy"
-    binary = unpacked / "usr" / "sbin" / "haproxy"
-    if binary.exists():
-        libs = [str(p) for p in (unpacked / "usr" / "lib").glob("*-linux-gnu")]
-        paths = [*libs, os.environ.get("LD_LIBRARY_PATH", "")]
-        return str(binary), {"LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p)}
-    raise ClusterError("no haproxy: run `make haproxy` (Debian's package under .venv) or install it")
 
 
 @dataclass
@@ -263,94 +204,3 @@ class Cluster:
             self.haproxy.stop(2.0)
         if self.redis is not None:
             self.redis.stop()
-
-
-def parse_args(argv: list[str]) -> Options | tuple[str, int]:
-    """Options, or (address, slots) for `--render-dns`; flags after `--` go to every replica."""
-    ours, replica_flags = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
-    parser = argparse.ArgumentParser(
-        prog="prefix-cluster",
-        description="One Redis, N prefix-serve replicas and HAProxy (task affinity, bounded loads).",
-        epilog="Flags after `--` go to every replica, e.g. `prefix-cluster --replicas 3 -- --model gpt2`.",
-    )
-    parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--host", default="127.0.0.1", help="HAProxy's listen address")
-    parser.add_argument("--port", type=int, default=8080, help="HAProxy's port")
-    parser.add_argument("--data-dir", type=Path, default=Path("./data"), help="Redis, replicas' dirs, logs")
-    parser.add_argument("--redis-url", default=None, help="default: an embedded Redis under --data-dir")
-    parser.add_argument("--balance", choices=("hash", "roundrobin"), default="hash")
-    parser.add_argument(
-        "--hash-balance-factor", type=int, default=125, help="load bound in %% of the mean; 0: off"
-    )
-    parser.add_argument("--haproxy", default=None, help="haproxy binary; default: PATH, else make haproxy's")
-    parser.add_argument(
-        "--ready-timeout", type=float, default=600.0, help="seconds replicas may take to load"
-    )
-    parser.add_argument("--drain-seconds", type=float, default=30.0, help="replicas' drain on stop")
-    parser.add_argument("--render-dns", metavar="HOST:PORT", help="print the config for DNS discovery, exit")
-    parser.add_argument("--dns-slots", type=int, default=10, help="with --render-dns: most replicas")
-    args = parser.parse_args(ours)
-    if args.render_dns:
-        return args.render_dns, args.dns_slots
-    if args.replicas < 1 or not 0 <= args.hash_balance_factor <= 10000 or 0 < args.hash_balance_factor < 100:
-        parser.error("--replicas must be >= 1 and --hash-balance-factor 0 or 100..10000")
-    return Options(
-        args.replicas,
-        args.host,
-        args.port,
-        args.data_dir.expanduser().resolve(),
-        args.redis_url,
-        args.balance,
-        args.hash_balance_factor,
-        args.haproxy,
-        args.ready_timeout,
-        args.drain_seconds,
-        replica_flags,
-    )
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
-
-
-def main(argv: list[str] | None = None) -> None:
-    parsed = parse_args(sys.argv[1:] if argv is None else argv)
-    if isinstance(parsed, tuple):
-        header = (
-            f"# Generated by `python -m server.cluster --render-dns '{parsed[0]}' --dns-slots {parsed[1]}`\n"
-        )
-        print(header + render_config(dns_servers(*parsed)), end="")
-        return
-    cluster = Cluster(parsed)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
-    try:
-        cluster.start()
-        for child, port in zip(cluster.replicas, cluster.ports, strict=True):
-            print(f"cluster: replica {child.name} http://127.0.0.1:{port} (log {child.log_path})", flush=True)
-        print(
-            "cluster: maintenance of a replica (its port, not the proxy's; admin token):\n"
-            f"  prefixctl --url http://127.0.0.1:{cluster.ports[0]} drain --wait   # out of rotation, "
-            "in-flight work done\n"
-            f"  prefixctl --url http://127.0.0.1:{cluster.ports[0]} undrain        # back in rotation",
-            flush=True,
-        )
-        announce_admin_token(*cluster.admin_token)  # a new token only on a terminal, never in a log
-        print(f"cluster ready: {cluster.url}", flush=True)
-        cluster.wait()
-    except _Stop:
-        print("cluster: stopping", flush=True)
-    except ClusterError as exc:
-        print(f"prefix-cluster: error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stop short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        cluster.stop()
-        print("cluster: stopped", flush=True)
-
-
-if __name__ == "__main__":
-    main()

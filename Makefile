@@ -49,9 +49,9 @@ cluster: $(STAMP) haproxy
 	$(BIN)/prefix-cluster $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check server prefix_store clients trainer examples tests bench docker
-	$(BIN)/ruff format --check server prefix_store clients trainer examples tests bench docker
-	$(BIN)/mypy server prefix_store clients trainer
+	$(BIN)/ruff check server prefix_store infra prefix_cluster clients trainer examples tests bench docker
+	$(BIN)/ruff format --check server prefix_store infra prefix_cluster clients trainer examples tests bench docker
+	$(BIN)/mypy server prefix_store infra prefix_cluster clients trainer
 
 bench: $(STAMP)
 	$(BIN)/python bench/store_bench.py

@@ -81,7 +81,7 @@ def start_cluster(mode: str, replicas: int, flags: list[str], root: Path) -> Run
     balance, factor = MODES[mode]
     port = _free_port()
     data_dir = root / mode
-    command = [sys.executable, "-m", "server.cluster", "--replicas", str(replicas), "--port", str(port)]
+    command = [sys.executable, "-m", "prefix_cluster", "--replicas", str(replicas), "--port", str(port)]
     command += ["--data-dir", str(data_dir), "--balance", balance, "--hash-balance-factor", str(factor)]
     log_path = root / f"{mode}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_") and k != "REDIS_URL"}
@@ -100,7 +100,7 @@ def start_cluster(mode: str, replicas: int, flags: list[str], root: Path) -> Run
 
 
 def _free_port() -> int:
-    from prefix_store.embedded_redis import free_port
+    from infra.embedded_redis import free_port
 
     return free_port()
 

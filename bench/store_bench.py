@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefix_store.embedded_redis import EmbeddedRedis  # noqa: E402
+from infra.embedded_redis import EmbeddedRedis  # noqa: E402
 from prefix_store.entry import PrefixSpec  # noqa: E402
 from prefix_store.prefix_cache import PrefixCache  # noqa: E402
 from prefix_store.redis_store import RedisPrefixStore, connect  # noqa: E402

@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 from podman_env import Podman
 
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 
 TASK = "demo:hello"
 BODY = {"task_id": TASK, "prompt": "Hello", "max_new_tokens": 16}

@@ -25,7 +25,7 @@ import redis
 from image_checks import Checks, outside_tokens
 from podman_env import Podman, SetupError, TorchIndex, build_base, ensure_podman, timed
 
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the Dockerfile copies

@@ -23,7 +23,7 @@ import secrets
 import time
 from typing import Any
 
-from prefix_store.connection import RedisClient
+from infra.connection import RedisClient
 from prefix_store.layout import KeyLayout, LegacyLayout
 
 log = logging.getLogger(__name__)

@@ -68,6 +68,11 @@ class PrefixCache:
     def tiers(self) -> tuple[ByteLRU, ByteLRU]:
         return (self.device_tier, self.host_tier)
 
+    @property
+    def loading_task_ids(self) -> list[str]:
+        """Tasks whose prefix is being loaded from Redis right now, oldest load first."""
+        return list(self._loading)
+
     # ---- reads ------------------------------------------------------------------------
     async def get(self, task_id: str) -> PrefixEntry | None:
         """The task's current prefix on the device, or None if the task has none."""

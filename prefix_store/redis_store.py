@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from prefix_store.connection import RedisClient, connect, is_cluster
+from infra.connection import RedisClient, connect, is_cluster
 from prefix_store.entry import PrefixMeta
 from prefix_store.errors import StoreUnavailable
 from prefix_store.events import listen_classic, listen_sharded

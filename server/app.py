@@ -11,8 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from prefix_store.connection import connect
-from prefix_store.embedded_redis import EmbeddedRedis
+from infra.connection import connect
+from infra.embedded_redis import EmbeddedRedis
 from prefix_store.fingerprint import model_fingerprint, prefix_spec_for
 from prefix_store.migrate import migrate_layout
 from prefix_store.prefix_cache import PrefixCache

@@ -10,7 +10,7 @@ from types import TracebackType
 
 import httpx
 
-from prefix_store.embedded_redis import free_port, terminate
+from infra.embedded_redis import free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 

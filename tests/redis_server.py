@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from prefix_store.embedded_redis import find_redis_server, free_port, terminate, wait_until_ready
+from infra.embedded_redis import find_redis_server, free_port, terminate, wait_until_ready
 
 
 class RedisProcess:

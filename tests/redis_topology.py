@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from prefix_store.embedded_redis import free_port, terminate, wait_until_ready
+from infra.embedded_redis import free_port, terminate, wait_until_ready
 
 
 def redis7_server() -> str | None:

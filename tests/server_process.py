@@ -12,7 +12,7 @@ from types import TracebackType
 
 import httpx
 
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

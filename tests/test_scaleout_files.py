@@ -12,15 +12,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.cluster import (
-    CONFIG_TEMPLATE,
-    ClusterError,
-    dns_servers,
-    find_haproxy,
-    loopback_servers,
-    parse_args,
-    render_config,
-)
+from prefix_cluster import ClusterError
+from prefix_cluster.cli import parse_args
+from prefix_cluster.haproxy import CONFIG_TEMPLATE, dns_servers, find_haproxy, loopback_servers, render_config
 from server.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.auth import check_admin
+from server.api.callers import CALLER_STATE, TOKEN_HOLD_STATE, caller_for
 from server.api.deps import Services
 from server.api.errors import ApiError, error_response
-from server.api.tenancy import CALLER_STATE, TOKEN_HOLD_STATE, caller_for
 
 
 def is_gated(path: str) -> bool:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
+from server.api.callers import Caller, admit, check_scope
 from server.api.deps import RequestHandleProtocol, Services
 from server.api.errors import ApiError
 from server.api.prompts import Messages, check_prompt_chars, encode_prompts, num_chars_of
-from server.api.tenancy import Caller, admit, check_scope
 from server.engine.errors import QueueFull
 from server.engine.request import SamplingParams, StepOutput
 
@@ -243,7 +243,7 @@ async def collect(started: Started, services: Services) -> list[StepOutput]:
 
 _ENDINGS = {  # finish reasons that are failures: status, code, headers
     "timeout": (504, "timeout", {}),
-    # not 503: a proxy retries 503s on another replica (docker/haproxy/haproxy.cfg), and this one
+    # not 503: a proxy retries 503s on another replica (prefix_cluster/haproxy.cfg), and this one
     # came after work was done; running it again would run (and bill) it twice
     "shutdown": (500, "interrupted", {"Retry-After": "1"}),
     "shed": (429, "overloaded", {"Retry-After": "1"}),

@@ -6,21 +6,21 @@ cannot help. Small bodies with few brackets (nearly every ordinary request) are 
 body over `OFF_LOOP_BYTES`, or with more brackets than any valid request has containers, goes to
 one helper process, which parses it and returns the value only if it holds at most
 `MAX_CONTAINERS` objects/arrays (else a short reason), so the loop never even unpickles a hostile
-structure. Stdlib only: this module is what
-the helper process imports.
+structure. This module is what the helper process imports: the standard library and
+`infra.processes` only.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import multiprocessing
 import os
 import signal
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
+
+from infra.processes import die_with_parent
 
 # Bodies larger than this are parsed in the helper process whatever they hold (the parse time of
 # a body grows with its size; one of this size costs the loop little, see docs/benchmarks.md).
@@ -85,16 +85,11 @@ def parse_checked(body: bytes) -> tuple[str, Any]:
 _pool: ProcessPoolExecutor | None = None
 
 
-def _die_with_parent(server_pid: int) -> None:
+def _init_helper(server_pid: int) -> None:
     """In the helper: the kernel ends it when the server dies, however the server dies (a pool
     worker holds both ends of its task queue, so it would otherwise wait forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        # the server died before the line above ran (not `== 1`: in a container the server is pid 1)
-        if os.getppid() != server_pid:
-            os._exit(0)
+    die_with_parent(server_pid)
 
 
 def pool() -> ProcessPoolExecutor:
@@ -103,7 +98,7 @@ def pool() -> ProcessPoolExecutor:
     if _pool is None:
         context = multiprocessing.get_context("spawn")
         _pool = ProcessPoolExecutor(
-            max_workers=1, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+            max_workers=1, mp_context=context, initializer=_init_helper, initargs=(os.getpid(),)
         )
     return _pool
 

@@ -10,10 +10,10 @@ from fastapi import HTTPException
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.callers import release_hold
 from server.api.deps import Services
 from server.api.errors import ApiError, error_response
 from server.api.lifecycle import Lifecycle
-from server.api.tenancy import release_hold
 from server.logs import ACCESS_LOGGER
 
 # scraped every few seconds (/admin/drain: polled until drained, logs its own changes): no

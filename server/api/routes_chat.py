@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.callers import CallerDep
 from server.api.deps import Services, ServicesDep
 from server.api.generation import (
     GenerationRequest,
@@ -36,7 +37,6 @@ from server.api.schemas_chat import (
 )
 from server.api.schemas_openai import openai_error_responses
 from server.api.stall import ClosingStreamingResponse
-from server.api.tenancy import CallerDep
 from server.engine.request import StepOutput
 
 router = APIRouter(

@@ -53,7 +53,7 @@ async def get_drain(services: ServicesDep) -> DrainState:
     return drain_state(services)
 
 
-# HAProxy's checks (docker/haproxy/haproxy.cfg: inter 1 s, fall 2) notice a failing /ready within
+# HAProxy's checks (prefix_cluster/haproxy.cfg: inter 1 s, fall 2) notice a failing /ready within
 # ~2 s; until then it still sends this replica work, which is served rather than refused: an L7
 # retry of a refusal lands on the same replica while it is up (consistent hashing)
 DEFAULT_GRACE_S = 3.0

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 
+from server.api.callers import CallerDep
 from server.api.deps import Services, ServicesDep
 from server.api.generation import (
     GenerationRequest,
@@ -27,7 +28,6 @@ from server.api.schemas import (
     event_stream_too,
 )
 from server.api.stall import ClosingStreamingResponse
-from server.api.tenancy import CallerDep
 from server.engine.request import SamplingParams
 
 router = APIRouter(route_class=JSONBodyRoute)

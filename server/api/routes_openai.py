@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from prefix_store.meta import PrefixMeta
+from server.api.callers import Caller, CallerDep, check_scope, list_visible
 from server.api.deps import EngineProtocol, Services, ServicesDep
 from server.api.errors import ApiError
 from server.api.generation import (
@@ -39,7 +40,6 @@ from server.api.schemas_openai import (
     openai_error_responses,
 )
 from server.api.stall import ClosingStreamingResponse
-from server.api.tenancy import Caller, CallerDep, check_scope, list_visible
 from server.engine.request import StepOutput
 
 router = APIRouter(

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from prefix_store.connection import RedisClient
+from infra.connection import RedisClient
 from prefix_store.errors import StoreUnavailable
 from prefix_store.redis_store import REDIS_ERRORS, unavailable
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from prefix_store.connection import RedisClient
+from infra.connection import RedisClient
 from prefix_store.redis_store import REDIS_ERRORS
 from server.tenancy.keys import ApiKey
 

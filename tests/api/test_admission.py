@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
+from server.api.callers import Caller
 from server.api.deps import PrefixesProtocol, RequestLimits, Services
 from server.api.generation import start_all
-from server.api.tenancy import Caller
 from server.engine.engine import Engine
 from server.engine.errors import QueueFull
 from server.engine.kv_cache import KVLayout, SlotKVCache

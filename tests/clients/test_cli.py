@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from clients import PrefixClient, cli
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 from tests.clients import canonical_prefix, running_server
 from tests.server_process import ServerProcess
 from tests.tiny_models import Adapter, save_adapter

@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store.embedded_redis import free_port
-from server.cluster import ClusterError, find_haproxy
+from infra.embedded_redis import free_port
+from prefix_cluster import ClusterError
+from prefix_cluster.haproxy import find_haproxy
 from tests.readme_runner import commands, failures, page_blocks, run_commands
 from tests.server_process import ROOT, clean_env
 from tests.tiny_models import Adapter, save_adapter, save_tiny_model
@@ -81,7 +82,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     model = save_tiny_model("gpt2", root / "model", max_positions=4096)
     port = free_port()
     log_path = root / "cluster.log"
-    command = [sys.executable, "-m", "server.cluster", "--replicas", "3", "--port", str(port)]
+    command = [sys.executable, "-m", "prefix_cluster", "--replicas", "3", "--port", str(port)]
     command += ["--data-dir", str(root / "data"), "--drain-seconds", "5", "--"]
     command += ["--model", str(model), "--max-new-tokens", "4000"]
     with log_path.open("ab") as log:

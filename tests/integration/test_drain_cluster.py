@@ -22,8 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store.embedded_redis import free_port
-from server.cluster import ClusterError, find_haproxy
+from infra.embedded_redis import free_port
+from prefix_cluster import ClusterError
+from prefix_cluster.haproxy import find_haproxy
 from tests.server_process import clean_env
 from tests.tiny_models import save_adapter, save_tiny_model
 
@@ -66,7 +67,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("drain-cluster")
     model = save_tiny_model("gpt2", root / "model", max_positions=4096)
     port, log_path = free_port(), root / "cluster.log"
-    command = [sys.executable, "-m", "server.cluster", "--replicas", "2", "--port", str(port)]
+    command = [sys.executable, "-m", "prefix_cluster", "--replicas", "2", "--port", str(port)]
     command += ["--data-dir", str(root / "data"), "--drain-seconds", "1", "--"]
     command += ["--model", str(model), "--max-new-tokens", "4000"]
     with log_path.open("ab") as log:

@@ -19,7 +19,7 @@ import httpx
 import safetensors.torch
 import torch
 
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 from tests.integration.test_defaults import _redis_pids_for
 from tests.server_process import ROOT, ServerProcess, clean_env
 

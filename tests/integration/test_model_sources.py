@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store.embedded_redis import free_port
+from infra.embedded_redis import free_port
 from tests.server_process import ROOT, ServerProcess, clean_env, upload_adapter
 from tests.tiny_families import (
     REMOTE_CODE_FILE,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefix_store.connection import connect
+from infra.connection import connect
 from prefix_store.redis_store import RedisPrefixStore
 from tests.integration.redis_helpers import canonical, create_key, generate, seconds_until, upload
 from tests.redis_topology import SentinelSetup, redis7_server

@@ -10,7 +10,7 @@ import time
 import pytest
 from redis.crc import key_slot
 
-from prefix_store.connection import connect
+from infra.connection import connect
 from prefix_store.errors import StoreUnavailable
 from prefix_store.redis_store import RedisPrefixStore
 from tests.redis_topology import ClusterSetup, redis7_server

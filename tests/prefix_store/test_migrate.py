@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from prefix_store.connection import connect
+from infra.connection import connect
 from prefix_store.layout import LegacyLayout
 from prefix_store.migrate import migrate_layout
 from prefix_store.redis_store import RedisPrefixStore

@@ -84,12 +84,14 @@ def test_concurrent_misses_read_redis_once(redis_proc: RedisProcess, fingerprint
         store.gate = asyncio.Event()
         waiters = [asyncio.ensure_future(cache.get("t")) for _ in range(20)]
         await asyncio.sleep(0.05)
+        in_flight = (cache.loading_task_ids, cache.num_loading)
         store.gate.set()
         entries = await asyncio.gather(*waiters)
-        return entries, store.num_gets
+        return entries, store.num_gets, in_flight, cache.loading_task_ids
 
-    entries, num_gets = _run(redis_proc, fingerprint, 1 << 20, body)
+    entries, num_gets, in_flight, after = _run(redis_proc, fingerprint, 1 << 20, body)
     assert num_gets == 1 and all(e is entries[0] for e in entries)
+    assert in_flight == (["t"], 20) and after == []  # one load in flight, 20 requests waiting on it
 
 
 def test_upload_racing_a_load_never_leaves_the_old_version_cached(

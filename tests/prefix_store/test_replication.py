@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from prefix_store.connection import connect
+from infra.connection import connect
 from prefix_store.redis_store import NotReplicated, RedisPrefixStore
 from tests.redis_topology import RedisProcs, redis7_server
 

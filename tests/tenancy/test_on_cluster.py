@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from redis.crc import key_slot
 
-from prefix_store.connection import connect
+from infra.connection import connect
 from server.tenancy.keys import KeyStore, hash_secret
 from server.tenancy.rate_limit import RateLimiter
 from tests.redis_topology import ClusterSetup, redis7_server

@@ -68,7 +68,7 @@ class VllmCollector(Collector):
         if self._per_task():
             device = [task_id for task_id, _ in reversed(self._prefixes.device_tier.items())]
             running = device[: self._max_tasks]
-            loading = list(self._prefixes._loading)  # no public view of the loads in flight
+            loading = self._prefixes.loading_task_ids
             waiting = [t for t in loading if t not in running][: self._max_tasks]
         family = GaugeMetricFamily(
             "vllm:lora_requests_info",

@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.engine.stats import EngineStats, FinishedRequest, StepStats
-from server.metrics_redis import RedisHealthCollector
-from server.metrics_vllm import VllmCollector, kv_usage_ratio
+from server.metrics.redis_health import RedisHealthCollector
+from server.metrics.vllm_names import VllmCollector, kv_usage_ratio
 
 if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports this module
     from prefix_store.prefix_cache import PrefixCache
@@ -290,8 +290,7 @@ class Metrics:
         with self._fold_lock:
             for task in self.task_label.forget():
                 for counter in (self.task_requests, self.task_tokens):
-                    value = counter.labels(task=task)._value.get()  # no public getter for one child
-                    counter.labels(task=OTHER_TASKS).inc(value)
+                    counter.labels(task=OTHER_TASKS).inc(_task_count(counter, task))
                     counter.remove(task)
 
     def observe_step(self, stats: StepStats) -> None:
@@ -327,6 +326,15 @@ class Metrics:
         if not self.is_per_task() and self.task_label.known():
             self._fold_task_labels()
         return generate_latest(self.registry)
+
+
+def _task_count(counter: Counter, task: str) -> float:
+    """One task's count, read through the counter's public `collect()` (no getter for one child)."""
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == {"task": task}:
+                return sample.value
+    return 0.0
 
 
 def _block_metrics(stats: EngineStats) -> Iterator[Metric]:

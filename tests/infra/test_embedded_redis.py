@@ -13,7 +13,7 @@ import pytest
 import redis
 import redis.exceptions
 
-from prefix_store.embedded_redis import DENIED_COMMANDS, EmbeddedRedis, find_redis_server, free_port
+from infra.embedded_redis import DENIED_COMMANDS, EmbeddedRedis, find_redis_server, free_port
 from prefix_store.redis_store import RedisPrefixStore, connect
 
 

@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 
-from prefix_store.connection import RedisTarget, connect, is_cluster, parse_redis_url, redact
+from infra.connection import RedisTarget, connect, is_cluster, parse_redis_url, redact
 
 
 def test_plain_forms_are_left_to_redis_py() -> None:

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +31,8 @@ import redis
 import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from infra.processes import die_with_parent_hook
 
 _START_TIMEOUT_S = 10.0  # no answer at all within this: give up
 _LOAD_TIMEOUT_S = 600.0  # answering "LOADING" (replaying a big AOF) may take this long
@@ -127,7 +125,7 @@ def log_tail(path: Path, num_lines: int = 20) -> str:
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float = _STOP_TIMEOUT_S) -> None:
-    """SIGTERM (Redis flushes its AOF and exits), then SIGKILL if it lingers."""
+    """SIGTERM (Redis flushes its AOF, a replica drains), then SIGKILL if it lingers; waits until gone."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -137,29 +135,9 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float = _STOP_TIMEOUT_S)
             proc.wait()
 
 
-def _die_with_parent_fn() -> Callable[[], None] | None:
-    """A pre-exec hook so the kernel SIGTERMs Redis when this process dies, even by SIGKILL.
-
-    Linux only, and only from the main thread: PR_SET_PDEATHSIG fires when the *thread*
-    that forked exits, which for a worker thread could be long before the process does.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return hook
-
-
 def _child_setup_fn() -> Callable[[], None]:
     """The child's pre-exec hook: umask 077 (its AOF, log and dumps are 0600), then die-with-parent."""
-    die_with_parent = _die_with_parent_fn()
+    die_with_parent = die_with_parent_hook()
 
     def hook() -> None:
         os.umask(0o077)

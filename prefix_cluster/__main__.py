@@ -1,0 +1,4 @@
+from prefix_cluster.cli import main
+
+if __name__ == "__main__":
+    main()

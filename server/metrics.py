@@ -108,7 +108,7 @@ class _LiveCollector(Collector):
             "prefix_server_kv_cache_usage_ratio", "KV pool memory in use, 0..1", kv_usage_ratio(stats)
         )
         yield from _block_metrics(stats)
-        yield from self._tier_metrics()
+        yield from self._tier_metrics(stats)
         yield CounterMetricFamily(
             "prefix_server_prefix_loads", "Prefix loads from Redis", prefixes.load_stats.loads
         )
@@ -122,21 +122,24 @@ class _LiveCollector(Collector):
             "Failed Redis calls",
             prefixes.store.num_errors + self._other_redis_errors(),
         )
-        yield self._task_residency()
+        yield self._task_residency(stats)
 
-    def _task_residency(self) -> Metric:
+    def _task_residency(self, stats: EngineStats) -> Metric:
         """1 where a labelled task's prefix is resident in a tier (only the bounded set of tasks)."""
         family = GaugeMetricFamily(
             "prefix_server_task_prefix_resident",
             "Task prefix resident in a tier (1) or not (0)",
             labels=["task", "tier"],
         )
+        on_device = {r.task_id for r in stats.blocks.resident}
         for task_id in self._task_labels.known():
+            family.add_metric([task_id, "device"], float(task_id in on_device))
             for tier in self._prefixes.tiers:
                 family.add_metric([task_id, tier.name], float(tier.peek(task_id) is not None))
         return family
 
-    def _tier_metrics(self) -> Iterator[Metric]:
+    def _tier_metrics(self, stats: EngineStats) -> Iterator[Metric]:
+        """Per tier: the device tier is the KV pool (its prefix blocks, the whole pool as budget)."""
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             "hits": CounterMetricFamily(
                 "prefix_server_prefix_cache_hits", "Prefix lookups hit", labels=["tier"]
@@ -154,12 +157,22 @@ class _LiveCollector(Collector):
                 "prefix_server_prefix_cache_resident_prefixes", "Resident prefixes", labels=["tier"]
             ),
         }
-        for tier in self._prefixes.tiers:
-            for field, family in families.items():
+        blocks = stats.blocks
+        device = {
+            "hits": blocks.num_prefix_hits,
+            "misses": blocks.num_prefix_placements,
+            "evictions": blocks.num_prefix_evictions,
+            "resident_bytes": blocks.num_prefix_blocks * stats.bytes_per_block,
+            "resident_count": blocks.num_resident_prefixes,
+        }
+        for field, family in families.items():
+            family.add_metric(["device"], device[field])
+            for tier in self._prefixes.tiers:
                 family.add_metric([tier.name], getattr(tier.stats, field))
         capacity = GaugeMetricFamily(
             "prefix_server_prefix_cache_capacity_bytes", "Tier budget", labels=["tier"]
         )
+        capacity.add_metric(["device"], stats.kv_capacity_bytes)
         for tier in self._prefixes.tiers:
             capacity.add_metric([tier.name], tier.capacity_bytes)
         yield from families.values()
@@ -249,6 +262,14 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        self.preemptions = Counter(
+            "prefix_server_preemptions",
+            "Running rows sent back to the queue (recomputed later), by cause",
+            ["cause"],
+            registry=registry,
+        )
+        for cause in ("blocks", "fairness"):
+            self.preemptions.labels(cause=cause)  # both series from the start
         self.model_info = Info("prefix_server_model", "The served model", registry=registry)
 
     def _histogram(
@@ -298,6 +319,10 @@ class Metrics:
         """Called by the engine thread after each step."""
         for request in stats.finished:
             self._observe_finished(request)
+        if stats.num_preempted_for_blocks:
+            self.preemptions.labels(cause="blocks").inc(stats.num_preempted_for_blocks)
+        if stats.num_preempted_for_fairness:
+            self.preemptions.labels(cause="fairness").inc(stats.num_preempted_for_fairness)
         if stats.num_decode_rows + stats.num_prefill_rows == 0:
             return
         self.batch_size.observe(stats.num_decode_rows + stats.num_prefill_rows)
@@ -344,4 +369,9 @@ def _block_metrics(stats: EngineStats) -> Iterator[Metric]:
     )
     yield GaugeMetricFamily(
         "prefix_server_kv_prefix_refs", "Running rows reading a shared prefix", blocks.num_prefix_refs
+    )
+    yield GaugeMetricFamily(
+        "prefix_server_kv_rows_per_prefix",
+        "Rows reading each resident prefix that some row reads, on average (sharing)",
+        blocks.rows_per_prefix,
     )

@@ -24,8 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.engine.stats import EngineStats, FinishedRequest, StepStats
+from server.metrics_pool import device_tier_stats, pool_metrics
 from server.metrics_redis import RedisHealthCollector
-from server.metrics_vllm import VllmCollector, kv_usage_ratio
+from server.metrics_vllm import VllmCollector
 
 if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports this module
     from prefix_store.prefix_cache import PrefixCache
@@ -95,19 +96,7 @@ class _LiveCollector(Collector):
             "Requests waiting for their prefix from Redis",
             prefixes.num_loading,
         )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_slots", "KV cache slots (max concurrent rows)", stats.num_slots
-        )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_cache_used_bytes", "KV memory held by running rows", stats.kv_used_bytes
-        )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_cache_capacity_bytes", "Pre-allocated KV slot memory", stats.kv_capacity_bytes
-        )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_cache_usage_ratio", "KV pool memory in use, 0..1", kv_usage_ratio(stats)
-        )
-        yield from _block_metrics(stats)
+        yield from pool_metrics(stats)
         yield from self._tier_metrics(stats)
         yield CounterMetricFamily(
             "prefix_server_prefix_loads", "Prefix loads from Redis", prefixes.load_stats.loads
@@ -157,14 +146,7 @@ class _LiveCollector(Collector):
                 "prefix_server_prefix_cache_resident_prefixes", "Resident prefixes", labels=["tier"]
             ),
         }
-        blocks = stats.blocks
-        device = {
-            "hits": blocks.num_prefix_hits,
-            "misses": blocks.num_prefix_placements,
-            "evictions": blocks.num_prefix_evictions,
-            "resident_bytes": blocks.num_prefix_blocks * stats.bytes_per_block,
-            "resident_count": blocks.num_resident_prefixes,
-        }
+        device = device_tier_stats(stats)
         for field, family in families.items():
             family.add_metric(["device"], device[field])
             for tier in self._prefixes.tiers:
@@ -352,26 +334,3 @@ class Metrics:
         if not self.is_per_task() and self.task_label.known():
             self._fold_task_labels()
         return generate_latest(self.registry)
-
-
-def _block_metrics(stats: EngineStats) -> Iterator[Metric]:
-    """Where the paged pool's blocks are, and how many rows read the resident prefixes."""
-    blocks = stats.blocks
-    family = GaugeMetricFamily("prefix_server_kv_blocks", "KV pool blocks by holder", labels=["state"])
-    family.add_metric(["prefix"], blocks.num_prefix_blocks - blocks.num_idle_prefix_blocks)
-    family.add_metric(["cached_prefix"], blocks.num_idle_prefix_blocks)
-    family.add_metric(["rows"], blocks.num_row_blocks)
-    family.add_metric(["free"], blocks.num_free_blocks)
-    yield family
-    yield GaugeMetricFamily("prefix_server_kv_block_size", "Positions per KV block", blocks.block_size)
-    yield GaugeMetricFamily(
-        "prefix_server_kv_resident_prefixes", "Prefixes held in the KV pool", blocks.num_resident_prefixes
-    )
-    yield GaugeMetricFamily(
-        "prefix_server_kv_prefix_refs", "Running rows reading a shared prefix", blocks.num_prefix_refs
-    )
-    yield GaugeMetricFamily(
-        "prefix_server_kv_rows_per_prefix",
-        "Rows reading each resident prefix that some row reads, on average (sharing)",
-        blocks.rows_per_prefix,
-    )

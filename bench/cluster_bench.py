@@ -2,8 +2,8 @@
 
 Each mode starts its own cluster (fresh embedded Redis), uploads `--tasks` text prefixes
 through HAProxy, then sends `--requests` generations whose tasks follow Zipf(s) from `--clients`
-threads. Every replica's device cache holds about a third of the tasks (`--cache-fraction`) and
-there is no host tier, so a request whose prefix is not on its replica loads it from Redis:
+threads. Every replica's host prefix cache holds about a third of the tasks (`--cache-fraction`),
+so a request whose prefix is not on its replica loads it from Redis:
 `prefix_server_prefix_loads_total`, summed over replicas, counts the cold loads.
 
 Modes: `hash` (bounded loads, factor 125; `hash150`, `hash200`: looser bounds), `plain`
@@ -195,8 +195,9 @@ def home_of(results: list[tuple[str, str]]) -> dict[str, str]:
 def run_mode(mode: str, args: argparse.Namespace, tasks: list[str], root: Path) -> Outcome:
     """Warm-up half, then the measured half (cold loads after warm-up); mode `kill` is `hash`
     with a replica SIGKILLed halfway through the measured half."""
-    flags = ["--max-new-tokens", "16", "--host-cache-bytes", "0", *args.replica_flags]
-    cluster = start_cluster(mode, args.replicas, [*flags, "--cache-bytes", str(args.cache_bytes)], root)
+    # the host tier is what spares a Redis load (the device tier, the KV pool, copies from it)
+    flags = ["--max-new-tokens", "16", "--host-cache-bytes", str(args.cache_bytes), *args.replica_flags]
+    cluster = start_cluster(mode, args.replicas, flags, root)
     warm_up, measured = tasks[: len(tasks) // 2], tasks[len(tasks) // 2 :]
     try:
         per_prefix = upload_tasks(cluster, args.tasks)

@@ -52,7 +52,7 @@ async def _measure(
     client = connect(url)
     spec = PrefixSpec(LAYERS, HEADS, HEAD_DIM, dtype, 1024)
     store = RedisPrefixStore(client, f"bench-{str(dtype)[6:]}-{prefix_len}")
-    cache = PrefixCache(store, spec, torch.device("cpu"), 1 << 30, 1 << 30)
+    cache = PrefixCache(store, spec, torch.device("cpu"), 1 << 30)
     try:
         meta = await cache.put("bench:task", torch.randn(spec.shape(prefix_len)).to(dtype))
         await client.set(b"bench:raw", b"\0" * meta.num_bytes)

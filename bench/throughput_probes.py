@@ -43,7 +43,7 @@ def _decode_step(engine: Any, w: Any) -> tuple[Any, int]:
     for i in range(rows):
         row_id = f"probe-{i}"
         pool.free(row_id)  # a probe called again reuses its rows
-        assert pool.admit(row_id, "probe", None, 0, context + 1), "the bench pool is too small"
+        assert pool.admit(row_id, None, None, 0, context + 1), "the bench pool is too small"
         forward.append(ForwardRow(PlanRow(None, pool.table(row_id), context, 1), [1]))
     params = [SamplingParams()] * rows
     return (lambda: sample(engine.runner.forward(forward), params, [None] * rows)), context

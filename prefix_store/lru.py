@@ -1,4 +1,4 @@
-"""A byte-bounded LRU of prefix entries: one per cache tier (device, host)."""
+"""A byte-bounded LRU of prefix entries: the host tier (the device tier is the KV pool)."""
 
 from collections import OrderedDict
 from collections.abc import Callable

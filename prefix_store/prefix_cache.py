@@ -1,9 +1,12 @@
-"""Tiered prefix cache: device LRU -> host LRU -> Redis, coherent across replicas.
+"""Tiered prefix cache: host LRU -> Redis, coherent across replicas.
 
-- Both tiers are bounded by bytes, never by count; a pinned task (a request in flight holds
+- The device tier is not here: it is the engine's KV pool (one budget with the rows' KV, one
+  eviction policy), which copies a prefix from the host tensor handed out here when a row first
+  needs it. `DeviceTier` lets `usage()`/`resident()` report it beside the host tier.
+- The host tier is bounded by bytes, never by count; a pinned task (a request in flight holds
   it) is never evicted for space.
 - A miss loads from Redis once however many requests ask (single-flight); decoding bytes
-  and copying to the device run off the event loop.
+  runs off the event loop.
 - Coherence: every write publishes the task id; each replica drops its copy on the message,
   and a periodic version check of everything resident catches messages lost in an outage.
   A request that already holds an entry keeps it: it finishes on the version it started with.
@@ -16,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -38,23 +42,38 @@ class LoadStats:
     stale_dropped: int = 0  # entries dropped by invalidation events or version checks
 
 
+class DeviceTier(Protocol):
+    """The device copies of prefixes, held by whoever runs the model (the engine's KV pool)."""
+
+    def usage(self) -> dict[str, int]:
+        """capacity_bytes, resident_bytes, resident_prefixes."""
+        ...
+
+    def resident(self) -> builtins.list[ResidentPrefix]:
+        """Resident prefixes, least recently used first."""
+        ...
+
+
 class PrefixCache:
-    """The one way the server reads and writes prefixes."""
+    """The one way the server reads and writes prefixes.
+
+    `device`: where the model runs (a GPU reads host tensors from pinned memory);
+    `device_tier`: the device copies, reported by `usage()` and `resident()` when given."""
 
     def __init__(
         self,
         store: RedisPrefixStore,
         spec: PrefixSpec,
         device: torch.device,
-        device_bytes: int,
         host_bytes: int,
         on_load: Callable[[float], None] | None = None,
         encoder: Callable[[PrefixSource], Awaitable[torch.Tensor]] | None = None,
+        device_tier: DeviceTier | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
         self.device = device
-        self.device_tier = ByteLRU("device", device_bytes, self.is_pinned)
+        self.device_tier = device_tier
         self.host_tier = ByteLRU("host", host_bytes, self.is_pinned)
         self.load_stats = LoadStats()
         self.num_loading = 0  # requests waiting on a Redis load right now
@@ -65,8 +84,9 @@ class PrefixCache:
         self._loading: dict[str, asyncio.Future[PrefixEntry | None]] = {}
 
     @property
-    def tiers(self) -> tuple[ByteLRU, ByteLRU]:
-        return (self.device_tier, self.host_tier)
+    def tiers(self) -> tuple[ByteLRU, ...]:
+        """The tiers held here (the device tier is the engine's)."""
+        return (self.host_tier,)
 
     @property
     def loading_task_ids(self) -> list[str]:
@@ -75,15 +95,9 @@ class PrefixCache:
 
     # ---- reads ------------------------------------------------------------------------
     async def get(self, task_id: str) -> PrefixEntry | None:
-        """The task's current prefix on the device, or None if the task has none."""
-        entry = self.device_tier.get(task_id)
+        """The task's current prefix in host memory (pinned for a GPU), or None if the task has none."""
+        entry = self.host_tier.get(task_id)
         if entry is not None:
-            return entry
-        host_entry = self.host_tier.get(task_id)
-        if host_entry is not None:
-            entry = PrefixEntry(host_entry.meta, await asyncio.to_thread(self._to_device, host_entry.kv))
-            if self.host_tier.peek(task_id) is host_entry:  # not invalidated meanwhile
-                self.device_tier.put(task_id, entry)
             return entry
         pending = self._loading.get(task_id)
         if pending is None:
@@ -97,7 +111,8 @@ class PrefixCache:
             self.num_loading -= 1
 
     async def warm(self, task_id: str) -> PrefixEntry | None:
-        """Load a task into both tiers ahead of traffic (prefetch)."""
+        """Load a task into the host tier ahead of traffic (prefetch); the device copy is made when
+        its first row is admitted (a host -> device copy, no Redis read)."""
         return await self.get(task_id)
 
     def _forget_load(self, task_id: str, done: "asyncio.Future[PrefixEntry | None]") -> None:
@@ -112,25 +127,18 @@ class PrefixCache:
         if found is None:
             return None
         meta, data = found
-        host_kv, device_kv = await asyncio.to_thread(self._materialize, meta, data)
+        entry = PrefixEntry(meta, await asyncio.to_thread(self._materialize, meta, data))
         self.load_stats.loads += 1
         if self._on_load is not None:
             self._on_load(time.perf_counter() - started)
-        entry = PrefixEntry(meta, device_kv)
         if self._loading.get(task_id) is asyncio.current_task():  # else an upload/delete raced this read
-            self.host_tier.put(task_id, PrefixEntry(meta, host_kv))
-            self.device_tier.put(task_id, entry)
+            self.host_tier.put(task_id, entry)
         return entry
 
-    def _materialize(self, meta: PrefixMeta, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bytes -> host tensor (pinned when a GPU will read it) -> device tensor."""
+    def _materialize(self, meta: PrefixMeta, data: bytes) -> torch.Tensor:
+        """Bytes -> host tensor, pinned when a GPU will copy it into the KV pool."""
         host = tensor_from_bytes(data, meta.dtype, self.spec.shape(meta.prefix_len)).to(self.spec.dtype)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host, self._to_device(host)
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        return host if host.device == self.device else host.to(self.device)
+        return host.pin_memory() if self.device.type == "cuda" else host
 
     # ---- pins ----------------------------------------------------------------------------
     def is_pinned(self, task_id: str) -> bool:
@@ -222,19 +230,20 @@ class PrefixCache:
             pass  # Redis down: resident entries keep serving; checked again when it is back
 
     def usage(self) -> dict[str, dict[str, int]]:
-        """Per tier: capacity, resident bytes and count."""
-        return {
-            tier.name: {
+        """Per tier (device, when there is one, and host): capacity, resident bytes and count."""
+        usage = {} if self.device_tier is None else {"device": self.device_tier.usage()}
+        for tier in self.tiers:
+            usage[tier.name] = {
                 "capacity_bytes": tier.capacity_bytes,
                 "resident_bytes": tier.stats.resident_bytes,
                 "resident_prefixes": tier.stats.resident_count,
             }
-            for tier in self.tiers
-        }
+        return usage
 
     def resident(self) -> builtins.list[ResidentPrefix]:
-        """What is resident where, most recently used last."""
-        return [
+        """What is resident where (device first), most recently used last."""
+        device = [] if self.device_tier is None else self.device_tier.resident()
+        return device + [
             ResidentPrefix(
                 tier.name, task_id, e.meta.version, e.meta.prefix_len, e.num_bytes, self.is_pinned(task_id)
             )

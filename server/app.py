@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import logging
 from collections.abc import AsyncIterator, Coroutine
@@ -39,54 +38,16 @@ from server.api.stall import StreamStallMiddleware
 from server.config import Settings
 from server.engine.chat import use_chat_template
 from server.engine.engine import Engine
-from server.engine.kv_cache import KVLayout, PagedKVCache
-from server.engine.model_loader import LoadedModel, ModelOptions, load_model
+from server.engine.kv_cache import PagedKVCache
+from server.engine.model_loader import ModelOptions, load_model
+from server.engine.stats import PoolPrefixTier
+from server.kv_plan import log_pool, plan_kv, pool_budget
 from server.logs import announce_admin_token, console
 from server.metrics import Metrics
 from server.tenancy.keys import KeyStore
 from server.tenancy.rate_limit import RateLimiter
 
 log = logging.getLogger(__name__)
-
-
-def plan_kv(settings: Settings, loaded: LoadedModel) -> KVLayout:
-    """The paged pool: as many blocks as `--kv-cache-bytes` holds; `--max-batch-size` caps the
-    rows. `max_model_len` only limits a request: it reserves nothing."""
-    spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
-    max_len = min(loaded.max_positions, settings.max_model_len or loaded.max_positions)
-    layout = KVLayout(
-        spec.num_layers,
-        spec.num_kv_heads,
-        spec.head_dim,
-        settings.max_batch_size,
-        max_len,
-        loaded.dtype,
-        loaded.device,
-        num_blocks=1,
-    )
-    num_blocks = settings.kv_cache_bytes // layout.bytes_per_block
-    needed = -(-max_len // layout.block_size) + 2  # one full-length row, its prefix's last block, block 0
-    if num_blocks < needed:
-        raise ValueError(
-            f"--kv-cache-bytes={settings.kv_cache_bytes} cannot hold one row of {max_len} positions "
-            f"({needed} blocks of {layout.bytes_per_block} bytes); raise it or lower --max-model-len"
-        )
-    return dataclasses.replace(layout, num_blocks=num_blocks)
-
-
-def _log_pool(layout: KVLayout) -> None:
-    usable = (layout.total_blocks - 1) * layout.block_size
-    log.info(
-        "KV pool: %d blocks of %d positions (%d MiB) = %d positions, %.1f rows of %d positions; "
-        "at most %d rows at once",
-        layout.total_blocks - 1,
-        layout.block_size,
-        layout.total_blocks * layout.bytes_per_block >> 20,
-        usable,
-        usable / layout.max_len,
-        layout.max_len,
-        layout.num_slots,
-    )
 
 
 def _background(stack: AsyncExitStack, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -231,7 +192,8 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     loaded = await asyncio.to_thread(load_model, options)
     use_chat_template(loaded.tokenizer, settings.chat_template)
     fingerprint = model_fingerprint(loaded.model, loaded.model.config)
-    layout = plan_kv(settings, loaded)
+    pool_bytes, pool_origin = pool_budget(settings, loaded.device)
+    layout = plan_kv(settings, loaded, pool_bytes)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
     metrics = Metrics(
         settings.metrics_max_tasks,
@@ -271,10 +233,10 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         store,
         spec,
         loaded.device,
-        settings.cache_bytes,
         settings.host_cache_bytes,
         on_load=metrics.prefix_load.observe,
         encoder=engine.encode_prefix,
+        device_tier=PoolPrefixTier(engine.stats),
     )
     _background(stack, prefixes.keep_coherent(settings.coherence_interval_s))
     keys = await _start_keys(client, stack, settings.coherence_interval_s, admin_token)
@@ -283,7 +245,7 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
         engine.stats, prefixes, lambda: keys.num_errors + limiter.num_errors, lambda: keys.is_enabled
     )
     log.info("model %s fingerprint %s, context %d positions", loaded.name, fingerprint, layout.max_len)
-    _log_pool(layout)
+    log_pool(layout, pool_origin)
     console(
         f"model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}",
         also_logged=True,

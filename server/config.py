@@ -53,12 +53,27 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(256, ge=1, description="rows running at once at most")
     max_queue: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429")
-    cache_bytes: int = Field(256 * MiB, ge=0, description="device prefix cache budget")
+    cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="deprecated, no effect: the device prefix tier is the KV pool (--kv-cache-bytes)",
+    )
     host_cache_bytes: int = Field(1024 * MiB, ge=0, description="host-memory prefix cache budget")
     coherence_interval_s: float = Field(
         0.5, gt=0, description="how often resident prefixes are checked against Redis versions"
     )
-    kv_cache_bytes: int = Field(1024 * MiB, ge=1, description="KV pool memory (blocks of 16 positions)")
+    kv_cache_bytes: int = Field(
+        1024 * MiB,
+        ge=1,
+        description="KV pool memory (blocks of 16 positions): rows' KV and resident prefixes, one budget",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="on CUDA: the KV pool takes this fraction of the device memory free after loading "
+        "the weights, instead of --kv-cache-bytes; ignored on CPU",
+    )
     max_model_len: int | None = Field(None, ge=2, description="cap on prefix+prompt+output positions")
     max_new_tokens: int = Field(1024, ge=1, description="largest max_new_tokens a request may ask")
     max_upload_bytes: int = Field(512 * MiB, ge=1, description="largest prefix upload")

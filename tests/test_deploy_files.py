@@ -163,7 +163,7 @@ def _exported_metric_names() -> set[str]:
     metrics = Metrics()
     spec = PrefixSpec(1, 1, 1, torch.float32, 1)
     store = RedisPrefixStore(redis.asyncio.Redis(), "fp")  # never connects: only its counters are read
-    metrics.bind(lambda: EngineStats(0, 0, 1, 1, True), PrefixCache(store, spec, torch.device("cpu"), 0, 0))
+    metrics.bind(lambda: EngineStats(0, 0, 1, 1, True), PrefixCache(store, spec, torch.device("cpu"), 0))
     names: set[str] = set()
     for family in metrics.registry.collect():
         names |= {family.name + suffix for suffix in SAMPLE_SUFFIXES.get(family.type, ("",))}

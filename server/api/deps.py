@@ -68,7 +68,7 @@ class EngineProtocol(Protocol):
 
 
 class PrefixesProtocol(Protocol):
-    """The device cache in front of the Redis store."""
+    """The prefix cache in front of the Redis store (host tier; the device tier is the KV pool)."""
 
     async def get(self, task_id: str) -> PrefixEntry | None: ...
 

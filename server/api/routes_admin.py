@@ -109,7 +109,8 @@ async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> PrefixMeta:
 
 @router.post("/prefixes/{task_id}/warm", responses=error_responses(404))
 async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> WarmedPrefix:
-    """Prefetch a task into the host and device caches ahead of its traffic."""
+    """Prefetch a task into host memory ahead of its traffic (its first row copies it into the KV
+    pool, the device tier, without a Redis read); `tiers` says where it is resident now."""
     entry = await services.prefixes.warm(task_id)
     if entry is None:
         raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")

@@ -126,7 +126,7 @@ class TierUsage(BaseModel):
 
 
 class CacheContents(BaseModel):
-    tiers: dict[str, TierUsage] = Field(description="per tier: device, host")
+    tiers: dict[str, TierUsage] = Field(description="per tier: device (the KV pool), host")
     items: list[ResidentPrefix] = Field(description="least recently used first")
 
 

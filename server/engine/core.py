@@ -113,13 +113,16 @@ class EngineCore:
             outputs += self._sample([w.request for w in sampling], [w.slot for w in sampling], logits)
         finished = [w.request for w in sampling if w.request.is_finished]
         self._retire(finished)
-        if self.on_step is not None and (batch.rows or ended):
+        if self.on_step is not None and (batch.rows or ended or batch.preempted):
             now = time.monotonic()
             done = tuple(finished_request(r, now) for r in finished + ended)
-            num_prefill = batch.num_rows - batch.num_decode
-            self.on_step(
-                StepStats(batch.num_decode, num_prefill, len(sampling), time.perf_counter() - started, done)
+            num_prefill, num_fair = batch.num_rows - batch.num_decode, batch.num_preempted_for_fairness
+            duration = time.perf_counter() - started
+            num_for_blocks = len(batch.preempted) - num_fair
+            stats = StepStats(
+                batch.num_decode, num_prefill, len(sampling), duration, done, num_for_blocks, num_fair
             )
+            self.on_step(stats)
         return outputs
 
     def _schedule(self) -> ScheduledBatch[Request]:

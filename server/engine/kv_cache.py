@@ -87,11 +87,13 @@ class PagedKVCache:
             self.write_prefix(prefix, kv)
 
     def write_prefix(self, prefix: PrefixBlocks, kv: torch.Tensor) -> None:
-        """Copy a prefix `[num_layers, 2, kv_heads, P, head_dim]` into its blocks."""
+        """Copy a prefix `[num_layers, 2, kv_heads, P, head_dim]` into its blocks: the pool is the
+        device tier, so on a GPU this is the host -> device copy (from pinned memory)."""
         where = self.positions(prefix.blocks, prefix.num_positions).to(self.layout.device)
+        kv = kv.to(self.layout.device, self.layout.dtype, non_blocking=True)
         for layer in range(self.layout.num_layers):
-            self.keys[layer][where] = kv[layer, 0].transpose(0, 1).to(self.layout.dtype)
-            self.values[layer][where] = kv[layer, 1].transpose(0, 1).to(self.layout.dtype)
+            self.keys[layer][where] = kv[layer, 0].transpose(0, 1)
+            self.values[layer][where] = kv[layer, 1].transpose(0, 1)
 
 
 SlotKVCache = PagedKVCache  # the name callers of the slot layout used

@@ -70,14 +70,15 @@ class RowWork(Generic[R]):
 @dataclass(frozen=True)
 class ScheduledBatch(Generic[R]):
     """One step's work: `rows` (decode rows first, in slot order, then prefill chunks),
-    the requests admitted this step, the rows preempted for fairness and the slot moves
-    (apply them before the forward)."""
+    the requests admitted this step, the rows preempted (the first `num_preempted_for_fairness`
+    for fairness, the rest for blocks) and the slot moves (apply them before the forward)."""
 
     rows: list[RowWork[R]] = field(default_factory=list)
     num_decode: int = 0  # rows[:num_decode] were decoding before this step
     admitted: list[R] = field(default_factory=list)
     preempted: list[R] = field(default_factory=list)
     moves: list[SlotMove] = field(default_factory=list)
+    num_preempted_for_fairness: int = 0
 
     @property
     def decode(self) -> list[R]:
@@ -185,6 +186,7 @@ class Scheduler(Generic[R]):
     def schedule(self) -> ScheduledBatch[R]:
         """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""
         preempted, moves = self._preempt_for_fairness()
+        num_for_fairness = len(preempted)
         for victim in self._preempt_for_blocks():
             preempted.append(victim)
             moves += self.retire({victim.request_id})
@@ -234,7 +236,7 @@ class Scheduler(Generic[R]):
         end = len(rows) - len(admitted)
         rows[continuing:end] = self._top_up(left, rows[continuing:end], budget, len(admitted))
         self.num_last_rows = len(rows)
-        return ScheduledBatch(rows, num_decode, admitted, preempted, moves)
+        return ScheduledBatch(rows, num_decode, admitted, preempted, moves, num_for_fairness)
 
     def _top_up(
         self, left: dict[str, int], taken: list[RowWork[R]], budget: int, num_admitted: int

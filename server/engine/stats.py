@@ -1,7 +1,9 @@
 """What the engine reports: a snapshot of its state, one record per step, one per finished request."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prefix_store.meta import ResidentPrefix
 from server.engine.block_pool import BlockStats
 from server.engine.request import Request
 
@@ -18,6 +20,41 @@ class EngineStats:
     kv_used_bytes: int = 0  # blocks held by running rows and the prefixes they use
     kv_capacity_bytes: int = 0  # the pre-allocated pool
     blocks: BlockStats = field(default_factory=BlockStats.empty)  # where the pool's blocks are
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.kv_capacity_bytes // self.blocks.num_blocks if self.blocks.num_blocks else 0
+
+
+class PoolPrefixTier:
+    """The prefix cache's device tier, which is the KV pool (a `prefix_store` `DeviceTier`): its
+    budget is the whole pool and a resident prefix costs its blocks; read from engine stats."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def usage(self) -> dict[str, int]:
+        stats = self._stats()
+        return {
+            "capacity_bytes": stats.kv_capacity_bytes,
+            "resident_bytes": stats.blocks.num_prefix_blocks * stats.bytes_per_block,
+            "resident_prefixes": stats.blocks.num_resident_prefixes,
+        }
+
+    def resident(self) -> list[ResidentPrefix]:
+        """Resident prefixes, least recently used first; pinned while a row reads one."""
+        stats = self._stats()
+        return [
+            ResidentPrefix(
+                "device",
+                r.task_id,
+                r.version,
+                r.num_positions,
+                r.num_blocks * stats.bytes_per_block,
+                r.num_refs > 0,
+            )
+            for r in stats.blocks.resident
+        ]
 
 
 @dataclass(frozen=True)
@@ -43,6 +80,8 @@ class StepStats:
     num_new_tokens: int
     duration_s: float
     finished: tuple[FinishedRequest, ...]  # rows that ended in this step (aborts included)
+    num_preempted_for_blocks: int = 0  # rows preempted because the pool ran out of blocks
+    num_preempted_for_fairness: int = 0  # rows preempted so that a waiting tenant gets a slot
 
 
 def finished_request(request: Request, now: float) -> FinishedRequest:

@@ -24,8 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.engine.stats import EngineStats, FinishedRequest, StepStats
+from server.metrics.pool import device_tier_stats, pool_metrics
 from server.metrics.redis_health import RedisHealthCollector
-from server.metrics.vllm_names import VllmCollector, kv_usage_ratio
+from server.metrics.vllm_names import VllmCollector
 
 if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports this module
     from prefix_store.prefix_cache import PrefixCache
@@ -95,20 +96,8 @@ class _LiveCollector(Collector):
             "Requests waiting for their prefix from Redis",
             prefixes.num_loading,
         )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_slots", "KV cache slots (max concurrent rows)", stats.num_slots
-        )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_cache_used_bytes", "KV memory held by running rows", stats.kv_used_bytes
-        )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_cache_capacity_bytes", "Pre-allocated KV slot memory", stats.kv_capacity_bytes
-        )
-        yield GaugeMetricFamily(
-            "prefix_server_kv_cache_usage_ratio", "KV pool memory in use, 0..1", kv_usage_ratio(stats)
-        )
-        yield from _block_metrics(stats)
-        yield from self._tier_metrics()
+        yield from pool_metrics(stats)
+        yield from self._tier_metrics(stats)
         yield CounterMetricFamily(
             "prefix_server_prefix_loads", "Prefix loads from Redis", prefixes.load_stats.loads
         )
@@ -122,21 +111,24 @@ class _LiveCollector(Collector):
             "Failed Redis calls",
             prefixes.store.num_errors + self._other_redis_errors(),
         )
-        yield self._task_residency()
+        yield self._task_residency(stats)
 
-    def _task_residency(self) -> Metric:
+    def _task_residency(self, stats: EngineStats) -> Metric:
         """1 where a labelled task's prefix is resident in a tier (only the bounded set of tasks)."""
         family = GaugeMetricFamily(
             "prefix_server_task_prefix_resident",
             "Task prefix resident in a tier (1) or not (0)",
             labels=["task", "tier"],
         )
+        on_device = {r.task_id for r in stats.blocks.resident}
         for task_id in self._task_labels.known():
+            family.add_metric([task_id, "device"], float(task_id in on_device))
             for tier in self._prefixes.tiers:
                 family.add_metric([task_id, tier.name], float(tier.peek(task_id) is not None))
         return family
 
-    def _tier_metrics(self) -> Iterator[Metric]:
+    def _tier_metrics(self, stats: EngineStats) -> Iterator[Metric]:
+        """Per tier: the device tier is the KV pool (its prefix blocks, the whole pool as budget)."""
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             "hits": CounterMetricFamily(
                 "prefix_server_prefix_cache_hits", "Prefix lookups hit", labels=["tier"]
@@ -154,12 +146,15 @@ class _LiveCollector(Collector):
                 "prefix_server_prefix_cache_resident_prefixes", "Resident prefixes", labels=["tier"]
             ),
         }
-        for tier in self._prefixes.tiers:
-            for field, family in families.items():
+        device = device_tier_stats(stats)
+        for field, family in families.items():
+            family.add_metric(["device"], device[field])
+            for tier in self._prefixes.tiers:
                 family.add_metric([tier.name], getattr(tier.stats, field))
         capacity = GaugeMetricFamily(
             "prefix_server_prefix_cache_capacity_bytes", "Tier budget", labels=["tier"]
         )
+        capacity.add_metric(["device"], stats.kv_capacity_bytes)
         for tier in self._prefixes.tiers:
             capacity.add_metric([tier.name], tier.capacity_bytes)
         yield from families.values()
@@ -249,6 +244,14 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        self.preemptions = Counter(
+            "prefix_server_preemptions",
+            "Running rows sent back to the queue (recomputed later), by cause",
+            ["cause"],
+            registry=registry,
+        )
+        for cause in ("blocks", "fairness"):
+            self.preemptions.labels(cause=cause)  # both series from the start
         self.model_info = Info("prefix_server_model", "The served model", registry=registry)
 
     def _histogram(
@@ -297,6 +300,10 @@ class Metrics:
         """Called by the engine thread after each step."""
         for request in stats.finished:
             self._observe_finished(request)
+        if stats.num_preempted_for_blocks:
+            self.preemptions.labels(cause="blocks").inc(stats.num_preempted_for_blocks)
+        if stats.num_preempted_for_fairness:
+            self.preemptions.labels(cause="fairness").inc(stats.num_preempted_for_fairness)
         if stats.num_decode_rows + stats.num_prefill_rows == 0:
             return
         self.batch_size.observe(stats.num_decode_rows + stats.num_prefill_rows)
@@ -335,21 +342,3 @@ def _task_count(counter: Counter, task: str) -> float:
             if sample.name.endswith("_total") and sample.labels == {"task": task}:
                 return sample.value
     return 0.0
-
-
-def _block_metrics(stats: EngineStats) -> Iterator[Metric]:
-    """Where the paged pool's blocks are, and how many rows read the resident prefixes."""
-    blocks = stats.blocks
-    family = GaugeMetricFamily("prefix_server_kv_blocks", "KV pool blocks by holder", labels=["state"])
-    family.add_metric(["prefix"], blocks.num_prefix_blocks - blocks.num_idle_prefix_blocks)
-    family.add_metric(["cached_prefix"], blocks.num_idle_prefix_blocks)
-    family.add_metric(["rows"], blocks.num_row_blocks)
-    family.add_metric(["free"], blocks.num_free_blocks)
-    yield family
-    yield GaugeMetricFamily("prefix_server_kv_block_size", "Positions per KV block", blocks.block_size)
-    yield GaugeMetricFamily(
-        "prefix_server_kv_resident_prefixes", "Prefixes held in the KV pool", blocks.num_resident_prefixes
-    )
-    yield GaugeMetricFamily(
-        "prefix_server_kv_prefix_refs", "Running rows reading a shared prefix", blocks.num_prefix_refs
-    )

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # torch-free at run time: the HTTP layer imports the metrics
 
 
 def kv_usage_ratio(stats: EngineStats) -> float:
-    """KV slot memory held by running rows over the pre-allocated total, 0..1."""
+    """KV pool blocks that running rows need (their own and their prefixes') over all, 0..1."""
     if stats.kv_capacity_bytes <= 0:
         return 0.0
     return min(1.0, stats.kv_used_bytes / stats.kv_capacity_bytes)
@@ -27,7 +27,7 @@ class VllmCollector(Collector):
     """The vLLM metric names the Gateway API Inference Extension's endpoint picker scrapes.
 
     Task prefixes play the part of LoRA adapters: `running_lora_adapters` lists the tasks
-    resident on the device (served with no load, most recently used first) and
+    resident in the KV pool (served with no load, most recently used first) and
     `waiting_lora_adapters` the tasks being loaded from Redis right now; `max_lora` is the KV
     slot count (the most distinct tasks one batch can hold). Each list has at most
     `max_tasks` ids, and none at all while per-task labels are off (`per_task()` false).
@@ -54,7 +54,7 @@ class VllmCollector(Collector):
         usage = kv_usage_ratio(stats)
         yield GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV cache usage, 0..1", usage)
         yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage, 0..1", usage)
-        yield self._lora_info(stats.num_slots)
+        yield self._lora_info(stats)
         # what the Gateway API inference extension reads
         info = GaugeMetricFamily(
             "vllm:cache_config_info", "KV cache configuration", labels=["block_size", "num_gpu_blocks"]
@@ -62,11 +62,11 @@ class VllmCollector(Collector):
         info.add_metric([str(stats.blocks.block_size), str(stats.blocks.num_blocks)], 1.0)
         yield info
 
-    def _lora_info(self, max_lora: int) -> Metric:
+    def _lora_info(self, stats: EngineStats) -> Metric:
         running: list[str] = []
         waiting: list[str] = []
         if self._per_task():
-            device = [task_id for task_id, _ in reversed(self._prefixes.device_tier.items())]
+            device = list(dict.fromkeys(r.task_id for r in reversed(stats.blocks.resident)))
             running = device[: self._max_tasks]
             loading = self._prefixes.loading_task_ids
             waiting = [t for t in loading if t not in running][: self._max_tasks]
@@ -76,5 +76,5 @@ class VllmCollector(Collector):
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
         # the endpoint picker keeps the series with the largest value, vLLM's is a timestamp
-        family.add_metric([",".join(running), ",".join(waiting), str(max_lora)], time.time())
+        family.add_metric([",".join(running), ",".join(waiting), str(stats.num_slots)], time.time())
         return family

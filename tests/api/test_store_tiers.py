@@ -1,4 +1,5 @@
-"""The store at scale over real HTTP: 10,000 prefixes, bounded tiers, warm, /admin/cache, metrics."""
+"""The store at scale over real HTTP: 10,000 prefixes, bounded tiers (the device tier is the KV
+pool: one budget with the rows), warm, /admin/cache, metrics."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from tests.server_process import ServerProcess
 from tests.tiny_models import Adapter
 
 PREFIX_BYTES = 2 * 2 * 4 * 4 * 8 * 4  # layers * k/v * heads * P=4 * head_dim * float32
-DEVICE_BYTES, HOST_BYTES = 4 * PREFIX_BYTES, 8 * PREFIX_BYTES
+BLOCK_BYTES = 2 * 2 * 4 * 16 * 8 * 4  # a pool block: 16 positions; a prefix of 4 takes one
+POOL_BLOCKS, HOST_BYTES = 12, 8 * PREFIX_BYTES  # the pool: block 0 and 11 usable blocks
+POOL_BYTES = (POOL_BLOCKS - 1) * BLOCK_BYTES
 NUM_BULK = 10_000
 
 
@@ -26,9 +29,10 @@ NUM_BULK = 10_000
 def tiered(
     gpt2_dir: Path, adapter: Adapter, redis_proc: RedisProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """Room for 4 prefixes on the device and 8 in host memory."""
-    flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url]
-    flags += ["--cache-bytes", str(DEVICE_BYTES), "--host-cache-bytes", str(HOST_BYTES)]
+    """A pool of 11 blocks (one row of 128 positions needs 8 and a prefix block) and room for 8
+    prefixes in host memory."""
+    flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url, "--max-model-len", "128"]
+    flags += ["--kv-cache-bytes", str(POOL_BLOCKS * BLOCK_BYTES), "--host-cache-bytes", str(HOST_BYTES)]
     with ServerProcess(tmp_path_factory.mktemp("tiered") / "data", *flags) as proc:
         yield proc
 
@@ -61,10 +65,12 @@ def test_tiers_stay_within_their_bytes_and_report_themselves(
             body = {"task_id": f"tier:{i:02d}", "input_ids": [5], "max_new_tokens": 2}
             assert client.post(tiered.url + "/generate", json=body).status_code == 200
     cache = client.get(tiered.url + "/admin/cache", headers=tiered.admin_headers).json()
+    # one request at a time needs a prefix block and a row block: the pool keeps the 10 most
+    # recent prefixes (unreferenced, evicted LRU) and one free block
     assert cache["tiers"]["device"] == {
-        "capacity_bytes": DEVICE_BYTES,
-        "resident_bytes": DEVICE_BYTES,
-        "resident_prefixes": 4,
+        "capacity_bytes": POOL_BYTES,
+        "resident_bytes": 10 * BLOCK_BYTES,
+        "resident_prefixes": 10,
     }
     assert cache["tiers"]["host"] == {
         "capacity_bytes": HOST_BYTES,
@@ -72,28 +78,40 @@ def test_tiers_stay_within_their_bytes_and_report_themselves(
         "resident_prefixes": 8,
     }
     device_ids = [i["task_id"] for i in cache["items"] if i["tier"] == "device"]
-    assert device_ids == [f"tier:{i:02d}" for i in range(8, 12)]  # the 4 most recent, least recent first
+    assert device_ids == [f"tier:{i:02d}" for i in range(2, 12)]  # the 10 most recent, least recent first
     metrics = client.get(tiered.url + "/metrics").text
-    assert _metric(metrics, "prefix_server_prefix_cache_evictions_total", "device") > 0
+    assert _metric(metrics, "prefix_server_prefix_cache_evictions_total", "device") == 24 - 10
+    assert _metric(metrics, "prefix_server_prefix_cache_resident_bytes", "device") == 10 * BLOCK_BYTES
     assert _metric(metrics, "prefix_server_prefix_cache_resident_bytes", "host") == HOST_BYTES
     assert _metric(metrics, "prefix_server_prefix_cache_misses_total", "host") >= 12
     loads = float(re.search(r"^prefix_server_prefix_load_seconds_count (\S+)$", metrics, re.M).group(1))  # type: ignore[union-attr]
     assert loads >= 12 and "prefix_server_redis_errors_total 0.0" in metrics
 
 
-def test_warm_prefetches_into_both_tiers(tiered: ServerProcess, client: httpx.Client) -> None:
+def test_warm_prefetches_into_host_memory_and_the_first_row_copies_it_into_the_pool(
+    tiered: ServerProcess, client: httpx.Client
+) -> None:
     meta = _upload(client, tiered, "warm:me", seed=99)
     warm = client.post(tiered.url + "/admin/prefixes/warm:me/warm", headers=tiered.admin_headers)
-    assert warm.status_code == 200 and warm.json()["tiers"] == ["device", "host"]
+    assert warm.status_code == 200 and warm.json()["tiers"] == ["host"]
     assert warm.json()["version"] == meta["version"]
-    before = client.get(tiered.url + "/metrics").text
-    assert (
-        client.post(tiered.url + "/generate", json={"task_id": "warm:me", "input_ids": [5]}).status_code
-        == 200
-    )
-    after = client.get(tiered.url + "/metrics").text
-    hits = [_metric(m, "prefix_server_prefix_cache_hits_total", "device") for m in (before, after)]
-    assert hits[1] == hits[0] + 1  # served from the device: no load
+    body = {"task_id": "warm:me", "input_ids": [5]}
+    scrapes = [client.get(tiered.url + "/metrics").text]
+    for _ in range(2):
+        assert client.post(tiered.url + "/generate", json=body).status_code == 200
+        scrapes.append(client.get(tiered.url + "/metrics").text)
+    host_hits = [_metric(m, "prefix_server_prefix_cache_hits_total", "host") for m in scrapes]
+    device = [
+        (_metric(m, "prefix_server_prefix_cache_misses_total", "device"),
+         _metric(m, "prefix_server_prefix_cache_hits_total", "device"))
+        for m in scrapes
+    ]  # fmt: skip
+    loads = [re.search(r"^prefix_server_prefix_loads_total (\S+)$", m, re.M).group(1) for m in scrapes]  # type: ignore[union-attr]
+    assert host_hits == [host_hits[0] + i for i in range(3)] and len(set(loads)) == 1  # no Redis read
+    misses, hits = device[0]
+    assert device[1:] == [(misses + 1, hits), (misses + 1, hits + 1)]  # copied once, then shared
+    again = client.post(tiered.url + "/admin/prefixes/warm:me/warm", headers=tiered.admin_headers)
+    assert again.json()["tiers"] == ["device", "host"]
     assert (
         client.post(tiered.url + "/admin/prefixes/nobody/warm", headers=tiered.admin_headers).status_code
         == 404
@@ -138,4 +156,4 @@ def test_ten_thousand_prefixes_list_by_cursor(
     )
     assert one.status_code == 200 and one.json()["usage"]["prefix_tokens"] == 1
     usage = client.get(tiered.url + "/admin/cache", headers=tiered.admin_headers).json()["tiers"]
-    assert usage["device"]["resident_bytes"] <= DEVICE_BYTES and usage["host"]["resident_bytes"] <= HOST_BYTES
+    assert usage["device"]["resident_bytes"] <= POOL_BYTES and usage["host"]["resident_bytes"] <= HOST_BYTES

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
-from server.app import plan_kv
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model_loader import ModelOptions, load_model
 from server.engine.request import SamplingParams
+from server.kv_plan import plan_kv
 from tests.tiny_models import VOCAB
 
 # 300 positions a row; all 64 prompts fit one step of the default token budget (512)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+from prefix_store.entry import PrefixMeta
 from server.engine.attention import attend, merge, step_attention_forward
 from server.engine.attention_plan import PlanRow, prepare
 from server.engine.block_pool import BlockPool
@@ -49,7 +50,8 @@ def test_grouped_attention_equals_per_row_reference(
         num_tokens = 1 if i % 3 else int(torch.randint(2, 20, (1,), generator=gen))  # decode and chunks
         plen = prefix_lens[task] if task < len(prefix_lens) else 0
         source = sources[task] if task < len(prefix_lens) else None
-        assert pool.admit(f"r{i}", f"t{task}", source, plen, own_start + num_tokens)
+        key = PrefixMeta(f"t{task}", 1, plen, 0, "float32", "fp", "now") if plen else None
+        assert pool.admit(f"r{i}", key, source, plen, own_start + num_tokens)
         rows.append(PlanRow(pool.prefix_of(f"r{i}"), pool.table(f"r{i}"), own_start, num_tokens))
         shapes.append((plen, own_start, num_tokens))
     pool.pending.clear()

@@ -15,6 +15,7 @@ from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout, PagedKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.engine.request import Request, SamplingParams
+from server.engine.stats import StepStats
 from tests.tiny_models import MAX_POSITIONS, Oracle, save_adapter, save_tiny_model, unambiguous_case
 
 NEW_TOKENS = 6
@@ -117,6 +118,8 @@ def test_preemption_under_block_pressure_resumes_with_the_same_tokens(setup) -> 
     cases = [unambiguous_case(oracle, 14 + i % 2, 500 + i % 2, NEW_TOKENS, 1e-3) for i in range(6)]
     # 2 prefix blocks + 6 rows needing 2 blocks each at the end: 10 usable blocks is not enough
     core = _core(loaded, spec, num_rows=6, num_blocks=11)
+    steps: list[StepStats] = []
+    core.on_step = steps.append
     requests = [_request(entry, prompt) for prompt, _ in cases]
     for request in requests:
         core.add(request)
@@ -126,5 +129,7 @@ def test_preemption_under_block_pressure_resumes_with_the_same_tokens(setup) -> 
         _run(core, outputs)
         preempted |= {r.request_id for r in core.scheduler.waiting if r.output_ids}
     assert preempted  # rows went back to the queue with tokens generated...
+    assert sum(s.num_preempted_for_blocks for s in steps) >= len(preempted)  # ...reported by cause
+    assert sum(s.num_preempted_for_fairness for s in steps) == 0  # one tenant: never for fairness
     assert [outputs[r.request_id] for r in requests] == [expected for _, expected in cases]  # ...and resumed
     _assert_all_free(core)

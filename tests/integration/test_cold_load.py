@@ -41,7 +41,7 @@ def test_cold_load_in_flight_does_not_stall_running_rows(gpt2_dir: Path, tmp_pat
         with RedisProcess() as redis_proc:
             client = connect(redis_proc.url)
             store = SlowStore(client, "fp-cold", slow_task="cold")
-            cache = PrefixCache(store, spec, loaded.device, 1 << 20, 1 << 20)
+            cache = PrefixCache(store, spec, loaded.device, 1 << 20)
             for task_id in ("hot", "cold"):
                 await cache.put(task_id, torch.randn(spec.shape(3)))
             engine = Engine(loaded, SlotKVCache(layout), max_queue=8)

@@ -58,7 +58,7 @@ def test_a_64_mib_prefix_uploads_loads_and_serves(tmp_path: Path) -> None:
     prefix = torch.randn(64, 2, 2, 1024, 64)
     weights = safetensors.torch.save({"prefix": prefix})
     assert len(weights) >= 64 * 1024 * 1024
-    flags = ["--model", str(model_dir), "--max-batch-size", "2", "--cache-bytes", str(80 * 1024 * 1024)]
+    flags = ["--model", str(model_dir), "--max-batch-size", "2"]  # the pool (1 GiB) holds it on the device
     with ServerProcess(tmp_path / "data", *flags) as server, httpx.Client(timeout=120) as client:
         put = client.put(
             server.url + "/admin/prefixes/big:one",

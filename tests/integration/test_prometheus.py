@@ -60,7 +60,7 @@ def test_every_dashboard_expression_returns_data(gpt2_dir: Path, adapter: Adapte
     )
     expressions = module.expressions(dashboard)
     with RedisProcess() as redis_proc:
-        flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url, "--cache-bytes", "4096"]
+        flags = ["--model", str(gpt2_dir), "--redis-url", redis_proc.url]
         with ServerProcess(tmp_path / "data", *flags) as server, httpx.Client(timeout=30) as client:
             for task in ("t:0", "t:1"):
                 assert (

@@ -1,4 +1,5 @@
-"""The tiered prefix cache over a real Redis store: LRU by bytes, pins, single-flight, races, coherence."""
+"""The prefix cache (host tier in front of Redis; the device tier is the engine's KV pool) over a
+real Redis store: LRU by bytes, pins, single-flight, races, coherence."""
 
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ def _kv(prefix_len: int, value: float) -> torch.Tensor:
     return torch.full(SPEC.shape(prefix_len), value)
 
 
-def _run(redis_proc: RedisProcess, fingerprint: str, capacity: int, body, host: int = 0):  # type: ignore[no-untyped-def]
-    """Runs `body(cache, store)`; `capacity` bytes on the device, `host` bytes in host memory."""
+def _run(redis_proc: RedisProcess, fingerprint: str, capacity: int, body):  # type: ignore[no-untyped-def]
+    """Runs `body(cache, store)` with `capacity` bytes of host memory."""
 
     async def main():  # type: ignore[no-untyped-def]
         client = connect(redis_proc.url)
         try:
             store = CountingStore(client, fingerprint)
-            return await body(PrefixCache(store, SPEC, torch.device("cpu"), capacity, host), store)
+            return await body(PrefixCache(store, SPEC, torch.device("cpu"), capacity), store)
         finally:
             await client.aclose()
 
@@ -59,7 +60,7 @@ def test_lru_by_bytes_and_hits(redis_proc: RedisProcess, fingerprint: str) -> No
         await cache.get("c")  # 8 positions: evicts b (least recent), keeps a
         resident = {r.task_id for r in cache.resident()}
         await cache.get("big")  # unknown task
-        return resident, cache.device_tier.stats, cache.load_stats.loads, store.num_gets
+        return resident, cache.host_tier.stats, cache.load_stats.loads, store.num_gets
 
     resident, stats, loads, num_gets = _run(redis_proc, fingerprint, 12 * BYTES_PER_POSITION, body)
     assert resident == {"a", "c"}
@@ -72,7 +73,7 @@ def test_entry_larger_than_the_cache_is_served_not_kept(redis_proc: RedisProcess
     async def body(cache: PrefixCache, store: CountingStore):  # type: ignore[no-untyped-def]
         await cache.put("huge", _kv(16, 2.0))
         entry = await cache.get("huge")
-        return entry, cache.device_tier.stats.resident_count
+        return entry, cache.host_tier.stats.resident_count
 
     entry, count = _run(redis_proc, fingerprint, 4 * BYTES_PER_POSITION, body)
     assert entry is not None and entry.meta.prefix_len == 16 and count == 0
@@ -121,25 +122,24 @@ def test_delete_invalidates(redis_proc: RedisProcess, fingerprint: str) -> None:
         await cache.put("t", _kv(2, 1.0))
         assert await cache.get("t") is not None
         assert await cache.delete("t") is True
-        return await cache.get("t"), cache.device_tier.stats.resident_count
+        return await cache.get("t"), cache.host_tier.stats.resident_count
 
     assert _run(redis_proc, fingerprint, 1 << 20, body) == (None, 0)
 
 
-def test_host_tier_serves_device_misses_without_redis(redis_proc: RedisProcess, fingerprint: str) -> None:
+def test_host_tier_serves_without_redis(redis_proc: RedisProcess, fingerprint: str) -> None:
     async def body(cache: PrefixCache, store: CountingStore):  # type: ignore[no-untyped-def]
         for name in ("a", "b", "c"):
             await cache.put(name, _kv(4, 1.0))
-            await cache.get(name)  # device holds one (4 positions), host holds all three
+            await cache.get(name)
         reads = store.num_gets
-        entry = await cache.get("a")  # device miss, host hit: no Redis read
+        entry = await cache.get("a")  # host hit: no Redis read, the same host tensor
         return reads, store.num_gets, entry, cache.usage(), cache.host_tier.stats
 
-    reads, after, entry, usage, host = _run(
-        redis_proc, fingerprint, 4 * BYTES_PER_POSITION, body, host=12 * BYTES_PER_POSITION
-    )
+    reads, after, entry, usage, host = _run(redis_proc, fingerprint, 12 * BYTES_PER_POSITION, body)
     assert reads == after == 3 and entry is not None and entry.meta.task_id == "a"
-    assert usage["device"]["resident_prefixes"] == 1 and usage["host"]["resident_prefixes"] == 3
+    assert entry.kv.device.type == "cpu"
+    assert list(usage) == ["host"] and usage["host"]["resident_prefixes"] == 3  # no device tier given
     assert (host.hits, host.misses) == (1, 3)
 
 

@@ -42,7 +42,6 @@ class EngineCore:
         max_rows_per_tenant: int | None = None,
         request_timeout_s: float | None = None,
         on_step: Callable[[StepStats], None] | None = None,
-        max_chunk_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
@@ -54,7 +53,6 @@ class EngineCore:
             num_tokens_of=lambda r: len(r.prompt_ids) + len(r.output_ids),  # a preempted row recomputes
             max_num_tokens=max_num_batched_tokens,
             max_rows_per_tenant=max_rows_per_tenant,
-            max_chunk_tokens=max_chunk_tokens,
             blocks=RequestBlocks(kv.pool),
         )
         output_embeddings = loaded.model.get_output_embeddings()

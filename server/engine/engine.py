@@ -47,7 +47,6 @@ class Engine:
         request_timeout_s: float | None = None,
         max_num_batched_tokens: int | None = 512,
         max_rows_per_tenant: int | None = None,
-        max_chunk_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
@@ -62,7 +61,6 @@ class Engine:
             max_rows_per_tenant,
             request_timeout_s,
             on_step,
-            max_chunk_tokens,
         )
         self.runner = self.core.runner
         self.scheduler = self.core.scheduler

@@ -70,31 +70,16 @@ class RowWork(Generic[R]):
 @dataclass(frozen=True)
 class ScheduledBatch(Generic[R]):
     """One step's work: `rows` (decode rows first, in slot order, then prefill chunks),
-    the requests admitted this step, the rows preempted for fairness and the slot moves
-    (apply them before the forward)."""
+    the requests admitted this step and the slot moves (apply them before the forward)."""
 
     rows: list[RowWork[R]] = field(default_factory=list)
     num_decode: int = 0  # rows[:num_decode] were decoding before this step
     admitted: list[R] = field(default_factory=list)
-    preempted: list[R] = field(default_factory=list)
     moves: list[SlotMove] = field(default_factory=list)
-
-    @property
-    def decode(self) -> list[R]:
-        """Rows that were already decoding before this step."""
-        return [w.request for w in self.rows[: self.num_decode]]
-
-    @property
-    def prefill(self) -> list[R]:
-        return self.admitted
 
     @property
     def num_rows(self) -> int:
         return len(self.rows)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(w.num_tokens for w in self.rows)
 
 
 class Scheduler(Generic[R]):
@@ -105,24 +90,18 @@ class Scheduler(Generic[R]):
         self,
         max_rows: int,
         max_queue: int,
-        max_prefill_rows: int | None = None,
         tenant_of: Callable[[R], str] | None = None,
         num_tokens_of: Callable[[R], int] | None = None,
         max_num_tokens: int | None = None,
         max_rows_per_tenant: int | None = None,
-        max_chunk_tokens: int | None = None,
         blocks: BlockBudget[R] | None = None,
     ) -> None:
         self.max_rows = max_rows
         self.blocks = blocks
         self.max_queue = max_queue
-        self.max_prefill_rows = max_prefill_rows or max_rows
         self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
         self.num_tokens_of = num_tokens_of or (lambda r: 1)  # tokens to feed on admission
         self.max_num_tokens = max_num_tokens
-        # one row's prefill tokens per step at most (vLLM's long_prefill_token_threshold): a long
-        # prompt then slows the decoding rows' steps a little for longer, not a lot at once
-        self.max_chunk_tokens = max_chunk_tokens or (1 << 62)
         self.max_rows_per_tenant = max_rows_per_tenant
         self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
         self._num_admitted = 0
@@ -184,9 +163,8 @@ class Scheduler(Generic[R]):
 
     def schedule(self) -> ScheduledBatch[R]:
         """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""
-        preempted, moves = self._preempt_for_fairness()
+        moves = self._preempt_for_fairness()
         for victim in self._preempt_for_blocks():
-            preempted.append(victim)
             moves += self.retire({victim.request_id})
             self.waiting.appendleft(victim)
         budget = self.max_num_tokens if self.max_num_tokens is not None else 1 << 62
@@ -209,18 +187,13 @@ class Scheduler(Generic[R]):
         budget -= sum(chunks.values())
         admitted: list[R] = []
         held = self._running_per_tenant()
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.max_rows
-            and len(admitted) < self.max_prefill_rows
-        ):
+        while self.waiting and budget > 0 and len(self.running) < self.max_rows:
             picked = self._next_waiting(held)
             if picked is None:
                 break
             request = picked
             target = self.num_tokens_of(request)
-            first_chunk = min(target, budget, self.max_chunk_tokens)
+            first_chunk = min(target, budget)
             if self.blocks is not None and not self.blocks.admit(request, first_chunk):
                 self.waiting.appendleft(request)  # no room for it yet: it stays first in line
                 break
@@ -234,7 +207,7 @@ class Scheduler(Generic[R]):
         end = len(rows) - len(admitted)
         rows[continuing:end] = self._top_up(left, rows[continuing:end], budget, len(admitted))
         self.num_last_rows = len(rows)
-        return ScheduledBatch(rows, num_decode, admitted, preempted, moves)
+        return ScheduledBatch(rows, num_decode, admitted, moves)
 
     def _top_up(
         self, left: dict[str, int], taken: list[RowWork[R]], budget: int, num_admitted: int
@@ -251,7 +224,7 @@ class Scheduler(Generic[R]):
             chunk = 0 if row is None else row.num_tokens
             if row is not None:
                 self._computed[request_id] = row.start  # taken again below, with the extra
-            room = min(left[request_id], self.max_chunk_tokens, self._room(request))
+            room = min(left[request_id], self._room(request))
             extra = max(0, min(room - chunk, budget))
             budget -= extra
             if chunk + extra > 0:
@@ -271,7 +244,7 @@ class Scheduler(Generic[R]):
         chunks: dict[str, int] = {}
         for request in under_way:
             tenant = tenant_of(request)
-            room = min(self.max_chunk_tokens, quota[tenant], self._room(request))
+            room = min(quota[tenant], self._room(request))
             chunk = min(left[request.request_id], budget, room)
             if chunk > 0:
                 chunks[request.request_id] = chunk
@@ -353,12 +326,12 @@ class Scheduler(Generic[R]):
             self._last_served = {t: n for t, n in self._last_served.items() if t in first}
         return request
 
-    def _preempt_for_fairness(self) -> tuple[list[R], list[SlotMove]]:
+    def _preempt_for_fairness(self) -> list[SlotMove]:
         """With no free slot and a tenant waiting below its limit, take back slots from tenants
         above theirs (their newest rows go back to the head of the queue and are recomputed
         later): another tenant's request then starts within one step, not when a hog finishes."""
         if self.tenant_of is None or not self.waiting or len(self.running) < self.max_rows:
-            return [], []
+            return []
         tenant_of, limit = self.tenant_of, self._limit()
         held = self._running_per_tenant()
         starved = {tenant_of(r) for r in self.waiting if held[tenant_of(r)] < limit}
@@ -373,10 +346,10 @@ class Scheduler(Generic[R]):
             )
             held[hog] -= 1
         if not victims:
-            return [], []
+            return []
         moves = self.retire({r.request_id for r in victims})
         self.waiting.extendleft(reversed(victims))  # back at the head: FIFO within the tenant holds
-        return victims, moves
+        return moves
 
     def slot_of(self, request: R) -> int:
         """The slot of a running request (by identity)."""

@@ -83,7 +83,6 @@ def test_apply_equals_the_references_row_by_row() -> None:
 def test_no_penalised_row_costs_nothing() -> None:
     table = PenaltyTable(num_slots=4, vocab=10, device=CPU)
     assert table.for_step([SamplingParams(), SamplingParams(temperature=1.0)], [0, 1]) is None
-    assert not table.is_allocated  # nothing on the device until a penalised request comes
 
 
 def test_greedy_steps_follow_the_reference_and_count_on_the_device() -> None:

@@ -88,6 +88,7 @@ def long_prompt_interference(
 ) -> dict[str, Any]:
     """63 rows (`concurrency - 1`) decode; a `long_len`-token prompt arrives. Inter-token times of
     the decoding rows over 10 steps before it, the steps of its prefill and 10 after."""
+    from server.engine.config import EngineConfig
     from server.engine.core import EngineCore
     from server.engine.kv_cache import KVLayout, SlotKVCache
     from server.engine.request import Request, SamplingParams
@@ -95,7 +96,9 @@ def long_prompt_interference(
     spec_kv = prefix.kv
     layout = KVLayout(spec_kv.shape[0], spec_kv.shape[2], spec_kv.shape[4], w.concurrency,
                       w.prefix_len + long_len + 64, loaded.dtype, loaded.device)  # fmt: skip
-    core = EngineCore(loaded, SlotKVCache(layout), max_queue=1000, max_num_batched_tokens=budget)
+    core = EngineCore(
+        loaded, SlotKVCache(layout), EngineConfig(max_queue=1000, max_num_batched_tokens=budget)
+    )
     params = SamplingParams(max_new_tokens=60, ignore_eos=True)
     for i in range(w.concurrency - 1):
         core.add(Request(prefix, [1 + (i % 50)] * w.prompt_min, params))

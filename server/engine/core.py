@@ -16,6 +16,7 @@ import torch
 
 from server.engine.attention_plan import PlanRow
 from server.engine.block_pool import RequestBlocks
+from server.engine.config import EngineConfig
 from server.engine.errors import QueueFull
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model_loader import LoadedModel
@@ -37,29 +38,26 @@ class EngineCore:
         self,
         loaded: LoadedModel,
         kv: PagedKVCache,
-        max_queue: int,
-        max_num_batched_tokens: int | None = 512,
-        max_rows_per_tenant: int | None = None,
-        request_timeout_s: float | None = None,
+        config: EngineConfig,
         on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
+        self.config = config
         self.runner = ModelRunner(loaded.model, kv, loaded.max_positions)
         self.scheduler: Scheduler[Request] = Scheduler(
             kv.layout.num_slots,
-            max_queue,
+            config.max_queue,
             tenant_of=lambda r: r.tenant,
             num_tokens_of=lambda r: len(r.prompt_ids) + len(r.output_ids),  # a preempted row recomputes
-            max_num_tokens=max_num_batched_tokens,
-            max_rows_per_tenant=max_rows_per_tenant,
+            max_num_tokens=config.max_num_batched_tokens,
+            max_rows_per_tenant=config.max_rows_per_tenant,
             blocks=RequestBlocks(kv.pool),
         )
         output_embeddings = loaded.model.get_output_embeddings()
         vocab = output_embeddings.weight.shape[0] if output_embeddings is not None else loaded.vocab_size
         # the penalised rows' token histories (allocated when the first penalised request comes)
         self.penalties = PenaltyTable(kv.layout.num_slots, int(vocab), kv.layout.device)
-        self.request_timeout_s = request_timeout_s
         self.on_step = on_step
         self.lock = threading.RLock()
         self._aborted: set[str] = set()
@@ -194,7 +192,7 @@ class EngineCore:
             for request_id in aborted:
                 self.scheduler.remove_waiting(request_id)
             expired = []
-            if self.request_timeout_s is not None:
+            if self.config.request_timeout_s is not None:
                 expired = [r for r in self.scheduler.waiting if r.deadline is not None and r.deadline <= now]
                 for request in expired:
                     self.scheduler.remove_waiting(request.request_id)
@@ -207,7 +205,7 @@ class EngineCore:
             request.finish_reason = "abort" if request.request_id in aborted else "timeout"
         self._retire(ended)
         timeouts = [r for r in expired + ended if r.finish_reason == "timeout" or r in expired]
-        message = f"the request ran past the server's request timeout ({self.request_timeout_s} s)"
+        message = f"the request ran past the server's request timeout ({self.config.request_timeout_s} s)"
         for request in timeouts:
             request.finish_reason = "timeout"
         return ended, [StepOutput(r.request_id, [], "", "timeout", error=message) for r in timeouts]

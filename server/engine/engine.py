@@ -17,6 +17,7 @@ import torch
 from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
 from server.engine.chat import render_chat
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
 from server.engine.handle import PAUSE_AT, RequestHandle
@@ -42,29 +43,18 @@ class Engine:
         self,
         loaded: LoadedModel,
         kv: PagedKVCache,
-        max_queue: int,
+        config: EngineConfig,
         on_step: Callable[[StepStats], None] | None = None,
-        request_timeout_s: float | None = None,
-        max_num_batched_tokens: int | None = 512,
-        max_rows_per_tenant: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
         self.max_len = kv.layout.max_len
         self.max_token_chars = longest_token_chars(loaded.tokenizer)  # once: a prompt's bound in characters
         self.off_loop = OffLoopTokenizer(loaded.tokenizer)
-        self.core = EngineCore(
-            loaded,
-            kv,
-            max_queue,
-            max_num_batched_tokens,
-            max_rows_per_tenant,
-            request_timeout_s,
-            on_step,
-        )
+        self.config = config
+        self.core = EngineCore(loaded, kv, config, on_step)
         self.runner = self.core.runner
         self.scheduler = self.core.scheduler
-        self.request_timeout_s = request_timeout_s
         self._wakeup = threading.Condition(self.core.lock)
         self._handles: dict[str, RequestHandle] = {}  # owned by the event loop thread
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,8 +136,8 @@ class Engine:
         task_id = prefix.meta.task_id
         request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
         request.tenant = tenant_of(task_id, tenant)
-        if self.request_timeout_s is not None:
-            request.deadline = request.arrival_time + self.request_timeout_s
+        if self.config.request_timeout_s is not None:
+            request.deadline = request.arrival_time + self.config.request_timeout_s
         request.generator = make_generator(params, self.kv.layout.device)
         handle = RequestHandle(self, request, on_done)
         with self._wakeup:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import ContextTooLong, InvalidInput, QueueFull
 from server.engine.handle import PAUSE_AT, RequestHandle
@@ -37,7 +38,7 @@ def _engine(
     loaded: LoadedModel, num_slots: int = 4, max_queue: int = 16, request_timeout_s: float | None = None
 ) -> Engine:
     layout = KVLayout(2, 4, 8, num_slots, MAX_POSITIONS, torch.float32, torch.device("cpu"))
-    return Engine(loaded, SlotKVCache(layout), max_queue, request_timeout_s=request_timeout_s)
+    return Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue, request_timeout_s=request_timeout_s))
 
 
 @pytest.fixture
@@ -201,7 +202,7 @@ def test_bfloat16_model_serves_mixed_rows(tmp_path_factory: pytest.TempPathFacto
         return PrefixEntry(meta, torch.randn(2, 2, 2, prefix_len, 8).to(torch.bfloat16))
 
     async def main():  # type: ignore[no-untyped-def]
-        engine = Engine(loaded, SlotKVCache(layout), 8)
+        engine = Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue=8))
         engine.start(asyncio.get_running_loop())
         try:
             handles = [engine.submit(prefix(1 + i, i), [5 + i] * (2 + i), _greedy(6)) for i in range(4)]

@@ -16,18 +16,18 @@ import torch
 
 from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
-from server.engine.chat import render_chat
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
+from server.engine.errors import EngineStopped
 from server.engine.handle import PAUSE_AT, RequestHandle
 from server.engine.kv_cache import PagedKVCache
-from server.engine.model_loader import LoadedModel, longest_token_chars
+from server.engine.model_loader import LoadedModel
 from server.engine.prefix_encoder import compute_prefix_kv
+from server.engine.processor import Processor
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator
 from server.engine.stats import EngineStats, StepStats
-from server.engine.tokenize import Messages, OffLoopTokenizer, encode_text
+from server.engine.tokenize import Messages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,8 +49,7 @@ class Engine:
         self.loaded = loaded
         self.kv = kv
         self.max_len = kv.layout.max_len
-        self.max_token_chars = longest_token_chars(loaded.tokenizer)  # once: a prompt's bound in characters
-        self.off_loop = OffLoopTokenizer(loaded.tokenizer)
+        self.processor = Processor(loaded, self.max_len)
         self.config = config
         self.core = EngineCore(loaded, kv, config, on_step)
         self.runner = self.core.runner
@@ -71,7 +70,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        self.off_loop.close()
+        self.processor.close()
         with self._wakeup:
             self._is_stopping = True
             self._kick()
@@ -93,24 +92,24 @@ class Engine:
             num_running, num_waiting, layout.num_slots, self.max_len, self.is_alive, used, capacity, blocks
         )
 
-    # ---- caller side (event loop thread) -----------------------------------------------
+    # ---- caller side (event loop thread); text work is the processor's ---------------------
+    @property
+    def max_token_chars(self) -> int:
+        return self.processor.max_token_chars
+
     def token_text(self, token_id: int) -> str:
-        """One token as text (may be partial UTF-8, shown as the decoder shows it)."""
-        return self.loaded.decode([token_id])
+        return self.processor.token_text(token_id)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return encode_text(self.loaded.tokenizer, text, add_special_tokens)
+        return self.processor.encode(text, add_special_tokens)
 
     async def encode_off_loop(
         self, prompts: Sequence[str | list[int]], messages: Messages | None, add_special_tokens: bool
     ) -> list[list[int]]:
-        """Large work: token ids of each prompt, or of the one prompt `messages` render to, away
-        from the event loop (see engine/tokenize.py)."""
-        return await self.off_loop.prepare(prompts, messages, add_special_tokens)
+        return await self.processor.encode_off_loop(prompts, messages, add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
-        return render_chat(self.loaded.tokenizer, messages)
+        return self.processor.render_chat(messages)
 
     def has_room(self, num_requests: int, task_id: str, tenant: str | None = None) -> bool:
         """Whether `submit` would queue `num_requests` more requests of this tenant now (asked before
@@ -132,7 +131,7 @@ class Engine:
         its caller stopped listening); it never runs if `submit` raises. Admission is fair
         across `tenant`s (default: the task's namespace, `acme` for `acme:summarize`).
         """
-        self._validate(prefix, prompt_ids, params)
+        self.processor.validate(prefix, prompt_ids, params)
         task_id = prefix.meta.task_id
         request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
         request.tenant = tenant_of(task_id, tenant)
@@ -183,7 +182,9 @@ class Engine:
         max_prefix_len = self.max_len - 2
         token_ids = None
         if source.text is not None:
-            token_ids = await asyncio.to_thread(self._encode_prefix_text, source.text, max_prefix_len)
+            token_ids = await asyncio.to_thread(
+                self.processor.encode_prefix_text, source.text, max_prefix_len
+            )
         length = len(token_ids) if token_ids is not None else int(source.embeddings.shape[0])  # type: ignore[union-attr]
         if not 1 <= length <= max_prefix_len:
             raise InvalidPrefix(
@@ -192,29 +193,6 @@ class Engine:
             )
         model, device = self.loaded.model, self.loaded.device
         return await self.run_on_model(lambda: compute_prefix_kv(model, device, token_ids, source.embeddings))
-
-    def _encode_prefix_text(self, text: str, max_prefix_len: int) -> list[int]:
-        max_chars = max_prefix_len * self.max_token_chars
-        if len(text) > max_chars:
-            raise InvalidPrefix(
-                f"the text prefix does not fit: {len(text)} characters, more than "
-                f"{max_prefix_len} tokens hold (at most {max_chars} with this tokenizer)"
-            )
-        return self.encode(text, add_special_tokens=False)
-
-    def _validate(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidInput("the prompt is empty: send at least one token")
-        vocab = self.loaded.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidInput(f"token ids must be in [0, {vocab}): got {bad[:5]}")
-        needed = prefix.meta.prefix_len + len(prompt_ids) + params.max_new_tokens
-        if needed > self.max_len:
-            raise ContextTooLong(
-                f"prefix ({prefix.meta.prefix_len}) + prompt ({len(prompt_ids)}) + max_new_tokens "
-                f"({params.max_new_tokens}) = {needed} exceeds the context of {self.max_len} positions"
-            )
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for output in outputs:

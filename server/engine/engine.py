@@ -1,11 +1,16 @@
 """The engine's front door: owns the engine thread that runs `EngineCore.step()` in a loop,
-the per-request handles, and the bridge to the asyncio event loop.
+the per-request handles, the queue's admission (engine/admission.py), the text processor and the
+bridge to the asyncio event loop.
 
-Callers on the event loop submit requests and read `StepOutput`s from a per-request handle.
+Callers on the event loop submit requests and read `StepOutput`s from a per-request handle; what
+they ask of the core (add, abort, shed, pause, resume) is a message its next step takes in, so
+the core needs no lock. The front door's lock guards only its own state: the admission ledger,
+the jobs for the model and the engine thread's wake-up.
 The loop never touches Redis: a request arrives here with its prefix already resident.
 """
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -16,6 +21,7 @@ import torch
 
 from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
+from server.engine.admission import Admission
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.errors import EngineStopped
@@ -52,9 +58,11 @@ class Engine:
         self.processor = Processor(loaded, self.max_len)
         self.config = config
         self.core = EngineCore(loaded, kv, config, on_step)
-        self.runner = self.core.runner
-        self.scheduler = self.core.scheduler
-        self._wakeup = threading.Condition(self.core.lock)
+        self._wakeup = threading.Condition(threading.Lock())
+        self._admission: Admission[Request] = Admission(
+            config.max_queue, lambda r: r.tenant, lambda r: r.admitted_time is None and not r.is_finished
+        )
+        self._stats = self.core.stats()  # published by the engine thread after every step
         self._handles: dict[str, RequestHandle] = {}  # owned by the event loop thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -82,15 +90,8 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        layout = self.kv.layout
-        with self._wakeup:
-            num_running, num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
-            blocks = self.kv.pool.stats()
-        used = blocks.num_used_blocks * layout.bytes_per_block
-        capacity = blocks.num_blocks * layout.bytes_per_block
-        return EngineStats(
-            num_running, num_waiting, layout.num_slots, self.max_len, self.is_alive, used, capacity, blocks
-        )
+        """The core's state as of its last step, and whether the engine thread is alive."""
+        return dataclasses.replace(self._stats, is_alive=self.is_alive)
 
     # ---- caller side (event loop thread); text work is the processor's ---------------------
     @property
@@ -115,7 +116,7 @@ class Engine:
         """Whether `submit` would queue `num_requests` more requests of this tenant now (asked before
         any work for them is done; a request submitted meanwhile can still take the room)."""
         with self._wakeup:
-            return self.scheduler.can_take(tenant_of(task_id, tenant), num_requests)
+            return self._admission.can_take(tenant_of(task_id, tenant), num_requests)
 
     def submit(
         self,
@@ -142,10 +143,13 @@ class Engine:
         with self._wakeup:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
-            shed = self.core.add(request)  # raises QueueFull
+            shed = self._admission.add(request)  # raises QueueFull
+            if shed is not None:  # its output comes from the core, once it leaves the queue
+                message = f"the queue is full and tenant {shed.tenant!r} holds the most of it: retry later"
+                self.core.shed(shed.request_id, message)
+            self.core.add(request)
             self._handles[request.request_id] = handle
             self._kick()
-        self._emit(shed)
         return handle
 
     def release(self, handle: RequestHandle) -> None:
@@ -154,6 +158,7 @@ class Engine:
         handle._done()
         if not handle.request.is_finished:
             with self._wakeup:
+                self._admission.remove(handle.request_id)
                 self.core.abort(handle.request_id)
                 self._kick()
 
@@ -201,8 +206,7 @@ class Engine:
                 handle._deliver(output)
                 if output.finish_reason is None and not handle.is_paused and handle.num_unread >= PAUSE_AT:
                     handle.is_paused = True
-                    with self._wakeup:
-                        self.core.pause(output.request_id)
+                    self.core.pause(output.request_id)  # less work: no need to wake the engine thread
                 if output.finish_reason is not None:  # even if nobody ever iterates the handle
                     del self._handles[output.request_id]
                     handle._done()
@@ -221,7 +225,7 @@ class Engine:
         while not (self._is_kicked or self._jobs or self._is_stopping):
             if not self.core.is_idle and not self._is_stalled:
                 return
-            requests = (*self.scheduler.waiting, *self.scheduler.running)
+            requests = (*self.core.scheduler.waiting, *self.core.scheduler.running)
             deadlines = [r.deadline - time.monotonic() for r in requests if r.deadline is not None]
             timeout = min([*deadlines, _RECHECK_S]) if requests else None
             if timeout is not None and timeout <= 0:
@@ -244,8 +248,10 @@ class Engine:
                 log.exception("engine step failed")
                 self._is_stalled = False  # the failed rows' slots are free: look again
                 self._emit(self.core.fail_all(f"engine error: {exc}", include_waiting=False))
+                self._stats = self.core.stats()
         message = "the server shut down before the request ended"
         self._emit(self.core.fail_all(message, include_waiting=True, reason="shutdown"))
+        self._stats = self.core.stats()
         with self._wakeup:
             jobs, self._jobs = self._jobs, []
         for _, future in jobs:
@@ -273,7 +279,8 @@ class Engine:
     def step(self) -> None:
         """One iteration of the core; its outputs go to the handles on the event loop."""
         outputs = self.core.step()
-        self._is_stalled = not outputs and self.scheduler.num_last_rows == 0
+        self._is_stalled = not outputs and self.core.scheduler.num_last_rows == 0
+        self._stats = self.core.stats()
         self._emit(outputs)
 
     def _emit(self, outputs: list[StepOutput]) -> None:

@@ -83,13 +83,13 @@ class ScheduledBatch(Generic[R]):
 
 
 class Scheduler(Generic[R]):
-    """Fair admission bounded by `max_rows` running rows, `max_queue` waiting ones and a
-    per-step token budget (`max_num_tokens`, None: unbounded, every prompt in one step)."""
+    """Fair admission bounded by `max_rows` running rows and a per-step token budget
+    (`max_num_tokens`, None: unbounded, every prompt in one step). The queue is unbounded here:
+    its bound is the front door's (engine/admission.py)."""
 
     def __init__(
         self,
         max_rows: int,
-        max_queue: int,
         tenant_of: Callable[[R], str] | None = None,
         num_tokens_of: Callable[[R], int] | None = None,
         max_num_tokens: int | None = None,
@@ -98,7 +98,6 @@ class Scheduler(Generic[R]):
     ) -> None:
         self.max_rows = max_rows
         self.blocks = blocks
-        self.max_queue = max_queue
         self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
         self.num_tokens_of = num_tokens_of or (lambda r: 1)  # tokens to feed on admission
         self.max_num_tokens = max_num_tokens
@@ -117,49 +116,12 @@ class Scheduler(Generic[R]):
         """Nothing to compute: no request waits and every running row (if any) is paused."""
         return not self.waiting and all(r.request_id in self.paused for r in self.running)
 
-    def can_accept(self) -> bool:
-        return len(self.waiting) < self.max_queue
-
     def add(self, request: R) -> None:
-        """Queue a request; the caller checks `can_accept` first."""
         self.waiting.append(request)
 
     def num_computed(self, request: R) -> int:
         """Tokens of a running row in its slot (prefix excluded) once the scheduled step ran."""
         return self._computed.get(request.request_id, 0)
-
-    def shed_for(self, tenant: str) -> R | None:
-        """With a full queue, make room for `tenant` fairly: remove and return the newest waiting
-        request of the tenant with the most waiting, if it holds more than `tenant` would with one
-        more (so one tenant cannot fill the queue and turn everyone else away); else None."""
-        if self.tenant_of is None or not self.waiting:
-            return None
-        counts = Counter(self.tenant_of(r) for r in self.waiting)
-        heaviest, num_heaviest = counts.most_common(1)[0]
-        if num_heaviest <= counts[tenant] + 1:
-            return None
-        index = max(i for i, r in enumerate(self.waiting) if self.tenant_of(r) == heaviest)
-        victim = self.waiting[index]
-        del self.waiting[index]
-        return victim
-
-    def can_take(self, tenant: str, num: int) -> bool:
-        """Whether `num` more requests of `tenant` would be queued now, shedding as `shed_for`
-        would when the queue is full; changes nothing (admission asks before any work)."""
-        room = self.max_queue - len(self.waiting)
-        if num <= room:
-            return True
-        if self.tenant_of is None:
-            return False
-        counts = Counter(self.tenant_of(r) for r in self.waiting)
-        counts[tenant] += max(0, room)
-        for _ in range(num - max(0, room)):
-            heaviest, num_heaviest = counts.most_common(1)[0]
-            if num_heaviest <= counts[tenant] + 1:
-                return False
-            counts[heaviest] -= 1
-            counts[tenant] += 1
-        return True
 
     def schedule(self) -> ScheduledBatch[R]:
         """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""

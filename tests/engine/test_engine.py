@@ -96,7 +96,7 @@ def test_abort_frees_the_slot_and_others_continue(run_engine) -> None:  # type: 
 
 def test_a_failing_step_fails_its_rows_but_not_the_loop(run_engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     async def body(engine: Engine):  # type: ignore[no-untyped-def]
-        real = engine.runner.forward
+        real = engine.core.runner.forward
         calls = {"n": 0}
 
         def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -105,7 +105,7 @@ def test_a_failing_step_fails_its_rows_but_not_the_loop(run_engine, monkeypatch:
                 raise RuntimeError("injected failure")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(engine.runner, "forward", flaky)
+        monkeypatch.setattr(engine.core.runner, "forward", flaky)
         failed = await _collect(engine.submit(_prefix(3, 1), [5], _greedy(4)))
         fine = await _collect(engine.submit(_prefix(3, 1), [5], _greedy(4)))
         return failed, fine, engine.is_alive

@@ -27,7 +27,7 @@ def ids(rows: list[Req]) -> list[str]:
 
 def running_scheduler(*request_ids: str) -> Scheduler[Req]:
     """A scheduler whose running rows are exactly `request_ids`, in slot order."""
-    scheduler: Scheduler[Req] = Scheduler(max_rows=max(len(request_ids), 1), max_queue=100)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=max(len(request_ids), 1))
     for r in reqs(*request_ids):
         scheduler.add(r)
     scheduler.schedule()
@@ -57,7 +57,7 @@ def apply_moves(slots: list[str], moves: list[SlotMove], num_rows: int) -> list[
 
 
 def test_new_scheduler_is_idle() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=2)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2)
     assert scheduler.is_idle
     batch = scheduler.schedule()
     assert decoding(batch) == []
@@ -66,7 +66,7 @@ def test_new_scheduler_is_idle() -> None:
 
 
 def test_fifo_admission() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=8, max_queue=8)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=8)
     for r in reqs("a", "b", "c"):
         scheduler.add(r)
     assert not scheduler.is_idle
@@ -84,7 +84,7 @@ def test_fifo_admission() -> None:
 
 
 def test_max_rows_bounds_running() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2)
     for r in reqs("a", "b", "c", "d"):
         scheduler.add(r)
     batch = scheduler.schedule()
@@ -102,20 +102,6 @@ def test_max_rows_bounds_running() -> None:
     assert ids(batch.admitted) == ["c"]
     assert ids(scheduler.running) == ["b", "c"]
     assert ids(list(scheduler.waiting)) == ["d"]
-
-
-def test_can_accept_counts_waiting_only() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
-    assert scheduler.can_accept()
-    scheduler.add(Req("a"))
-    assert scheduler.can_accept()
-    scheduler.add(Req("b"))
-    assert not scheduler.can_accept()  # 2 waiting == max_queue
-    scheduler.schedule()  # "a" runs, "b" waits
-    assert ids(scheduler.running) == ["a"]
-    assert scheduler.can_accept()  # running rows do not count against the queue
-    scheduler.add(Req("c"))
-    assert not scheduler.can_accept()
 
 
 def test_slots_are_list_indices() -> None:
@@ -145,7 +131,7 @@ def test_prefill_rows_land_in_slots_after_decode_rows() -> None:
 
 
 def test_remove_waiting() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1)
     for r in reqs("a", "b", "c", "d"):
         scheduler.add(r)
     scheduler.schedule()  # "a" runs
@@ -160,7 +146,7 @@ def test_remove_waiting() -> None:
 
 
 def test_remove_waiting_returns_the_same_object() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1)
     r = Req("x")
     scheduler.add(r)
     assert scheduler.remove_waiting("x") is r
@@ -181,7 +167,7 @@ def test_remove_waiting_real_requests_with_reloaded_prefix() -> None:
     """
     first = _request(torch.zeros(1, 2, 1, 2, 1))
     second = _request(torch.zeros(1, 2, 1, 2, 1))  # same task/version, reloaded after eviction
-    scheduler: Scheduler[Request] = Scheduler(max_rows=1, max_queue=10)
+    scheduler: Scheduler[Request] = Scheduler(max_rows=1)
     scheduler.add(first)
     scheduler.add(second)
     assert scheduler.remove_waiting(second.request_id) is second
@@ -233,13 +219,13 @@ def test_retire_single_row() -> None:
 
 
 def test_retire_on_empty_scheduler() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=4)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=4)
     assert scheduler.retire({"a"}) == []
     assert scheduler.running == []
 
 
 def test_retire_leaves_waiting_alone() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2)
     for r in reqs("a", "b", "c"):
         scheduler.add(r)
     scheduler.schedule()
@@ -287,7 +273,7 @@ def _tenant(r: Req) -> str:
 
 
 def test_a_long_queue_does_not_delay_another_tenant_by_more_than_one_round() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2000, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, tenant_of=_tenant)
     for i in range(1000):
         scheduler.add(Req(f"noisy:{i}"))
     scheduler.add(Req("quiet:only"))
@@ -299,7 +285,7 @@ def test_a_long_queue_does_not_delay_another_tenant_by_more_than_one_round() -> 
 
 
 def test_round_robin_over_tenants_fifo_within_each() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=6, max_queue=100, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=6, tenant_of=_tenant)
     for name in ("a:1", "a:2", "a:3", "a:4", "b:1", "c:1", "b:2"):
         scheduler.add(Req(name))
     assert ids(scheduler.schedule().admitted) == ["a:1", "b:1", "c:1", "a:2", "b:2", "a:3"]
@@ -307,50 +293,10 @@ def test_round_robin_over_tenants_fifo_within_each() -> None:
 
 
 def test_without_tenants_admission_is_fifo() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=3, max_queue=100)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=3)
     for name in ("a:1", "a:2", "b:1"):
         scheduler.add(Req(name))
     assert ids(scheduler.schedule().admitted) == ["a:1", "a:2", "b:1"]
-
-
-def test_a_full_queue_sheds_the_heaviest_tenants_newest_request_for_a_lighter_tenant() -> None:
-    """Max-min fair queue: a tenant that filled the queue gives way, one request at a time, until
-    the newcomer's tenant holds as many (within one); then the queue is simply full."""
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=4, tenant_of=_tenant)
-    for name in ("a:1", "a:2", "a:3", "a:4"):
-        scheduler.add(Req(name))
-    shed = []
-    for name in ("b:1", "b:2", "b:3"):
-        assert not scheduler.can_accept()
-        victim = scheduler.shed_for(_tenant(Req(name)))
-        if victim is None:
-            break
-        shed.append(victim.request_id)
-        scheduler.add(Req(name))
-    assert shed == ["a:4", "a:3"]
-    assert ids(list(scheduler.waiting)) == ["a:1", "a:2", "b:1", "b:2"]
-    assert scheduler.shed_for("a") is None  # a holds 2: no one holds more than a would with one more
-
-
-def test_can_take_answers_what_adding_would_do_without_adding() -> None:
-    """Admission asks the queue before any work: room first, then the shedding `add` would do."""
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=4, tenant_of=_tenant)
-    for name in ("a:1", "a:2", "a:3"):
-        scheduler.add(Req(name))
-    assert scheduler.can_take("a", 1) and not scheduler.can_take("a", 2)
-    # b: one in the room, then a:3 is shed; a third would shed nothing (b would hold as many as a)
-    assert scheduler.can_take("b", 2) and not scheduler.can_take("b", 3)
-    assert ids(list(scheduler.waiting)) == ["a:1", "a:2", "a:3"]  # nothing changed
-    fifo: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
-    fifo.add(Req("a:1"))
-    assert fifo.can_take("b", 1) and not fifo.can_take("b", 2)
-
-
-def test_without_tenants_nothing_is_shed() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
-    scheduler.add(Req("a:1"))
-    scheduler.add(Req("a:2"))
-    assert scheduler.shed_for("b") is None
 
 
 # --- token budget, chunked prefill ----------------------------------------------------------------
@@ -363,7 +309,7 @@ class Job:
 
 
 def _budget_scheduler(max_rows: int, budget: int, **kwargs) -> Scheduler[Job]:  # type: ignore[no-untyped-def]
-    return Scheduler(max_rows, 100, num_tokens_of=lambda j: j.num_tokens, max_num_tokens=budget, **kwargs)
+    return Scheduler(max_rows, num_tokens_of=lambda j: j.num_tokens, max_num_tokens=budget, **kwargs)
 
 
 def _plan(batch: ScheduledBatch[Job]) -> list[tuple[str, int, int, int, bool]]:
@@ -405,7 +351,7 @@ def test_decode_rows_first_then_chunks_within_the_budget() -> None:
 
 
 def test_without_a_budget_every_prompt_runs_whole() -> None:
-    scheduler: Scheduler[Job] = Scheduler(3, 100, num_tokens_of=lambda j: j.num_tokens)
+    scheduler: Scheduler[Job] = Scheduler(3, num_tokens_of=lambda j: j.num_tokens)
     for job in (Job("a", 300), Job("b", 7)):
         scheduler.add(job)
     assert _plan(scheduler.schedule()) == [("a", 0, 0, 300, True), ("b", 1, 0, 7, True)]
@@ -451,7 +397,7 @@ def test_a_tenant_holding_every_slot_gives_one_back_within_one_step() -> None:
 
 
 def test_preemption_takes_the_newest_row_of_the_tenant_most_over_its_share() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=6, max_queue=100, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=6, tenant_of=_tenant)
     for name in ("a:1", "a:2", "a:3", "a:4", "b:1", "b:2"):
         scheduler.add(Req(name))
     scheduler.schedule()
@@ -463,7 +409,7 @@ def test_preemption_takes_the_newest_row_of_the_tenant_most_over_its_share() -> 
 
 
 def test_max_rows_per_tenant_is_a_hard_cap() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=8, max_queue=100, tenant_of=_tenant, max_rows_per_tenant=2)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=8, tenant_of=_tenant, max_rows_per_tenant=2)
     for name in ("a:1", "a:2", "a:3", "b:1"):
         scheduler.add(Req(name))
     assert ids(scheduler.schedule().admitted) == ["a:1", "b:1", "a:2"]
@@ -473,7 +419,7 @@ def test_max_rows_per_tenant_is_a_hard_cap() -> None:
 
 
 def test_slot_moves_after_preempting_a_middle_row() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=100, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=4, tenant_of=_tenant)
     for name in ("a:1", "a:2", "a:3"):
         scheduler.add(Req(name))
     scheduler.schedule()

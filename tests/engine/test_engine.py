@@ -377,6 +377,10 @@ def test_a_paused_row_times_out_though_the_engine_has_nothing_to_run(run_engine)
     async def body(engine: Engine):  # type: ignore[no-untyped-def]
         unread = engine.submit(_prefix(2, 0), [5, 6], _greedy(200))
         await _until_paused(unread)
+        for _ in range(200):  # the pause is a message: the core takes it in at its next step
+            if engine.core.is_idle:
+                break
+            await asyncio.sleep(0.01)
         assert unread.is_paused and engine.core.is_idle
         _expire_in(engine, unread.request, 0.2)
         await asyncio.sleep(0.6)  # past the deadline, still unread

@@ -49,7 +49,7 @@ def main() -> None:
         modes.build(w, Path(tmp))
         engine, _ = modes._engine(w, Path(tmp))
     step, _ = probes._decode_step(engine, w)
-    eager_model = engine.runner.model
+    eager_model = engine.core.runner.model
     result: dict[str, Any] = {"workload": "smoke" if args.smoke else "gpt2-small", "dtype": args.dtype}
     result["machine"] = machine_info()
     started = time.perf_counter()
@@ -58,21 +58,21 @@ def main() -> None:
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     torch._dynamo.config.recompile_limit = 64
     try:
-        engine.runner.model = torch.compile(eager_model, dynamic=True)
+        engine.core.runner.model = torch.compile(eager_model, dynamic=True)
         step()  # compiles
         step()
         result["compile_s"] = round(time.perf_counter() - started, 1)
     except Exception as exc:  # a failed compile is a result too
         result["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-        engine.runner.model = eager_model
+        engine.core.runner.model = eager_model
     eager: list[float] = []
     compiled: list[float] = []
     if "error" not in result:
-        compiled_model = engine.runner.model
+        compiled_model = engine.core.runner.model
         for _ in range(args.repeats):
-            engine.runner.model = eager_model
+            engine.core.runner.model = eager_model
             eager.append(probes.timed(step))
-            engine.runner.model = compiled_model
+            engine.core.runner.model = compiled_model
             compiled.append(probes.timed(step))
         result["eager_step_ms"] = round(1000 * min(eager), 1)
         result["compiled_step_ms"] = round(1000 * min(compiled), 1)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from prefix_store.entry import PrefixEntry, PrefixMeta  # noqa: E402
 from prefix_store.fingerprint import prefix_spec_for  # noqa: E402
 from prefix_store.format import parse_upload  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.kv_cache import KVLayout, SlotKVCache  # noqa: E402
 from server.engine.model_loader import ModelOptions, load_model  # noqa: E402
@@ -144,7 +145,7 @@ def run_engine(model_dir: Path, adapters: list[Path], cases, new_tokens: int, co
     params = dataclasses.replace(base or SamplingParams(), max_new_tokens=new_tokens, ignore_eos=True)
 
     async def main():  # type: ignore[no-untyped-def]
-        engine = Engine(loaded, SlotKVCache(layout), max_queue=10_000)
+        engine = Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue=10_000))
         engine.start(asyncio.get_running_loop())
 
         async def one(task: int, prompt: list[int]) -> list[int]:

@@ -217,6 +217,7 @@ def _engine(w: Any, workdir: Path) -> tuple[Any, list[Any]]:
     from prefix_store.entry import PrefixEntry, PrefixMeta
     from prefix_store.fingerprint import prefix_spec_for
     from prefix_store.format import parse_upload
+    from server.engine.config import EngineConfig
     from server.engine.engine import Engine
     from server.engine.kv_cache import KVLayout, SlotKVCache
     from server.engine.model_loader import ModelOptions, load_model
@@ -236,7 +237,7 @@ def _engine(w: Any, workdir: Path) -> tuple[Any, list[Any]]:
     layout = KVLayout(
         spec.num_layers, spec.num_kv_heads, spec.head_dim, w.concurrency, max_len, loaded.dtype, loaded.device
     )
-    return Engine(loaded, SlotKVCache(layout), max_queue=100_000), prefixes
+    return Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue=100_000)), prefixes
 
 
 async def _closed_loop(w: Any, reqs: list[tuple[int, list[int]]], one: Any) -> dict[str, Any]:

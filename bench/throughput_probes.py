@@ -38,7 +38,7 @@ def _decode_step(engine: Any, w: Any) -> tuple[Any, int]:
 
     rows = w.concurrency
     context = w.prefix_len + (w.prompt_min + w.prompt_max) // 2 + w.new_tokens // 2
-    pool = engine.runner.kv.pool  # rows of `context` cached positions (no prefix) in the paged pool
+    pool = engine.core.kv.pool  # rows of `context` cached positions (no prefix) in the paged pool
     forward = []
     for i in range(rows):
         row_id = f"probe-{i}"
@@ -46,7 +46,7 @@ def _decode_step(engine: Any, w: Any) -> tuple[Any, int]:
         assert pool.admit(row_id, None, None, 0, context + 1), "the bench pool is too small"
         forward.append(ForwardRow(PlanRow(None, pool.table(row_id), context, 1), [1]))
     params = [SamplingParams()] * rows
-    return (lambda: sample(engine.runner.forward(forward), params, [None] * rows)), context
+    return (lambda: sample(engine.core.runner.forward(forward), params, [None] * rows)), context
 
 
 def decode_mfu(engine: Any, w: Any, gemm_rate: float, flops: dict[str, float]) -> float:
@@ -88,6 +88,7 @@ def long_prompt_interference(
 ) -> dict[str, Any]:
     """63 rows (`concurrency - 1`) decode; a `long_len`-token prompt arrives. Inter-token times of
     the decoding rows over 10 steps before it, the steps of its prefill and 10 after."""
+    from server.engine.config import EngineConfig
     from server.engine.core import EngineCore
     from server.engine.kv_cache import KVLayout, SlotKVCache
     from server.engine.request import Request, SamplingParams
@@ -95,11 +96,14 @@ def long_prompt_interference(
     spec_kv = prefix.kv
     layout = KVLayout(spec_kv.shape[0], spec_kv.shape[2], spec_kv.shape[4], w.concurrency,
                       w.prefix_len + long_len + 64, loaded.dtype, loaded.device)  # fmt: skip
-    core = EngineCore(loaded, SlotKVCache(layout), max_queue=1000, max_num_batched_tokens=budget)
+    core = EngineCore(
+        loaded, SlotKVCache(layout), EngineConfig(max_queue=1000, max_num_batched_tokens=budget)
+    )
     params = SamplingParams(max_new_tokens=60, ignore_eos=True)
-    for i in range(w.concurrency - 1):
-        core.add(Request(prefix, [1 + (i % 50)] * w.prompt_min, params))
-    while core.scheduler.waiting or any(not r.output_ids for r in core.scheduler.running):
+    decoding = [Request(prefix, [1 + (i % 50)] * w.prompt_min, params) for i in range(w.concurrency - 1)]
+    for request in decoding:
+        core.add(request)
+    while any(not r.output_ids for r in decoding):
         core.step()
     gaps: list[float] = []
 
@@ -122,4 +126,4 @@ def long_prompt_interference(
     ordered = sorted(gaps)
     p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return {"tpot_p50_ms": 1000 * p50, "tpot_p99_ms": 1000 * p99, "ratio": p99 / p50,
-            "prefill_steps": prefill_steps, "budget": core.scheduler.max_num_tokens}  # fmt: skip
+            "prefill_steps": prefill_steps, "budget": core.config.max_num_batched_tokens}  # fmt: skip

@@ -37,6 +37,7 @@ from server.api.retry_safe import RetrySafeMiddleware
 from server.api.stall import StreamStallMiddleware
 from server.config import Settings
 from server.engine.chat import use_chat_template
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model_loader import ModelOptions, load_model
@@ -213,15 +214,13 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
             "kv_block_size": str(layout.block_size),
         }
     )
-    engine = Engine(
-        loaded,
-        PagedKVCache(layout),
-        settings.max_queue,
-        on_step=metrics.observe_step,
-        request_timeout_s=settings.request_timeout,
+    config = EngineConfig(
+        max_queue=settings.max_queue,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_rows_per_tenant=settings.max_rows_per_tenant,
+        request_timeout_s=settings.request_timeout,
     )
+    engine = Engine(loaded, PagedKVCache(layout), config, on_step=metrics.observe_step)
     engine.start(asyncio.get_running_loop())
     await start_json_helper()
     stack.callback(stop_json_helper)

@@ -1,11 +1,16 @@
 """The engine's front door: owns the engine thread that runs `EngineCore.step()` in a loop,
-the per-request handles, and the bridge to the asyncio event loop.
+the per-request handles, the queue's admission (engine/admission.py), the text processor and the
+bridge to the asyncio event loop.
 
-Callers on the event loop submit requests and read `StepOutput`s from a per-request handle.
+Callers on the event loop submit requests and read `StepOutput`s from a per-request handle; what
+they ask of the core (add, abort, shed, pause, resume) is a message its next step takes in, so
+the core needs no lock. The front door's lock guards only its own state: the admission ledger,
+the jobs for the model and the engine thread's wake-up.
 The loop never touches Redis: a request arrives here with its prefix already resident.
 """
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -16,17 +21,19 @@ import torch
 
 from prefix_store.entry import PrefixEntry, PrefixSource
 from prefix_store.errors import InvalidPrefix
-from server.engine.chat import render_chat
+from server.engine.admission import Admission
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server.engine.errors import ContextTooLong, EngineStopped, InvalidInput
+from server.engine.errors import EngineStopped
 from server.engine.handle import PAUSE_AT, RequestHandle
 from server.engine.kv_cache import PagedKVCache
-from server.engine.model_loader import LoadedModel, longest_token_chars
+from server.engine.model_loader import LoadedModel
 from server.engine.prefix_encoder import compute_prefix_kv
+from server.engine.processor import Processor
 from server.engine.request import Request, SamplingParams, StepOutput
 from server.engine.sampler import make_generator
 from server.engine.stats import EngineStats, StepStats
-from server.engine.tokenize import Messages, OffLoopTokenizer, encode_text
+from server.engine.tokenize import Messages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,32 +49,20 @@ class Engine:
         self,
         loaded: LoadedModel,
         kv: PagedKVCache,
-        max_queue: int,
+        config: EngineConfig,
         on_step: Callable[[StepStats], None] | None = None,
-        request_timeout_s: float | None = None,
-        max_num_batched_tokens: int | None = 512,
-        max_rows_per_tenant: int | None = None,
-        max_chunk_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.kv = kv
         self.max_len = kv.layout.max_len
-        self.max_token_chars = longest_token_chars(loaded.tokenizer)  # once: a prompt's bound in characters
-        self.off_loop = OffLoopTokenizer(loaded.tokenizer)
-        self.core = EngineCore(
-            loaded,
-            kv,
-            max_queue,
-            max_num_batched_tokens,
-            max_rows_per_tenant,
-            request_timeout_s,
-            on_step,
-            max_chunk_tokens,
+        self.processor = Processor(loaded, self.max_len)
+        self.config = config
+        self.core = EngineCore(loaded, kv, config, on_step)
+        self._wakeup = threading.Condition(threading.Lock())
+        self._admission: Admission[Request] = Admission(
+            config.max_queue, lambda r: r.tenant, lambda r: r.admitted_time is None and not r.is_finished
         )
-        self.runner = self.core.runner
-        self.scheduler = self.core.scheduler
-        self.request_timeout_s = request_timeout_s
-        self._wakeup = threading.Condition(self.core.lock)
+        self._stats = self.core.stats()  # published by the engine thread after every step
         self._handles: dict[str, RequestHandle] = {}  # owned by the event loop thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -83,7 +78,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        self.off_loop.close()
+        self.processor.close()
         with self._wakeup:
             self._is_stopping = True
             self._kick()
@@ -95,40 +90,33 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        layout = self.kv.layout
-        with self._wakeup:
-            num_running, num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
-            blocks = self.kv.pool.stats()
-        used = blocks.num_used_blocks * layout.bytes_per_block
-        capacity = blocks.num_blocks * layout.bytes_per_block
-        return EngineStats(
-            num_running, num_waiting, layout.num_slots, self.max_len, self.is_alive, used, capacity, blocks
-        )
+        """The core's state as of its last step, and whether the engine thread is alive."""
+        return dataclasses.replace(self._stats, is_alive=self.is_alive)
 
-    # ---- caller side (event loop thread) -----------------------------------------------
+    # ---- caller side (event loop thread); text work is the processor's ---------------------
+    @property
+    def max_token_chars(self) -> int:
+        return self.processor.max_token_chars
+
     def token_text(self, token_id: int) -> str:
-        """One token as text (may be partial UTF-8, shown as the decoder shows it)."""
-        return self.loaded.decode([token_id])
+        return self.processor.token_text(token_id)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return encode_text(self.loaded.tokenizer, text, add_special_tokens)
+        return self.processor.encode(text, add_special_tokens)
 
     async def encode_off_loop(
         self, prompts: Sequence[str | list[int]], messages: Messages | None, add_special_tokens: bool
     ) -> list[list[int]]:
-        """Large work: token ids of each prompt, or of the one prompt `messages` render to, away
-        from the event loop (see engine/tokenize.py)."""
-        return await self.off_loop.prepare(prompts, messages, add_special_tokens)
+        return await self.processor.encode_off_loop(prompts, messages, add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Chat messages as prompt text, by the model's chat template (see engine/chat.py)."""
-        return render_chat(self.loaded.tokenizer, messages)
+        return self.processor.render_chat(messages)
 
     def has_room(self, num_requests: int, task_id: str, tenant: str | None = None) -> bool:
         """Whether `submit` would queue `num_requests` more requests of this tenant now (asked before
         any work for them is done; a request submitted meanwhile can still take the room)."""
         with self._wakeup:
-            return self.scheduler.can_take(tenant_of(task_id, tenant), num_requests)
+            return self._admission.can_take(tenant_of(task_id, tenant), num_requests)
 
     def submit(
         self,
@@ -144,21 +132,24 @@ class Engine:
         its caller stopped listening); it never runs if `submit` raises. Admission is fair
         across `tenant`s (default: the task's namespace, `acme` for `acme:summarize`).
         """
-        self._validate(prefix, prompt_ids, params)
+        self.processor.validate(prefix, prompt_ids, params)
         task_id = prefix.meta.task_id
         request = Request(prefix=prefix, prompt_ids=list(prompt_ids), params=params)
         request.tenant = tenant_of(task_id, tenant)
-        if self.request_timeout_s is not None:
-            request.deadline = request.arrival_time + self.request_timeout_s
+        if self.config.request_timeout_s is not None:
+            request.deadline = request.arrival_time + self.config.request_timeout_s
         request.generator = make_generator(params, self.kv.layout.device)
         handle = RequestHandle(self, request, on_done)
         with self._wakeup:
             if self._is_stopping or not self.is_alive:
                 raise EngineStopped("the engine is not running")
-            shed = self.core.add(request)  # raises QueueFull
+            shed = self._admission.add(request)  # raises QueueFull
+            if shed is not None:  # its output comes from the core, once it leaves the queue
+                message = f"the queue is full and tenant {shed.tenant!r} holds the most of it: retry later"
+                self.core.shed(shed.request_id, message)
+            self.core.add(request)
             self._handles[request.request_id] = handle
             self._kick()
-        self._emit(shed)
         return handle
 
     def release(self, handle: RequestHandle) -> None:
@@ -167,6 +158,7 @@ class Engine:
         handle._done()
         if not handle.request.is_finished:
             with self._wakeup:
+                self._admission.remove(handle.request_id)
                 self.core.abort(handle.request_id)
                 self._kick()
 
@@ -195,7 +187,9 @@ class Engine:
         max_prefix_len = self.max_len - 2
         token_ids = None
         if source.text is not None:
-            token_ids = await asyncio.to_thread(self._encode_prefix_text, source.text, max_prefix_len)
+            token_ids = await asyncio.to_thread(
+                self.processor.encode_prefix_text, source.text, max_prefix_len
+            )
         length = len(token_ids) if token_ids is not None else int(source.embeddings.shape[0])  # type: ignore[union-attr]
         if not 1 <= length <= max_prefix_len:
             raise InvalidPrefix(
@@ -205,29 +199,6 @@ class Engine:
         model, device = self.loaded.model, self.loaded.device
         return await self.run_on_model(lambda: compute_prefix_kv(model, device, token_ids, source.embeddings))
 
-    def _encode_prefix_text(self, text: str, max_prefix_len: int) -> list[int]:
-        max_chars = max_prefix_len * self.max_token_chars
-        if len(text) > max_chars:
-            raise InvalidPrefix(
-                f"the text prefix does not fit: {len(text)} characters, more than "
-                f"{max_prefix_len} tokens hold (at most {max_chars} with this tokenizer)"
-            )
-        return self.encode(text, add_special_tokens=False)
-
-    def _validate(self, prefix: PrefixEntry, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidInput("the prompt is empty: send at least one token")
-        vocab = self.loaded.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidInput(f"token ids must be in [0, {vocab}): got {bad[:5]}")
-        needed = prefix.meta.prefix_len + len(prompt_ids) + params.max_new_tokens
-        if needed > self.max_len:
-            raise ContextTooLong(
-                f"prefix ({prefix.meta.prefix_len}) + prompt ({len(prompt_ids)}) + max_new_tokens "
-                f"({params.max_new_tokens}) = {needed} exceeds the context of {self.max_len} positions"
-            )
-
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for output in outputs:
             handle = self._handles.get(output.request_id)
@@ -235,8 +206,7 @@ class Engine:
                 handle._deliver(output)
                 if output.finish_reason is None and not handle.is_paused and handle.num_unread >= PAUSE_AT:
                     handle.is_paused = True
-                    with self._wakeup:
-                        self.core.pause(output.request_id)
+                    self.core.pause(output.request_id)  # less work: no need to wake the engine thread
                 if output.finish_reason is not None:  # even if nobody ever iterates the handle
                     del self._handles[output.request_id]
                     handle._done()
@@ -255,7 +225,7 @@ class Engine:
         while not (self._is_kicked or self._jobs or self._is_stopping):
             if not self.core.is_idle and not self._is_stalled:
                 return
-            requests = (*self.scheduler.waiting, *self.scheduler.running)
+            requests = (*self.core.scheduler.waiting, *self.core.scheduler.running)
             deadlines = [r.deadline - time.monotonic() for r in requests if r.deadline is not None]
             timeout = min([*deadlines, _RECHECK_S]) if requests else None
             if timeout is not None and timeout <= 0:
@@ -278,8 +248,10 @@ class Engine:
                 log.exception("engine step failed")
                 self._is_stalled = False  # the failed rows' slots are free: look again
                 self._emit(self.core.fail_all(f"engine error: {exc}", include_waiting=False))
+                self._stats = self.core.stats()
         message = "the server shut down before the request ended"
         self._emit(self.core.fail_all(message, include_waiting=True, reason="shutdown"))
+        self._stats = self.core.stats()
         with self._wakeup:
             jobs, self._jobs = self._jobs, []
         for _, future in jobs:
@@ -307,7 +279,8 @@ class Engine:
     def step(self) -> None:
         """One iteration of the core; its outputs go to the handles on the event loop."""
         outputs = self.core.step()
-        self._is_stalled = not outputs and self.scheduler.num_last_rows == 0
+        self._is_stalled = not outputs and self.core.scheduler.num_last_rows == 0
+        self._stats = self.core.stats()
         self._emit(outputs)
 
     def _emit(self, outputs: list[StepOutput]) -> None:

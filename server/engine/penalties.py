@@ -36,10 +36,6 @@ class PenaltyTable:
         self._work: torch.Tensor | None = None  # [3, capacity, vocab] float32: apply()'s scratch
         self._work_mask: torch.Tensor | None = None  # [capacity, vocab] bool
 
-    @property
-    def is_allocated(self) -> bool:
-        return self._counts is not None
-
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._counts is None or self._seen is None:
             shape = (self.num_slots, self.vocab)

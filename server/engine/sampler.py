@@ -51,11 +51,6 @@ def filter_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     return probs
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """`filter_probs` for one row `[vocab]`."""
-    return filter_probs(logits[None], [params])[0]
-
-
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],

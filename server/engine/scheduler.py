@@ -70,60 +70,40 @@ class RowWork(Generic[R]):
 @dataclass(frozen=True)
 class ScheduledBatch(Generic[R]):
     """One step's work: `rows` (decode rows first, in slot order, then prefill chunks),
-    the requests admitted this step, the rows preempted (the first `num_preempted_for_fairness`
-    for fairness, the rest for blocks) and the slot moves (apply them before the forward)."""
+    the requests admitted this step, how many rows were preempted (for fairness, for blocks)
+    and the slot moves (apply them before the forward)."""
 
     rows: list[RowWork[R]] = field(default_factory=list)
     num_decode: int = 0  # rows[:num_decode] were decoding before this step
     admitted: list[R] = field(default_factory=list)
-    preempted: list[R] = field(default_factory=list)
     moves: list[SlotMove] = field(default_factory=list)
     num_preempted_for_fairness: int = 0
-
-    @property
-    def decode(self) -> list[R]:
-        """Rows that were already decoding before this step."""
-        return [w.request for w in self.rows[: self.num_decode]]
-
-    @property
-    def prefill(self) -> list[R]:
-        return self.admitted
+    num_preempted_for_blocks: int = 0
 
     @property
     def num_rows(self) -> int:
         return len(self.rows)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(w.num_tokens for w in self.rows)
-
 
 class Scheduler(Generic[R]):
-    """Fair admission bounded by `max_rows` running rows, `max_queue` waiting ones and a
-    per-step token budget (`max_num_tokens`, None: unbounded, every prompt in one step)."""
+    """Fair admission bounded by `max_rows` running rows and a per-step token budget
+    (`max_num_tokens`, None: unbounded, every prompt in one step). The queue is unbounded here:
+    its bound is the front door's (engine/admission.py)."""
 
     def __init__(
         self,
         max_rows: int,
-        max_queue: int,
-        max_prefill_rows: int | None = None,
         tenant_of: Callable[[R], str] | None = None,
         num_tokens_of: Callable[[R], int] | None = None,
         max_num_tokens: int | None = None,
         max_rows_per_tenant: int | None = None,
-        max_chunk_tokens: int | None = None,
         blocks: BlockBudget[R] | None = None,
     ) -> None:
         self.max_rows = max_rows
         self.blocks = blocks
-        self.max_queue = max_queue
-        self.max_prefill_rows = max_prefill_rows or max_rows
         self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
         self.num_tokens_of = num_tokens_of or (lambda r: 1)  # tokens to feed on admission
         self.max_num_tokens = max_num_tokens
-        # one row's prefill tokens per step at most (vLLM's long_prefill_token_threshold): a long
-        # prompt then slows the decoding rows' steps a little for longer, not a lot at once
-        self.max_chunk_tokens = max_chunk_tokens or (1 << 62)
         self.max_rows_per_tenant = max_rows_per_tenant
         self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
         self._num_admitted = 0
@@ -139,58 +119,21 @@ class Scheduler(Generic[R]):
         """Nothing to compute: no request waits and every running row (if any) is paused."""
         return not self.waiting and all(r.request_id in self.paused for r in self.running)
 
-    def can_accept(self) -> bool:
-        return len(self.waiting) < self.max_queue
-
     def add(self, request: R) -> None:
-        """Queue a request; the caller checks `can_accept` first."""
         self.waiting.append(request)
 
     def num_computed(self, request: R) -> int:
         """Tokens of a running row in its slot (prefix excluded) once the scheduled step ran."""
         return self._computed.get(request.request_id, 0)
 
-    def shed_for(self, tenant: str) -> R | None:
-        """With a full queue, make room for `tenant` fairly: remove and return the newest waiting
-        request of the tenant with the most waiting, if it holds more than `tenant` would with one
-        more (so one tenant cannot fill the queue and turn everyone else away); else None."""
-        if self.tenant_of is None or not self.waiting:
-            return None
-        counts = Counter(self.tenant_of(r) for r in self.waiting)
-        heaviest, num_heaviest = counts.most_common(1)[0]
-        if num_heaviest <= counts[tenant] + 1:
-            return None
-        index = max(i for i, r in enumerate(self.waiting) if self.tenant_of(r) == heaviest)
-        victim = self.waiting[index]
-        del self.waiting[index]
-        return victim
-
-    def can_take(self, tenant: str, num: int) -> bool:
-        """Whether `num` more requests of `tenant` would be queued now, shedding as `shed_for`
-        would when the queue is full; changes nothing (admission asks before any work)."""
-        room = self.max_queue - len(self.waiting)
-        if num <= room:
-            return True
-        if self.tenant_of is None:
-            return False
-        counts = Counter(self.tenant_of(r) for r in self.waiting)
-        counts[tenant] += max(0, room)
-        for _ in range(num - max(0, room)):
-            heaviest, num_heaviest = counts.most_common(1)[0]
-            if num_heaviest <= counts[tenant] + 1:
-                return False
-            counts[heaviest] -= 1
-            counts[tenant] += 1
-        return True
-
     def schedule(self) -> ScheduledBatch[R]:
         """Plan one step: preempt for fairness, every decode row, prefill chunks, admissions."""
-        preempted, moves = self._preempt_for_fairness()
-        num_for_fairness = len(preempted)
-        for victim in self._preempt_for_blocks():
-            preempted.append(victim)
+        num_for_fairness, moves = self._preempt_for_fairness()
+        for_blocks = self._preempt_for_blocks()
+        for victim in for_blocks:
             moves += self.retire({victim.request_id})
             self.waiting.appendleft(victim)
+        num_for_blocks = len(for_blocks)
         budget = self.max_num_tokens if self.max_num_tokens is not None else 1 << 62
         left = {
             r.request_id: self._targets[r.request_id] - self._computed[r.request_id] for r in self.running
@@ -211,18 +154,13 @@ class Scheduler(Generic[R]):
         budget -= sum(chunks.values())
         admitted: list[R] = []
         held = self._running_per_tenant()
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.max_rows
-            and len(admitted) < self.max_prefill_rows
-        ):
+        while self.waiting and budget > 0 and len(self.running) < self.max_rows:
             picked = self._next_waiting(held)
             if picked is None:
                 break
             request = picked
             target = self.num_tokens_of(request)
-            first_chunk = min(target, budget, self.max_chunk_tokens)
+            first_chunk = min(target, budget)
             if self.blocks is not None and not self.blocks.admit(request, first_chunk):
                 self.waiting.appendleft(request)  # no room for it yet: it stays first in line
                 break
@@ -236,7 +174,7 @@ class Scheduler(Generic[R]):
         end = len(rows) - len(admitted)
         rows[continuing:end] = self._top_up(left, rows[continuing:end], budget, len(admitted))
         self.num_last_rows = len(rows)
-        return ScheduledBatch(rows, num_decode, admitted, preempted, moves, num_for_fairness)
+        return ScheduledBatch(rows, num_decode, admitted, moves, num_for_fairness, num_for_blocks)
 
     def _top_up(
         self, left: dict[str, int], taken: list[RowWork[R]], budget: int, num_admitted: int
@@ -253,7 +191,7 @@ class Scheduler(Generic[R]):
             chunk = 0 if row is None else row.num_tokens
             if row is not None:
                 self._computed[request_id] = row.start  # taken again below, with the extra
-            room = min(left[request_id], self.max_chunk_tokens, self._room(request))
+            room = min(left[request_id], self._room(request))
             extra = max(0, min(room - chunk, budget))
             budget -= extra
             if chunk + extra > 0:
@@ -273,7 +211,7 @@ class Scheduler(Generic[R]):
         chunks: dict[str, int] = {}
         for request in under_way:
             tenant = tenant_of(request)
-            room = min(self.max_chunk_tokens, quota[tenant], self._room(request))
+            room = min(quota[tenant], self._room(request))
             chunk = min(left[request.request_id], budget, room)
             if chunk > 0:
                 chunks[request.request_id] = chunk
@@ -355,12 +293,13 @@ class Scheduler(Generic[R]):
             self._last_served = {t: n for t, n in self._last_served.items() if t in first}
         return request
 
-    def _preempt_for_fairness(self) -> tuple[list[R], list[SlotMove]]:
+    def _preempt_for_fairness(self) -> tuple[int, list[SlotMove]]:
         """With no free slot and a tenant waiting below its limit, take back slots from tenants
         above theirs (their newest rows go back to the head of the queue and are recomputed
-        later): another tenant's request then starts within one step, not when a hog finishes."""
+        later): another tenant's request then starts within one step, not when a hog finishes.
+        Returns how many rows it preempted and the slot moves."""
         if self.tenant_of is None or not self.waiting or len(self.running) < self.max_rows:
-            return [], []
+            return 0, []
         tenant_of, limit = self.tenant_of, self._limit()
         held = self._running_per_tenant()
         starved = {tenant_of(r) for r in self.waiting if held[tenant_of(r)] < limit}
@@ -375,10 +314,10 @@ class Scheduler(Generic[R]):
             )
             held[hog] -= 1
         if not victims:
-            return [], []
+            return 0, []
         moves = self.retire({r.request_id for r in victims})
         self.waiting.extendleft(reversed(victims))  # back at the head: FIFO within the tenant holds
-        return victims, moves
+        return len(victims), moves
 
     def slot_of(self, request: R) -> int:
         """The slot of a running request (by identity)."""

@@ -19,6 +19,7 @@ from prefix_store.entry import PrefixEntry, PrefixMeta
 from server.api.callers import Caller
 from server.api.deps import PrefixesProtocol, RequestLimits, Services
 from server.api.generation import start_all
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import QueueFull
 from server.engine.kv_cache import KVLayout, SlotKVCache
@@ -118,7 +119,7 @@ def test_start_all_cancels_what_it_queued_when_one_cannot_be_queued(gpt2_dir: Pa
     def on_step(stats: StepStats) -> None:
         finished.extend(f.finish_reason for f in stats.finished)
 
-    engine = Engine(loaded, SlotKVCache(layout), max_queue=4, on_step=on_step)
+    engine = Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue=4), on_step=on_step)
     pins = _Pins()
     limits = RequestLimits(64, None, 4, 1 << 20, 1 << 20)
     services = Services(

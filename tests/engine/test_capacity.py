@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from server.config import Settings
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.kv_cache import PagedKVCache
 from server.engine.model_loader import ModelOptions, load_model
@@ -52,7 +53,7 @@ def test_64_rows_of_300_positions_run_at_once_at_default_flags(tmp_path: Path) -
     peak = {"running": 0, "prefix_blocks": 0, "refs": 0}
 
     async def run() -> list[int]:
-        engine = Engine(loaded, PagedKVCache(layout), settings.max_queue)
+        engine = Engine(loaded, PagedKVCache(layout), EngineConfig(max_queue=settings.max_queue))
         engine.start(asyncio.get_running_loop())
 
         async def one(i: int) -> int:

@@ -11,6 +11,7 @@ import torch
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from prefix_store.fingerprint import prefix_spec_for
 from prefix_store.format import parse_upload
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
@@ -41,7 +42,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def _core(loaded: LoadedModel, spec, num_slots: int, budget: int | None) -> EngineCore:  # type: ignore[no-untyped-def]
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, MAX_POSITIONS,
                       torch.float32, torch.device("cpu"))  # fmt: skip
-    return EngineCore(loaded, SlotKVCache(layout), max_queue=64, max_num_batched_tokens=budget)
+    return EngineCore(loaded, SlotKVCache(layout), EngineConfig(max_queue=64, max_num_batched_tokens=budget))
 
 
 def _request(prefix: PrefixEntry, prompt: list[int], tenant: str = "t") -> Request:

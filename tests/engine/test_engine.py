@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import ContextTooLong, InvalidInput, QueueFull
 from server.engine.handle import PAUSE_AT, RequestHandle
@@ -37,7 +38,7 @@ def _engine(
     loaded: LoadedModel, num_slots: int = 4, max_queue: int = 16, request_timeout_s: float | None = None
 ) -> Engine:
     layout = KVLayout(2, 4, 8, num_slots, MAX_POSITIONS, torch.float32, torch.device("cpu"))
-    return Engine(loaded, SlotKVCache(layout), max_queue, request_timeout_s=request_timeout_s)
+    return Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue, request_timeout_s=request_timeout_s))
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_abort_frees_the_slot_and_others_continue(run_engine) -> None:  # type: 
 
 def test_a_failing_step_fails_its_rows_but_not_the_loop(run_engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     async def body(engine: Engine):  # type: ignore[no-untyped-def]
-        real = engine.runner.forward
+        real = engine.core.runner.forward
         calls = {"n": 0}
 
         def flaky(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -104,7 +105,7 @@ def test_a_failing_step_fails_its_rows_but_not_the_loop(run_engine, monkeypatch:
                 raise RuntimeError("injected failure")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(engine.runner, "forward", flaky)
+        monkeypatch.setattr(engine.core.runner, "forward", flaky)
         failed = await _collect(engine.submit(_prefix(3, 1), [5], _greedy(4)))
         fine = await _collect(engine.submit(_prefix(3, 1), [5], _greedy(4)))
         return failed, fine, engine.is_alive
@@ -201,7 +202,7 @@ def test_bfloat16_model_serves_mixed_rows(tmp_path_factory: pytest.TempPathFacto
         return PrefixEntry(meta, torch.randn(2, 2, 2, prefix_len, 8).to(torch.bfloat16))
 
     async def main():  # type: ignore[no-untyped-def]
-        engine = Engine(loaded, SlotKVCache(layout), 8)
+        engine = Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue=8))
         engine.start(asyncio.get_running_loop())
         try:
             handles = [engine.submit(prefix(1 + i, i), [5 + i] * (2 + i), _greedy(6)) for i in range(4)]
@@ -376,6 +377,10 @@ def test_a_paused_row_times_out_though_the_engine_has_nothing_to_run(run_engine)
     async def body(engine: Engine):  # type: ignore[no-untyped-def]
         unread = engine.submit(_prefix(2, 0), [5, 6], _greedy(200))
         await _until_paused(unread)
+        for _ in range(200):  # the pause is a message: the core takes it in at its next step
+            if engine.core.is_idle:
+                break
+            await asyncio.sleep(0.01)
         assert unread.is_paused and engine.core.is_idle
         _expire_in(engine, unread.request, 0.2)
         await asyncio.sleep(0.6)  # past the deadline, still unread

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from prefix_store.fingerprint import prefix_spec_for
 from prefix_store.format import parse_upload
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import ModelOptions, load_model
@@ -55,7 +56,7 @@ def _run_engine(kind: str, dtype: str, tmp_path) -> tuple[list[tuple[list[int], 
     ]
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, len(LENGTHS), MAX_POSITIONS,
                       loaded.dtype, loaded.device)  # fmt: skip
-    core = EngineCore(loaded, SlotKVCache(layout), max_queue=64, max_num_batched_tokens=32)
+    core = EngineCore(loaded, SlotKVCache(layout), EngineConfig(max_queue=64, max_num_batched_tokens=32))
     requests = []
     for i, length in enumerate(LENGTHS):
         params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)

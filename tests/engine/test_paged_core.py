@@ -11,6 +11,7 @@ import torch
 from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSpec
 from prefix_store.fingerprint import prefix_spec_for
 from prefix_store.format import parse_upload
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout, PagedKVCache
 from server.engine.model_loader import LoadedModel, ModelOptions, load_model
@@ -41,7 +42,9 @@ def _core(
 ) -> EngineCore:
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_rows, MAX_POSITIONS,
                       torch.float32, torch.device("cpu"), num_blocks=num_blocks)  # fmt: skip
-    return EngineCore(loaded, PagedKVCache(layout), max_queue=256, max_num_batched_tokens=budget)
+    return EngineCore(
+        loaded, PagedKVCache(layout), EngineConfig(max_queue=256, max_num_batched_tokens=budget)
+    )
 
 
 def _request(prefix: PrefixEntry, prompt: list[int]) -> Request:

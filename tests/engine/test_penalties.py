@@ -14,6 +14,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from prefix_store.fingerprint import prefix_spec_for
 from prefix_store.format import parse_upload
+from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import ModelOptions, load_model
@@ -83,7 +84,6 @@ def test_apply_equals_the_references_row_by_row() -> None:
 def test_no_penalised_row_costs_nothing() -> None:
     table = PenaltyTable(num_slots=4, vocab=10, device=CPU)
     assert table.for_step([SamplingParams(), SamplingParams(temperature=1.0)], [0, 1]) is None
-    assert not table.is_allocated  # nothing on the device until a penalised request comes
 
 
 def test_greedy_steps_follow_the_reference_and_count_on_the_device() -> None:
@@ -192,7 +192,7 @@ def _core(tiny, num_slots: int) -> EngineCore:  # type: ignore[no-untyped-def]
     loaded, spec, _, _ = tiny
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, MAX_POSITIONS,
                       torch.float32, CPU)  # fmt: skip
-    return EngineCore(loaded, SlotKVCache(layout), max_queue=16, max_num_batched_tokens=16)
+    return EngineCore(loaded, SlotKVCache(layout), EngineConfig(max_queue=16, max_num_batched_tokens=16))
 
 
 def _request(tiny, prompt: list[int], params: SamplingParams, tenant: str = "t") -> Request:  # type: ignore[no-untyped-def]

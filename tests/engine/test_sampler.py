@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.engine.request import SamplingParams
-from server.engine.sampler import filter_logits, make_generator, sample
+from server.engine.sampler import filter_probs, make_generator, sample
 
 CPU = torch.device("cpu")
 PROBS = [0.5, 0.3, 0.15, 0.05]
@@ -15,6 +15,11 @@ PROBS = [0.5, 0.3, 0.15, 0.05]
 def known_logits(probs: list[float] = PROBS) -> torch.Tensor:
     """Logits whose softmax is exactly-ish `probs` (log-probabilities)."""
     return torch.tensor([math.log(p) for p in probs], dtype=torch.float32)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampler's filtered distribution of one row `[vocab]`."""
+    return filter_probs(logits[None], [params])[0]
 
 
 def generators(params: list[SamplingParams]) -> list[torch.Generator | None]:

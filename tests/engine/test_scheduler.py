@@ -2,13 +2,14 @@
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 
 from prefix_store.entry import PrefixEntry, PrefixMeta
 from server.engine.request import Request, SamplingParams
-from server.engine.scheduler import RowWork, ScheduledBatch, Scheduler, SlotMove
+from server.engine.scheduler import ScheduledBatch, Scheduler, SlotMove
 
 
 @dataclass
@@ -26,12 +27,21 @@ def ids(rows: list[Req]) -> list[str]:
 
 def running_scheduler(*request_ids: str) -> Scheduler[Req]:
     """A scheduler whose running rows are exactly `request_ids`, in slot order."""
-    scheduler: Scheduler[Req] = Scheduler(max_rows=max(len(request_ids), 1), max_queue=100)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=max(len(request_ids), 1))
     for r in reqs(*request_ids):
         scheduler.add(r)
     scheduler.schedule()
     assert ids(scheduler.running) == list(request_ids)
     return scheduler
+
+
+def decoding(batch: ScheduledBatch[Any]) -> list[Any]:
+    """The rows that were already decoding before this step."""
+    return [w.request for w in batch.rows[: batch.num_decode]]
+
+
+def num_tokens(batch: ScheduledBatch[Any]) -> int:
+    return sum(w.num_tokens for w in batch.rows)
 
 
 def apply_moves(slots: list[str], moves: list[SlotMove], num_rows: int) -> list[str]:
@@ -47,94 +57,51 @@ def apply_moves(slots: list[str], moves: list[SlotMove], num_rows: int) -> list[
 
 
 def test_new_scheduler_is_idle() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=2)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2)
     assert scheduler.is_idle
     batch = scheduler.schedule()
-    assert batch.decode == []
-    assert batch.prefill == []
+    assert decoding(batch) == []
+    assert batch.admitted == []
     assert batch.num_rows == 0
 
 
 def test_fifo_admission() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=8, max_queue=8)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=8)
     for r in reqs("a", "b", "c"):
         scheduler.add(r)
     assert not scheduler.is_idle
     batch = scheduler.schedule()
-    assert ids(batch.decode) == []
-    assert ids(batch.prefill) == ["a", "b", "c"]
+    assert ids(decoding(batch)) == []
+    assert ids(batch.admitted) == ["a", "b", "c"]
     assert ids(scheduler.running) == ["a", "b", "c"]
     assert list(scheduler.waiting) == []
     for r in reqs("d", "e"):
         scheduler.add(r)
     batch = scheduler.schedule()
-    assert ids(batch.decode) == ["a", "b", "c"]
-    assert ids(batch.prefill) == ["d", "e"]
+    assert ids(decoding(batch)) == ["a", "b", "c"]
+    assert ids(batch.admitted) == ["d", "e"]
     assert ids(scheduler.running) == ["a", "b", "c", "d", "e"]
 
 
 def test_max_rows_bounds_running() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2)
     for r in reqs("a", "b", "c", "d"):
         scheduler.add(r)
     batch = scheduler.schedule()
-    assert ids(batch.prefill) == ["a", "b"]
+    assert ids(batch.admitted) == ["a", "b"]
     assert ids(scheduler.running) == ["a", "b"]
     assert ids(list(scheduler.waiting)) == ["c", "d"]
     # full: nothing admitted, running rows still decode
     batch = scheduler.schedule()
-    assert ids(batch.decode) == ["a", "b"]
-    assert ids(batch.prefill) == []
+    assert ids(decoding(batch)) == ["a", "b"]
+    assert ids(batch.admitted) == []
     # one slot frees up: exactly the next waiting request takes it
     assert scheduler.retire({"a"}) == [SlotMove("b", src=1, dst=0)]
     batch = scheduler.schedule()
-    assert ids(batch.decode) == ["b"]
-    assert ids(batch.prefill) == ["c"]
+    assert ids(decoding(batch)) == ["b"]
+    assert ids(batch.admitted) == ["c"]
     assert ids(scheduler.running) == ["b", "c"]
     assert ids(list(scheduler.waiting)) == ["d"]
-
-
-def test_max_prefill_rows_bounds_admissions_per_step() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=10, max_queue=10, max_prefill_rows=2)
-    for r in reqs("a", "b", "c", "d", "e"):
-        scheduler.add(r)
-    assert ids(scheduler.schedule().prefill) == ["a", "b"]
-    batch = scheduler.schedule()
-    assert ids(batch.decode) == ["a", "b"]
-    assert ids(batch.prefill) == ["c", "d"]
-    batch = scheduler.schedule()
-    assert ids(batch.decode) == ["a", "b", "c", "d"]
-    assert ids(batch.prefill) == ["e"]
-    assert ids(scheduler.running) == ["a", "b", "c", "d", "e"]
-
-
-def test_max_prefill_rows_and_max_rows_together() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=3, max_queue=10, max_prefill_rows=2)
-    for r in reqs("a", "b", "c", "d"):
-        scheduler.add(r)
-    assert ids(scheduler.schedule().prefill) == ["a", "b"]
-    assert ids(scheduler.schedule().prefill) == ["c"]  # max_rows, not max_prefill_rows, binds
-    assert ids(scheduler.schedule().prefill) == []
-    assert ids(list(scheduler.waiting)) == ["d"]
-
-
-def test_max_prefill_rows_defaults_to_max_rows() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=3, max_queue=10)
-    assert scheduler.max_prefill_rows == 3
-
-
-def test_can_accept_counts_waiting_only() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
-    assert scheduler.can_accept()
-    scheduler.add(Req("a"))
-    assert scheduler.can_accept()
-    scheduler.add(Req("b"))
-    assert not scheduler.can_accept()  # 2 waiting == max_queue
-    scheduler.schedule()  # "a" runs, "b" waits
-    assert ids(scheduler.running) == ["a"]
-    assert scheduler.can_accept()  # running rows do not count against the queue
-    scheduler.add(Req("c"))
-    assert not scheduler.can_accept()
 
 
 def test_slots_are_list_indices() -> None:
@@ -149,14 +116,6 @@ def test_slots_are_list_indices() -> None:
 # ---- ScheduledBatch -------------------------------------------------------------------------
 
 
-def test_decode_rows_are_the_first_num_decode_rows() -> None:
-    rows = [RowWork(r, slot, 3, 1, True) for slot, r in enumerate(reqs("a", "b", "c"))]
-    rows += [RowWork(r, 3 + i, 0, 5, False) for i, r in enumerate(reqs("d", "e"))]
-    batch = ScheduledBatch(rows, num_decode=3, admitted=[rows[3].request, rows[4].request])
-    assert ids(batch.decode) == ["a", "b", "c"] and ids(batch.prefill) == ["d", "e"]
-    assert batch.num_rows == 5 and batch.num_tokens == 13
-
-
 def test_prefill_rows_land_in_slots_after_decode_rows() -> None:
     scheduler = running_scheduler("a", "b")
     scheduler.max_rows = 4
@@ -164,7 +123,7 @@ def test_prefill_rows_land_in_slots_after_decode_rows() -> None:
         scheduler.add(r)
     batch = scheduler.schedule()
     assert [(ids([w.request])[0], w.slot) for w in batch.rows] == [("a", 0), ("b", 1), ("c", 2), ("d", 3)]
-    for request in batch.prefill:
+    for request in batch.admitted:
         assert scheduler.slot_of(request) == [w.slot for w in batch.rows if w.request is request][0]
 
 
@@ -172,7 +131,7 @@ def test_prefill_rows_land_in_slots_after_decode_rows() -> None:
 
 
 def test_remove_waiting() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1)
     for r in reqs("a", "b", "c", "d"):
         scheduler.add(r)
     scheduler.schedule()  # "a" runs
@@ -187,7 +146,7 @@ def test_remove_waiting() -> None:
 
 
 def test_remove_waiting_returns_the_same_object() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1)
     r = Req("x")
     scheduler.add(r)
     assert scheduler.remove_waiting("x") is r
@@ -208,7 +167,7 @@ def test_remove_waiting_real_requests_with_reloaded_prefix() -> None:
     """
     first = _request(torch.zeros(1, 2, 1, 2, 1))
     second = _request(torch.zeros(1, 2, 1, 2, 1))  # same task/version, reloaded after eviction
-    scheduler: Scheduler[Request] = Scheduler(max_rows=1, max_queue=10)
+    scheduler: Scheduler[Request] = Scheduler(max_rows=1)
     scheduler.add(first)
     scheduler.add(second)
     assert scheduler.remove_waiting(second.request_id) is second
@@ -260,13 +219,13 @@ def test_retire_single_row() -> None:
 
 
 def test_retire_on_empty_scheduler() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=4)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=4)
     assert scheduler.retire({"a"}) == []
     assert scheduler.running == []
 
 
 def test_retire_leaves_waiting_alone() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=2, max_queue=10)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=2)
     for r in reqs("a", "b", "c"):
         scheduler.add(r)
     scheduler.schedule()
@@ -314,70 +273,30 @@ def _tenant(r: Req) -> str:
 
 
 def test_a_long_queue_does_not_delay_another_tenant_by_more_than_one_round() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2000, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=1, tenant_of=_tenant)
     for i in range(1000):
         scheduler.add(Req(f"noisy:{i}"))
     scheduler.add(Req("quiet:only"))
     admitted = []
     for _ in range(3):
-        admitted += ids(scheduler.schedule().prefill)
+        admitted += ids(scheduler.schedule().admitted)
         scheduler.retire({r.request_id for r in scheduler.running})
     assert admitted == ["noisy:0", "quiet:only", "noisy:1"]
 
 
 def test_round_robin_over_tenants_fifo_within_each() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=6, max_queue=100, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=6, tenant_of=_tenant)
     for name in ("a:1", "a:2", "a:3", "a:4", "b:1", "c:1", "b:2"):
         scheduler.add(Req(name))
-    assert ids(scheduler.schedule().prefill) == ["a:1", "b:1", "c:1", "a:2", "b:2", "a:3"]
+    assert ids(scheduler.schedule().admitted) == ["a:1", "b:1", "c:1", "a:2", "b:2", "a:3"]
     assert ids(list(scheduler.waiting)) == ["a:4"]
 
 
 def test_without_tenants_admission_is_fifo() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=3, max_queue=100)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=3)
     for name in ("a:1", "a:2", "b:1"):
         scheduler.add(Req(name))
-    assert ids(scheduler.schedule().prefill) == ["a:1", "a:2", "b:1"]
-
-
-def test_a_full_queue_sheds_the_heaviest_tenants_newest_request_for_a_lighter_tenant() -> None:
-    """Max-min fair queue: a tenant that filled the queue gives way, one request at a time, until
-    the newcomer's tenant holds as many (within one); then the queue is simply full."""
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=4, tenant_of=_tenant)
-    for name in ("a:1", "a:2", "a:3", "a:4"):
-        scheduler.add(Req(name))
-    shed = []
-    for name in ("b:1", "b:2", "b:3"):
-        assert not scheduler.can_accept()
-        victim = scheduler.shed_for(_tenant(Req(name)))
-        if victim is None:
-            break
-        shed.append(victim.request_id)
-        scheduler.add(Req(name))
-    assert shed == ["a:4", "a:3"]
-    assert ids(list(scheduler.waiting)) == ["a:1", "a:2", "b:1", "b:2"]
-    assert scheduler.shed_for("a") is None  # a holds 2: no one holds more than a would with one more
-
-
-def test_can_take_answers_what_adding_would_do_without_adding() -> None:
-    """Admission asks the queue before any work: room first, then the shedding `add` would do."""
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=4, tenant_of=_tenant)
-    for name in ("a:1", "a:2", "a:3"):
-        scheduler.add(Req(name))
-    assert scheduler.can_take("a", 1) and not scheduler.can_take("a", 2)
-    # b: one in the room, then a:3 is shed; a third would shed nothing (b would hold as many as a)
-    assert scheduler.can_take("b", 2) and not scheduler.can_take("b", 3)
-    assert ids(list(scheduler.waiting)) == ["a:1", "a:2", "a:3"]  # nothing changed
-    fifo: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
-    fifo.add(Req("a:1"))
-    assert fifo.can_take("b", 1) and not fifo.can_take("b", 2)
-
-
-def test_without_tenants_nothing_is_shed() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=1, max_queue=2)
-    scheduler.add(Req("a:1"))
-    scheduler.add(Req("a:2"))
-    assert scheduler.shed_for("b") is None
+    assert ids(scheduler.schedule().admitted) == ["a:1", "a:2", "b:1"]
 
 
 # --- token budget, chunked prefill ----------------------------------------------------------------
@@ -390,7 +309,7 @@ class Job:
 
 
 def _budget_scheduler(max_rows: int, budget: int, **kwargs) -> Scheduler[Job]:  # type: ignore[no-untyped-def]
-    return Scheduler(max_rows, 100, num_tokens_of=lambda j: j.num_tokens, max_num_tokens=budget, **kwargs)
+    return Scheduler(max_rows, num_tokens_of=lambda j: j.num_tokens, max_num_tokens=budget, **kwargs)
 
 
 def _plan(batch: ScheduledBatch[Job]) -> list[tuple[str, int, int, int, bool]]:
@@ -407,7 +326,7 @@ def test_decode_rows_first_then_chunks_within_the_budget() -> None:
     # a and b decode (1 token each); the long prompt takes the 8 left and samples nothing
     batch = scheduler.schedule()
     assert _plan(batch) == [("a", 0, 3, 1, True), ("b", 1, 2, 1, True), ("long", 2, 0, 8, False)]
-    assert ids(batch.decode) == ["a", "b"] and ids(batch.prefill) == ["long"] and batch.num_tokens == 10
+    assert ids(decoding(batch)) == ["a", "b"] and ids(batch.admitted) == ["long"] and num_tokens(batch) == 10
     assert ids(list(scheduler.waiting)) == ["c"]  # no budget left to start it
     # the prefill under way continues before anyone new starts
     assert _plan(scheduler.schedule()) == [
@@ -428,11 +347,11 @@ def test_decode_rows_first_then_chunks_within_the_budget() -> None:
     assert batch.num_decode == 2
     assert [scheduler.num_computed(j) for j in scheduler.running] == [7, 6, 25, 4]
     batch = scheduler.schedule()
-    assert batch.num_decode == 4 and batch.num_tokens == 4
+    assert batch.num_decode == 4 and num_tokens(batch) == 4
 
 
 def test_without_a_budget_every_prompt_runs_whole() -> None:
-    scheduler: Scheduler[Job] = Scheduler(3, 100, num_tokens_of=lambda j: j.num_tokens)
+    scheduler: Scheduler[Job] = Scheduler(3, num_tokens_of=lambda j: j.num_tokens)
     for job in (Job("a", 300), Job("b", 7)):
         scheduler.add(job)
     assert _plan(scheduler.schedule()) == [("a", 0, 0, 300, True), ("b", 1, 0, 7, True)]
@@ -464,42 +383,43 @@ def test_a_tenant_holding_every_slot_gives_one_back_within_one_step() -> None:
         scheduler.add(Job(f"hog:{i}", 3))
     scheduler.add(Job("small:0", 2))
     batch = scheduler.schedule()
-    assert ids(batch.preempted) == ["hog:15"] and batch.num_preempted_for_fairness == 1
+    assert "hog:15" not in ids(scheduler.running) and batch.num_preempted_for_fairness == 1  # preempted
     assert batch.moves == []  # the last slot was freed: nothing to compact
-    assert ids(batch.prefill) == ["small:0"] and scheduler.slot_of(batch.prefill[0]) == 15
+    assert ids(batch.admitted) == ["small:0"] and scheduler.slot_of(batch.admitted[0]) == 15
     assert ids(list(scheduler.waiting))[:2] == ["hog:15", "hog:16"]  # back at the head of its tenant's queue
     # the hog (15 rows) is still above its fair share of 8: nothing of it is admitted, nothing more preempted
+    running = ids(scheduler.running)
     batch = scheduler.schedule()
-    assert batch.preempted == [] and batch.prefill == []
+    assert ids(scheduler.running) == running and batch.admitted == []
     scheduler.retire({"small:0"})
     batch = scheduler.schedule()  # alone again: the slot goes back to the hog, recomputing from scratch
-    assert ids(batch.prefill) == ["hog:15"] and batch.rows[-1].start == 0
+    assert ids(batch.admitted) == ["hog:15"] and batch.rows[-1].start == 0
 
 
 def test_preemption_takes_the_newest_row_of_the_tenant_most_over_its_share() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=6, max_queue=100, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=6, tenant_of=_tenant)
     for name in ("a:1", "a:2", "a:3", "a:4", "b:1", "b:2"):
         scheduler.add(Req(name))
     scheduler.schedule()
     assert ids(scheduler.running) == ["a:1", "b:1", "a:2", "b:2", "a:3", "a:4"]
     scheduler.add(Req("c:1"))
     batch = scheduler.schedule()  # fair share: 6 // 3 = 2; a holds 4
-    assert ids(batch.preempted) == ["a:4"] and ids(batch.prefill) == ["c:1"]
+    assert ids(batch.admitted) == ["c:1"] and ids(list(scheduler.waiting)) == ["a:4"]  # a:4 preempted
     assert ids(scheduler.running) == ["a:1", "b:1", "a:2", "b:2", "a:3", "c:1"]
 
 
 def test_max_rows_per_tenant_is_a_hard_cap() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=8, max_queue=100, tenant_of=_tenant, max_rows_per_tenant=2)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=8, tenant_of=_tenant, max_rows_per_tenant=2)
     for name in ("a:1", "a:2", "a:3", "b:1"):
         scheduler.add(Req(name))
-    assert ids(scheduler.schedule().prefill) == ["a:1", "b:1", "a:2"]
-    assert ids(scheduler.schedule().prefill) == []  # a free slot, but a is at its cap
+    assert ids(scheduler.schedule().admitted) == ["a:1", "b:1", "a:2"]
+    assert ids(scheduler.schedule().admitted) == []  # a free slot, but a is at its cap
     scheduler.retire({"a:1"})
-    assert ids(scheduler.schedule().prefill) == ["a:3"]
+    assert ids(scheduler.schedule().admitted) == ["a:3"]
 
 
 def test_slot_moves_after_preempting_a_middle_row() -> None:
-    scheduler: Scheduler[Req] = Scheduler(max_rows=4, max_queue=100, tenant_of=_tenant)
+    scheduler: Scheduler[Req] = Scheduler(max_rows=4, tenant_of=_tenant)
     for name in ("a:1", "a:2", "a:3"):
         scheduler.add(Req(name))
     scheduler.schedule()
@@ -508,18 +428,9 @@ def test_slot_moves_after_preempting_a_middle_row() -> None:
     assert ids(scheduler.running) == ["a:1", "a:2", "a:3", "b:1"]
     scheduler.add(Req("c:1"))  # share 4 // 3 = 1: a holds 3
     batch = scheduler.schedule()
-    assert ids(batch.preempted) == ["a:3"]
+    assert ids(list(scheduler.waiting)) == ["a:3"]  # preempted
     assert batch.moves == [SlotMove("b:1", src=3, dst=2)]
     assert ids(scheduler.running) == ["a:1", "a:2", "b:1", "c:1"]
-
-
-def test_max_chunk_tokens_caps_one_rows_prefill_per_step() -> None:
-    scheduler = _budget_scheduler(max_rows=4, budget=20, max_chunk_tokens=6)
-    scheduler.add(Job("long", 15))
-    scheduler.add(Job("short", 4))
-    assert _plan(scheduler.schedule()) == [("long", 0, 0, 6, False), ("short", 1, 0, 4, True)]
-    assert _plan(scheduler.schedule()) == [("short", 1, 4, 1, True), ("long", 0, 6, 6, False)]
-    assert _plan(scheduler.schedule()) == [("short", 1, 5, 1, True), ("long", 0, 12, 3, True)]
 
 
 def test_paused_rows_keep_their_slot_but_are_not_scheduled() -> None:

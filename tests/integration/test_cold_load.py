@@ -10,6 +10,7 @@ import torch
 from prefix_store.fingerprint import prefix_spec_for
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore, connect
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVLayout, SlotKVCache
 from server.engine.model_loader import ModelOptions, load_model
@@ -44,7 +45,7 @@ def test_cold_load_in_flight_does_not_stall_running_rows(gpt2_dir: Path, tmp_pat
             cache = PrefixCache(store, spec, loaded.device, 1 << 20)
             for task_id in ("hot", "cold"):
                 await cache.put(task_id, torch.randn(spec.shape(3)))
-            engine = Engine(loaded, SlotKVCache(layout), max_queue=8)
+            engine = Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue=8))
             engine.start(asyncio.get_running_loop())
             try:
                 hot = engine.submit(

@@ -39,6 +39,22 @@ def die_with_parent_hook() -> Callable[[], object] | None:
     return functools.partial(prctl, _PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# How much lower than the server's the helpers' CPU priority is (`nice` adds it): their work is one
+# caller's large body or prompt, and on a machine with few cores it must not take CPU time from
+# the event loop and the engine thread, which every caller shares.
+HELPER_NICENESS = 10
+
+
+def as_background_helper(parent_pid: int) -> None:
+    """In a spawned helper of the server (a pool worker's initializer): lower priority than the
+    server's serving threads, and end with the server (`die_with_parent`)."""
+    try:
+        os.nice(HELPER_NICENESS)
+    except OSError:  # not permitted here: the helper runs at the server's priority
+        pass
+    die_with_parent(parent_pid)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Called in a child that is already running (e.g. a spawned pool worker's initializer): the
     same, and exit at once if `parent_pid` died before the kernel was told."""

@@ -20,7 +20,7 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from infra.processes import die_with_parent
+from infra.processes import as_background_helper
 
 # Bodies larger than this are parsed in the helper process whatever they hold (the parse time of
 # a body grows with its size; one of this size costs the loop little, see docs/benchmarks.md).
@@ -87,9 +87,10 @@ _pool: ProcessPoolExecutor | None = None
 
 def _init_helper(server_pid: int) -> None:
     """In the helper: the kernel ends it when the server dies, however the server dies (a pool
-    worker holds both ends of its task queue, so it would otherwise wait forever)."""
+    worker holds both ends of its task queue, so it would otherwise wait forever), at a lower CPU
+    priority than the server's event loop and engine thread."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the server's to handle
-    die_with_parent(server_pid)
+    as_background_helper(server_pid)
 
 
 def pool() -> ProcessPoolExecutor:

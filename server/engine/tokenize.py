@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from infra.processes import as_background_helper
 from server.engine.chat import render_chat
 from server.engine.errors import InvalidInput
 
@@ -39,9 +41,12 @@ def prepare(
 _tokenizer: Any = None  # the helper process's copy
 
 
-def _install(tokenizer: Any) -> None:
+def _install(tokenizer: Any, server_pid: int) -> None:
+    """In the helper: its tokenizer; a lower CPU priority than the server's serving threads (a
+    caller's large prompt must not take CPU time from everyone's steps); it ends with the server."""
     global _tokenizer
     _tokenizer = tokenizer
+    as_background_helper(server_pid)
 
 
 def _prepare_in_helper(
@@ -80,7 +85,7 @@ class OffLoopTokenizer:
                 1,
                 mp_context=multiprocessing.get_context("spawn"),  # never fork a process with threads
                 initializer=_install,
-                initargs=(self.tokenizer,),
+                initargs=(self.tokenizer, os.getpid()),
             )
             self._ready = self._pool.submit(_is_installed)
         return self._pool if self.is_ready else None

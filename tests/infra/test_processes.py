@@ -68,3 +68,22 @@ def test_off_the_main_thread_there_is_no_hook() -> None:
     thread.start()
     thread.join()
     assert hooks == [None] and die_with_parent_hook() is not None
+
+
+def _niceness() -> int:
+    return os.nice(0)
+
+
+def test_a_background_helper_runs_at_a_lower_cpu_priority_than_the_server() -> None:
+    """The JSON and tokenizer helpers (one caller's large body or prompt) yield the CPU to the
+    server's event loop and engine thread: their niceness is HELPER_NICENESS above the server's."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from infra.processes import HELPER_NICENESS, as_background_helper
+
+    context = multiprocessing.get_context("spawn")
+    setup = {"initializer": as_background_helper, "initargs": (os.getpid(),)}
+    with ProcessPoolExecutor(1, mp_context=context, **setup) as pool:  # type: ignore[arg-type]
+        helper = pool.submit(_niceness).result(timeout=60)
+    assert helper == min(19, os.nice(0) + HELPER_NICENESS)

@@ -30,6 +30,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def unknown_task(task_id: str) -> ApiError:
+    """The 404 of a task (or OpenAI model) that has no prefix uploaded."""
+    return ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+
+
 def to_api_error(exc: Exception) -> ApiError:
     """Translate engine/store exceptions into the contract's codes."""
     if isinstance(exc, ApiError):

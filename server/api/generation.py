@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fastapi import Request
 
 from server.api.deps import RequestHandleProtocol, Services
-from server.api.errors import ApiError
+from server.api.errors import ApiError, unknown_task
 from server.api.prompts import Messages, check_prompt_chars, encode_prompts, num_chars_of
 from server.api.tenancy import Caller, admit, check_scope
 from server.engine.errors import QueueFull
@@ -188,7 +188,7 @@ def check_prompt(services: Services, prompt_ids: list[int]) -> None:
 async def resolve_prefix(services: Services, task_id: str) -> PrefixEntry:
     prefix = await services.prefixes.get(task_id)
     if prefix is None:
-        raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+        raise unknown_task(task_id)
     return prefix
 
 

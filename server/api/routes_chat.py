@@ -7,23 +7,10 @@ import uuid
 
 from fastapi import APIRouter, Request, Response
 
+from server.api import openai_serving as serving
 from server.api.deps import ServicesDep
 from server.api.generation import GenerationRequest, launch
 from server.api.json_body import JSONBodyRoute
-from server.api.openai_serving import (
-    ChoiceOf,
-    TokenTexts,
-    answer,
-    chat_logprobs,
-    chunk_line,
-    collect_finished,
-    finish_reason,
-    joined_text,
-    num_completion_tokens,
-    num_prompt_tokens,
-    sse_pump,
-    usage,
-)
 from server.api.schemas import event_stream_too
 from server.api.schemas_chat import (
     AssistantMessage,
@@ -64,54 +51,60 @@ async def chat_completions(
     messages = body.template_messages()
     asked = GenerationRequest(body.model, [], choices, messages=messages, fills_context=asked_max is None)
     started = await launch(services, caller, asked, request, arrival)
-    num_prompt = num_prompt_tokens(started, body.n)
+    num_prompt = serving.num_prompt_tokens(started, body.n)
     head = ChatCompletionChunk(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[]
     )
     if body.stream:
         roles = [  # each choice's first chunk says who speaks
-            chunk_line(head, ChatChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content="")))
+            serving.chunk_line(
+                head, ChatChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""))
+            )
             for i in range(len(started))
         ]
         num_prompt_shown = num_prompt if body.include_usage else None
-        stream = sse_pump(started, services, head, _chunk_choices(body.logprobs), num_prompt_shown, roles)
+        stream = serving.sse_pump(
+            started, services, head, _chunk_choices(body.logprobs), num_prompt_shown, roles
+        )
         return ClosingStreamingResponse(stream, media_type="text/event-stream")
-    results = await collect_finished(started, services, request)
-    num_completion = num_completion_tokens(results)
+    results = await serving.collect_finished(started, services, request)
+    num_completion = serving.num_completion_tokens(results)
 
     def build() -> ChatCompletion:
-        texts = TokenTexts(services.engine)
+        texts = serving.TokenTexts(services.engine)
         return ChatCompletion(
             id=head.id,
             created=head.created,
             model=body.model,
             choices=[_choice(i, outputs, texts, body.logprobs) for i, outputs in enumerate(results)],
-            usage=usage(num_prompt, num_completion),
+            usage=serving.usage(num_prompt, num_completion),
         )
 
-    return await answer(build, num_completion, body.num_logprobs)
+    return await serving.answer(build, num_completion, body.num_logprobs)
 
 
-def _choice(index: int, outputs: list[StepOutput], texts: TokenTexts, want_logprobs: bool) -> ChatChoice:
-    reason = finish_reason(outputs[-1])
+def _choice(
+    index: int, outputs: list[StepOutput], texts: serving.TokenTexts, want_logprobs: bool
+) -> ChatChoice:
+    reason = serving.finish_reason(outputs[-1])
     assert reason is not None  # collect_finished: a normal end
     return ChatChoice(
         index=index,
-        message=AssistantMessage(content=joined_text(outputs)),
-        logprobs=chat_logprobs(outputs, texts) if want_logprobs else None,
+        message=AssistantMessage(content=serving.joined_text(outputs)),
+        logprobs=serving.chat_logprobs(outputs, texts) if want_logprobs else None,
         finish_reason=reason,
     )
 
 
-def _chunk_choices(want_logprobs: bool) -> ChoiceOf:
+def _chunk_choices(want_logprobs: bool) -> serving.ChoiceOf:
     """A stream's choice per output: its text as a delta (and its logprobs when asked)."""
 
-    def choice_of(index: int, output: StepOutput, texts: TokenTexts) -> ChatChunkChoice:
+    def choice_of(index: int, output: StepOutput, texts: serving.TokenTexts) -> ChatChunkChoice:
         return ChatChunkChoice(
             index=index,
             delta=ChoiceDelta(content=output.text_delta),
-            logprobs=chat_logprobs([output], texts) if want_logprobs else None,
-            finish_reason=finish_reason(output),
+            logprobs=serving.chat_logprobs([output], texts) if want_logprobs else None,
+            finish_reason=serving.finish_reason(output),
         )
 
     return choice_of

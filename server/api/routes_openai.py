@@ -9,23 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from prefix_store.meta import PrefixMeta
+from server.api import openai_serving as serving
 from server.api.deps import Services, ServicesDep
 from server.api.errors import ApiError, unknown_task
 from server.api.generation import GenerationRequest, launch
 from server.api.json_body import JSONBodyRoute
-from server.api.openai_serving import (
-    ChoiceOf,
-    TokenTexts,
-    answer,
-    collect_finished,
-    completion_logprobs,
-    finish_reason,
-    joined_text,
-    num_completion_tokens,
-    num_prompt_tokens,
-    sse_pump,
-    usage,
-)
 from server.api.schemas import TASK_ID_PATTERN, event_stream_too
 from server.api.schemas_openai import (
     Completion,
@@ -61,41 +49,48 @@ async def completions(
     started = await launch(
         services, caller, GenerationRequest(body.model, body.prompts, choices), request, arrival
     )
-    num_prompt = num_prompt_tokens(started, body.n)
+    num_prompt = serving.num_prompt_tokens(started, body.n)
     head = Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[])
     if body.stream:
         choice_of = _chunk_choices(len(started), body.logprobs is not None)
-        stream = sse_pump(started, services, head, choice_of, num_prompt if body.include_usage else None)
+        stream = serving.sse_pump(
+            started, services, head, choice_of, num_prompt if body.include_usage else None
+        )
         return ClosingStreamingResponse(stream, media_type="text/event-stream")
-    results = await collect_finished(started, services, request)
-    num_completion = num_completion_tokens(results)
+    results = await serving.collect_finished(started, services, request)
+    num_completion = serving.num_completion_tokens(results)
 
     def build() -> Completion:
-        texts = TokenTexts(services.engine)
+        texts = serving.TokenTexts(services.engine)
         head.choices = [
             CompletionChoice(
                 index=index,
-                text=joined_text(outputs),
-                logprobs=completion_logprobs(outputs, texts, 0) if body.logprobs is not None else None,
-                finish_reason=finish_reason(outputs[-1]),
+                text=serving.joined_text(outputs),
+                logprobs=serving.completion_logprobs(outputs, texts, 0)
+                if body.logprobs is not None
+                else None,
+                finish_reason=serving.finish_reason(outputs[-1]),
             )
             for index, outputs in enumerate(results)
         ]
-        head.usage = usage(num_prompt, num_completion)
+        head.usage = serving.usage(num_prompt, num_completion)
         return head
 
-    return await answer(build, num_completion, body.logprobs)
+    return await serving.answer(build, num_completion, body.logprobs)
 
 
-def _chunk_choices(num_choices: int, want_logprobs: bool) -> ChoiceOf:
+def _chunk_choices(num_choices: int, want_logprobs: bool) -> serving.ChoiceOf:
     """A stream's choice per output; each choice's logprobs carry its text offset so far."""
     offsets = [0] * num_choices
 
-    def choice_of(index: int, output: StepOutput, texts: TokenTexts) -> CompletionChoice:
-        logprobs = completion_logprobs([output], texts, offsets[index]) if want_logprobs else None
+    def choice_of(index: int, output: StepOutput, texts: serving.TokenTexts) -> CompletionChoice:
+        logprobs = serving.completion_logprobs([output], texts, offsets[index]) if want_logprobs else None
         offsets[index] += len(output.text_delta)
         return CompletionChoice(
-            index=index, text=output.text_delta, logprobs=logprobs, finish_reason=finish_reason(output)
+            index=index,
+            text=output.text_delta,
+            logprobs=logprobs,
+            finish_reason=serving.finish_reason(output),
         )
 
     return choice_of

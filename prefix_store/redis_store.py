@@ -31,6 +31,7 @@ from prefix_store.health import RedisHealth
 from prefix_store.layout import NUM_BUCKETS, KeyLayout, namespace_of
 from prefix_store.listing import page_ids
 from prefix_store.namespaces import build_namespace_indexes, is_built
+from prefix_store.replies import as_text
 
 __all__ = ["REDIS_ERRORS", "NotReplicated", "RedisPrefixStore", "connect", "unavailable"]
 
@@ -203,7 +204,7 @@ class RedisPrefixStore:
             raw = await self._again_if_not_sent(lambda: self._client.hgetall(self._layout.task_key(task_id)))
         if not raw:
             return None
-        fields = {_text(key): value for key, value in raw.items()}
+        fields = {as_text(key): value for key, value in raw.items()}
         data = fields.pop("data", None)
         if not isinstance(data, bytes):
             raise StoreUnavailable(f"redis record of {task_id!r} has no binary data field")
@@ -356,10 +357,6 @@ def _check_task_id(task_id: str) -> None:
         raise ValueError(f"task_id must be non-empty without whitespace or braces, got {task_id!r}")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
-
-
 def _parse_meta(task_id: str, values: Sequence[bytes | str | None]) -> PrefixMeta:
     """Build `PrefixMeta` from raw values ordered as `_META_FIELDS`."""
     text: dict[str, str] = {}
@@ -368,7 +365,7 @@ def _parse_meta(task_id: str, values: Sequence[bytes | str | None]) -> PrefixMet
             value = "kv"  # records written before sources were recorded
         if value is None:
             raise StoreUnavailable(f"redis record of {task_id!r} lacks field {name!r}")
-        text[name] = _text(value)
+        text[name] = as_text(value)
     try:
         return PrefixMeta(
             task_id=text["task_id"],

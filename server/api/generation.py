@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
+from server.api.background import in_background
 from server.api.deps import RequestHandleProtocol, Services
 from server.api.errors import ApiError, unknown_task
 from server.api.prompts import Messages, check_prompt_chars, encode_prompts, num_chars_of
@@ -102,7 +103,7 @@ async def launch(
         services, caller, prefix, [(ids, params) for ids in prompts for params in choices], arrival
     )
     if caller.key is not None:  # prompt tokens weigh as generated ones; charged once queued, not held
-        _in_background(services.limiter.charge(caller.key, sum(len(one.prompt_ids) for one in started)))
+        in_background(services.limiter.charge(caller.key, sum(len(one.prompt_ids) for one in started)))
     http.state.generations = [one.describe(request.task_id) for one in started]
     return started
 
@@ -233,7 +234,7 @@ async def outputs_of(started: Started, services: Services) -> AsyncIterator[Step
     finally:
         key = started.caller.key
         if key is not None and num_tokens:
-            _in_background(services.limiter.charge(key, num_tokens))
+            in_background(services.limiter.charge(key, num_tokens))
 
 
 async def collect(started: Started, services: Services) -> list[StepOutput]:
@@ -265,16 +266,6 @@ def check_finished(outputs: list[StepOutput]) -> StepOutput:
     if error is not None:
         raise error
     return last
-
-
-_background: set[asyncio.Future[None]] = set()
-
-
-def _in_background(work: Awaitable[None]) -> None:
-    """Run `work` even if the request that started it is being cancelled (a client that left)."""
-    future = asyncio.ensure_future(work)
-    _background.add(future)
-    future.add_done_callback(_background.discard)
 
 
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"

@@ -38,6 +38,7 @@ from typing import Any
 from prefix_store.connection import RedisClient
 from prefix_store.errors import StoreUnavailable
 from prefix_store.redis_store import REDIS_ERRORS, unavailable
+from prefix_store.replies import as_text
 
 _RECORD_PREFIX = "pfx:apikey:"
 _INDEX_KEY = "pfx:apikeys"
@@ -104,7 +105,7 @@ class KeyStore:
     async def list(self) -> list[ApiKey]:
         """Every key, oldest first."""
         async with unavailable(self, "list keys"):
-            digests = [_text(d) for d in (await self._client.hgetall(_INDEX_KEY)).values()]
+            digests = [as_text(d) for d in (await self._client.hgetall(_INDEX_KEY)).values()]
             pipe = self._client.pipeline(transaction=False)  # not MGET: records span Cluster slots
             for digest in digests:
                 pipe.get(_RECORD_PREFIX + digest)
@@ -119,10 +120,10 @@ class KeyStore:
             digest = await self._client.hget(_INDEX_KEY, key_id)
             if digest is None:
                 return None
-            raw = await self._client.getdel(_RECORD_PREFIX + _text(digest))
+            raw = await self._client.getdel(_RECORD_PREFIX + as_text(digest))
             await self._client.hdel(_INDEX_KEY, key_id)
-        self._last_good[_text(digest)] = None  # refused even while Redis is unreachable
-        return None if raw is None else self._open(_text(digest), raw)
+        self._last_good[as_text(digest)] = None  # refused even while Redis is unreachable
+        return None if raw is None else self._open(as_text(digest), raw)
 
     async def lookup(self, secret: str) -> ApiKey | None:
         """The key with this secret, or None. Redis down: the last record read for it, if any."""
@@ -182,10 +183,6 @@ class KeyStore:
         self._last_good.move_to_end(digest)
         while len(self._last_good) > self._max_remembered:
             self._last_good.popitem(last=False)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _parse(fields: dict[str, Any]) -> ApiKey:

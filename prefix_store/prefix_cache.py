@@ -23,7 +23,7 @@ from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSource, PrefixSpec
 from prefix_store.errors import InvalidPrefix, StoreUnavailable
 from prefix_store.format import dtype_name, finish_prefix, tensor_from_bytes, tensor_to_bytes
 from prefix_store.lru import ByteLRU
-from prefix_store.meta import ResidentPrefix
+from prefix_store.meta import ResidentPrefix, TierUsage
 from prefix_store.redis_store import RedisPrefixStore
 from prefix_store.sources import parse_source
 
@@ -216,14 +216,10 @@ class PrefixCache:
         except StoreUnavailable:
             pass  # Redis down: resident entries keep serving; checked again when it is back
 
-    def usage(self) -> dict[str, dict[str, int]]:
+    def usage(self) -> dict[str, TierUsage]:
         """Per tier: capacity, resident bytes and count."""
         return {
-            tier.name: {
-                "capacity_bytes": tier.capacity_bytes,
-                "resident_bytes": tier.stats.resident_bytes,
-                "resident_prefixes": tier.stats.resident_count,
-            }
+            tier.name: TierUsage(tier.capacity_bytes, tier.stats.resident_bytes, tier.stats.resident_count)
             for tier in self.tiers
         }
 

@@ -120,9 +120,7 @@ async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> WarmedPrefi
 @router.get("/cache")
 async def cache_contents(services: ServicesDep) -> CacheContents:
     """What is resident in which tier (device, host), least recently used first."""
-    return CacheContents.model_validate(
-        {"tiers": services.prefixes.usage(), "items": services.prefixes.resident()}
-    )
+    return CacheContents(tiers=services.prefixes.usage(), items=services.prefixes.resident())
 
 
 @router.delete("/prefixes/{task_id}", status_code=204, responses=error_responses(404))

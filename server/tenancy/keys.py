@@ -31,12 +31,13 @@ import json
 import logging
 import secrets
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
 from prefix_store.connection import RedisClient
 from prefix_store.errors import StoreUnavailable
+from prefix_store.meta import ApiKey
 from prefix_store.redis_store import REDIS_ERRORS, unavailable
 from prefix_store.replies import as_text
 
@@ -46,21 +47,6 @@ _ENABLED_KEY = "pfx:apikeys:enabled"
 _MAC_CONTEXT = b"prefix-server api-key records v1"
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """A key's record: who it is, which tasks it may use, and its rate limits (0 = unlimited)."""
-
-    id: str
-    name: str
-    scopes: tuple[str, ...]
-    requests_per_second: float
-    tokens_per_minute: int
-    created_at: str
-
-    def public(self) -> dict[str, object]:
-        return {**asdict(self), "scopes": list(self.scopes)}
 
 
 def hash_secret(secret: str) -> str:
@@ -157,7 +143,7 @@ class KeyStore:
 
     def _seal(self, digest: str, key: ApiKey) -> str:
         """The stored record: the key's fields and their MAC (bound to this secret's hash)."""
-        fields = key.public()
+        fields = asdict(key)
         return json.dumps({**fields, "mac": self._mac(digest, fields)})
 
     def _open(self, digest: str, raw: bytes | str) -> ApiKey | None:

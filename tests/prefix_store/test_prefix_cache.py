@@ -137,7 +137,7 @@ def test_host_tier_serves_device_misses_without_redis(redis_proc: RedisProcess, 
         redis_proc, fingerprint, 4 * BYTES_PER_POSITION, body, host=12 * BYTES_PER_POSITION
     )
     assert reads == after == 3 and entry is not None and entry.meta.task_id == "a"
-    assert usage["device"]["resident_prefixes"] == 1 and usage["host"]["resident_prefixes"] == 3
+    assert usage["device"].resident_prefixes == 1 and usage["host"].resident_prefixes == 3
     assert (host.hits, host.misses) == (1, 3)
 
 

@@ -11,7 +11,8 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 
 from server.api.deps import EngineProtocol, Services
-from server.api.generation import Started, check_finished, collect, ended_error, interleave, until_disconnect
+from server.api.generation import Started
+from server.api.outputs import check_finished, collect, ended_error, interleave, until_disconnect
 from server.api.schemas_chat import ChoiceLogprobs, TokenLogprob, TopLogprob
 from server.api.schemas_openai import (
     CompletionLogprobs,

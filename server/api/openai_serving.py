@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from server.api.deps import EngineProtocol, Services
 from server.api.generation import Started
+from server.api.json_body import JSONBodyRoute
 from server.api.outputs import check_finished, collect, ended_error, interleave, until_disconnect
 from server.api.schemas_chat import ChoiceLogprobs, TokenLogprob, TopLogprob
 from server.api.schemas_openai import (
@@ -20,12 +21,22 @@ from server.api.schemas_openai import (
     FinishReason,
     OpenAIErrorDetail,
     StreamError,
+    openai_error_responses,
 )
 from server.engine.request import StepOutput
 
 # answers with more entries (tokens x (1 + logprobs)) are decoded and rendered in a thread: that
 # many can take seconds, which the event loop (every other request) must not wait for
 OFF_LOOP_TOKENS = 2048
+
+
+def v1_router() -> APIRouter:
+    """A router for `/v1/*`: bodies parsed as every JSON route's, OpenAI's error shapes documented."""
+    return APIRouter(
+        prefix="/v1",
+        route_class=JSONBodyRoute,
+        responses=openai_error_responses(400, 401, 403, 404, 413, 429, 503, 504),
+    )
 
 
 def finish_reason(output: StepOutput) -> FinishReason | None:

@@ -5,12 +5,11 @@ generated exactly as `/v1/completions` would generate that prompt."""
 import time
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
 from server.api import openai_serving as serving
 from server.api.deps import ServicesDep
 from server.api.generation import GenerationRequest, launch
-from server.api.json_body import JSONBodyRoute
 from server.api.schemas import event_stream_too
 from server.api.schemas_chat import (
     AssistantMessage,
@@ -21,16 +20,11 @@ from server.api.schemas_chat import (
     ChatCompletionRequest,
     ChoiceDelta,
 )
-from server.api.schemas_openai import openai_error_responses
 from server.api.stall import ClosingStreamingResponse
 from server.api.tenancy import CallerDep
 from server.engine.request import StepOutput
 
-router = APIRouter(
-    prefix="/v1",
-    route_class=JSONBodyRoute,
-    responses=openai_error_responses(400, 401, 403, 404, 413, 429, 503, 504),
-)
+router = serving.v1_router()
 
 
 @router.post(

@@ -6,14 +6,13 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import Path, Query, Request, Response
 
 from prefix_store.meta import PrefixMeta
 from server.api import openai_serving as serving
 from server.api.deps import Services, ServicesDep
 from server.api.errors import ApiError, unknown_task
 from server.api.generation import GenerationRequest, launch
-from server.api.json_body import JSONBodyRoute
 from server.api.schemas import TASK_ID_PATTERN, event_stream_too
 from server.api.schemas_openai import (
     Completion,
@@ -21,17 +20,12 @@ from server.api.schemas_openai import (
     CompletionRequest,
     Model,
     ModelList,
-    openai_error_responses,
 )
 from server.api.stall import ClosingStreamingResponse
 from server.api.tenancy import Caller, CallerDep, check_scope, list_visible
 from server.engine.request import StepOutput
 
-router = APIRouter(
-    prefix="/v1",
-    route_class=JSONBodyRoute,
-    responses=openai_error_responses(400, 401, 403, 404, 413, 429, 503, 504),
-)
+router = serving.v1_router()
 
 
 @router.post(

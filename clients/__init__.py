@@ -1,6 +1,8 @@
 """Python client (sync + async) of the prefix server, and the `prefixctl` CLI (`clients.cli`)."""
 
-from clients.client import AsyncPrefixClient, ChatSampling, Message, PrefixClient, Sampling
+from clients.async_client import AsyncPrefixClient
+from clients.calls import ChatSampling, Message, Sampling
+from clients.client import PrefixClient
 from clients.models import (
     ChatChunk,
     ChatCompletion,

@@ -1,21 +1,21 @@
-"""What both clients share: the calls (method, path, auth, body), upload files, progress,
-and the base that holds the server URL and tokens."""
+"""The one implementation behind both clients: every call of the API (method, path, auth, body,
+files, and how its answer parses) and the reading of answers and event streams. `PrefixClient`
+and `AsyncPrefixClient` only send these calls, blocking or with asyncio."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import IO, Literal, TypedDict
+from typing import IO, Any, Generic, Literal, TypedDict, TypeVar
 from urllib.parse import quote
 
 import httpx
 
-from clients.models import (
-    PrefixServerError,
-)
+from clients import models
 
 Progress = Callable[[int, int], None]
 Files = dict[str, tuple[str | None, IO[bytes] | bytes, str]]
@@ -67,34 +67,65 @@ class _ProgressReader(io.BufferedReader):
 
 # which bearer a call sends: the admin token, or the API key (else the admin token, valid for
 # every task); None: no credentials (health checks)
-_Auth = Literal["admin", "tenant"]
+Auth = Literal["admin", "tenant"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class _Call:
-    """One HTTP request of the API, independent of sync/async."""
+class Call(Generic[T]):
+    """One HTTP request of the API and how its answer reads, independent of sync/async: `parse`
+    takes the answer's JSON (None for an empty body), or for a stream each `data:` payload."""
 
     method: str
     path: str
-    auth: _Auth | None = None
+    parse: Callable[[Any], T]
+    auth: Auth | None = None
     params: Mapping[str, str | int] | None = None
     body: Mapping[str, object] | None = None
+    files: Callable[[], AbstractContextManager[Files]] | None = None  # opened while the request is sent
 
 
 def _prefix_path(task_id: str, suffix: str = "") -> str:
     return f"/admin/prefixes/{quote(task_id, safe=':')}{suffix}"
 
 
-def _list_call(limit: int, cursor: str | None) -> _Call:
+def upload(
+    task_id: str, weights: bytes | Path, config: bytes | Path | None, progress: Progress | None
+) -> Call[models.PrefixInfo]:
+    files = partial(_upload_files, weights, config, progress)
+    return Call("PUT", _prefix_path(task_id), models.parse_info, "admin", files=files)
+
+
+def upload_text(task_id: str, text: str) -> Call[models.PrefixInfo]:
+    return Call("PUT", _prefix_path(task_id), models.parse_info, "admin", files=partial(_text_files, text))
+
+
+def list_page(limit: int, cursor: str | None) -> Call[models.PrefixPage]:
     params: dict[str, str | int] = {"limit": limit}
     if cursor is not None:
         params["cursor"] = cursor
-    return _Call("GET", "/admin/prefixes", "admin", params)
+    return Call("GET", "/admin/prefixes", models.parse_page, "admin", params)
 
 
-def _generate_call(
-    task_id: str, prompt: str | None, input_ids: Sequence[int] | None, sampling: Sampling, stream: bool
-) -> _Call:
+def get(task_id: str) -> Call[models.PrefixInfo]:
+    return Call("GET", _prefix_path(task_id), models.parse_info, "admin")
+
+
+def delete(task_id: str) -> Call[None]:
+    return Call("DELETE", _prefix_path(task_id), _nothing, "admin")
+
+
+def warm(task_id: str) -> Call[models.PrefixInfo]:
+    return Call("POST", _prefix_path(task_id, "/warm"), models.parse_info, "admin")
+
+
+def _nothing(data: object) -> None:
+    return None
+
+
+def _generation_body(
+    task_id: str, prompt: str | None, input_ids: Sequence[int] | None, sampling: Sampling
+) -> dict[str, object]:
     body: dict[str, object] = {"task_id": task_id, **sampling}
     if prompt is not None:
         body["prompt"] = prompt
@@ -102,27 +133,48 @@ def _generate_call(
         body["input_ids"] = [int(t) for t in input_ids]
     if "stop" in sampling:
         body["stop"] = [str(s) for s in sampling["stop"]]
-    if stream:
-        body["stream"] = True
-    return _Call("POST", "/generate", "tenant", body=body)
+    return body
 
 
-def _chat_call(task_id: str, messages: Sequence[Message], sampling: ChatSampling, stream: bool) -> _Call:
+def generate(
+    task_id: str, prompt: str | None, input_ids: Sequence[int] | None, sampling: Sampling
+) -> Call[models.Generation]:
+    body = _generation_body(task_id, prompt, input_ids, sampling)
+    return Call("POST", "/generate", models.parse_generation, "tenant", body=body)
+
+
+def stream(
+    task_id: str, prompt: str | None, input_ids: Sequence[int] | None, sampling: Sampling
+) -> Call[models.StreamEvent]:
+    body = {**_generation_body(task_id, prompt, input_ids, sampling), "stream": True}
+    return Call("POST", "/generate", models.parse_event, "tenant", body=body)
+
+
+def _chat_body(task_id: str, messages: Sequence[Message], sampling: ChatSampling) -> dict[str, object]:
     body: dict[str, object] = {"model": task_id, "messages": [dict(m) for m in messages], **sampling}
     if "stop" in sampling:
         body["stop"] = [str(s) for s in sampling["stop"]]
-    if stream:  # the last chunk carries the usage, as /generate's last event does
-        body |= {"stream": True, "stream_options": {"include_usage": True}}
-    return _Call("POST", "/v1/chat/completions", "tenant", body=body)
+    return body
 
 
-def _key_path(key_id: str) -> str:
-    return f"/admin/keys/{quote(key_id, safe='')}"
+def chat(task_id: str, messages: Sequence[Message], sampling: ChatSampling) -> Call[models.ChatCompletion]:
+    body = _chat_body(task_id, messages, sampling)
+    return Call("POST", "/v1/chat/completions", models.parse_chat, "tenant", body=body)
 
 
-def _create_key_call(
+def chat_stream(task_id: str, messages: Sequence[Message], sampling: ChatSampling) -> Call[models.ChatChunk]:
+    # the last chunk carries the usage, as /generate's last event does
+    body = {
+        **_chat_body(task_id, messages, sampling),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    return Call("POST", "/v1/chat/completions", models.parse_chat_chunk, "tenant", body=body)
+
+
+def create_key(
     name: str, scopes: Sequence[str], requests_per_second: float, tokens_per_minute: int
-) -> _Call:
+) -> Call[models.CreatedKey]:
     if isinstance(scopes, str):  # a str is a Sequence[str] too: "acme:*" would become 6 scopes
         raise TypeError(f"scopes must be a list of task ids or prefix* patterns, not the str {scopes!r}")
     body = {
@@ -131,20 +183,27 @@ def _create_key_call(
         "requests_per_second": requests_per_second,
         "tokens_per_minute": tokens_per_minute,
     }
-    return _Call("POST", "/admin/keys", "admin", body=body)
+    return Call("POST", "/admin/keys", models.parse_created_key, "admin", body=body)
 
 
-_LIST_KEYS = _Call("GET", "/admin/keys", "admin")
+LIST_KEYS = Call("GET", "/admin/keys", models.parse_keys, "admin")
+
+
+def revoke_key(key_id: str) -> Call[models.KeyInfo]:
+    return Call("DELETE", f"/admin/keys/{quote(key_id, safe='')}", models.parse_key, "admin")
+
 
 # maintenance of one replica: call it at the replica's own address, not through a proxy
-_DRAIN_STATE = _Call("GET", "/admin/drain", "admin")
+DRAIN_STATE = Call("GET", "/admin/drain", models.parse_drain_state, "admin")
+UNDRAIN = Call("DELETE", "/admin/drain", models.parse_drain_state, "admin")
 
 
-def _drain_call(grace_s: float | None) -> _Call:
-    return _Call("POST", "/admin/drain", "admin", None if grace_s is None else {"grace": str(grace_s)})
+def drain(grace_s: float | None) -> Call[models.DrainState]:
+    params = None if grace_s is None else {"grace": str(grace_s)}
+    return Call("POST", "/admin/drain", models.parse_drain_state, "admin", params)
 
 
-_UNDRAIN = _Call("DELETE", "/admin/drain", "admin")
+HEALTH: Call[dict[str, Any]] = Call("GET", "/health", dict)
 
 
 def peft_files(directory: Path) -> tuple[Path, Path]:
@@ -178,22 +237,13 @@ def _upload_files(
         reader.close()
 
 
-def _text_files(text: str) -> Files:
+@contextmanager
+def _text_files(text: str) -> Iterator[Files]:
     # no filename: a plain form field, which the server reads as UTF-8 text
-    return {"text": (None, text.encode("utf-8"), "text/plain; charset=utf-8")}
+    yield {"text": (None, text.encode("utf-8"), "text/plain; charset=utf-8")}
 
 
-def _sse_payload(line: str) -> str | None:
-    return line[len("data:") :].strip() if line.startswith("data:") else None
-
-
-def _incomplete(response: httpx.Response) -> PrefixServerError:
-    return PrefixServerError(
-        response.status_code, "incomplete_stream", "the event stream ended before [DONE]"
-    )
-
-
-class _Base:
+class ClientBase:
     """`token` is the admin token (admin calls); `api_key` a tenant API key for generation, which
     falls back to the admin token (valid for every task) when not given."""
 
@@ -202,11 +252,42 @@ class _Base:
         self.token = token
         self.api_key = api_key
 
-    def _headers(self, call: _Call) -> dict[str, str]:
-        if call.auth == "admin":
-            bearer = self.token
-        elif call.auth == "tenant":
-            bearer = self.api_key or self.token
-        else:
-            bearer = None
-        return {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    def _request(self, call: Call[Any], files: Files | None = None) -> dict[str, Any]:
+        """httpx's arguments for `call`."""
+        bearer = {"admin": self.token, "tenant": self.api_key or self.token, None: None}[call.auth]
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+        return dict(
+            method=call.method,
+            url=call.path,
+            params=call.params,
+            json=call.body,
+            files=files,
+            headers=headers,
+        )
+
+
+def answer(call: Call[T], response: httpx.Response) -> T:
+    """What `call`'s (read) answer says; PrefixServerError unless it is a 2xx."""
+    if not response.is_success:
+        raise models.error_from_response(response)
+    return call.parse(response.json() if response.content else None)
+
+
+class EventReader(Generic[T]):
+    """Reads a `text/event-stream` answer, line by line, into `call`'s events up to `[DONE]`."""
+
+    def __init__(self, call: Call[T]) -> None:
+        self.call = call
+        self.is_done = False
+
+    def read(self, line: str) -> list[T]:
+        payload = line[len("data:") :].strip() if line.startswith("data:") else None
+        if payload == "[DONE]":
+            self.is_done = True
+        return [self.call.parse(payload)] if payload and not self.is_done else []
+
+
+def incomplete(response: httpx.Response) -> models.PrefixServerError:
+    return models.PrefixServerError(
+        response.status_code, "incomplete_stream", "the event stream ended before [DONE]"
+    )

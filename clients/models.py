@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import httpx
 
-from prefix_store.meta import PrefixMeta
+from prefix_store.meta import ApiKey, CreatedKey, PrefixMeta
+
+KeyInfo = ApiKey  # the server's own record of a tenant API key (never its secret), as PrefixInfo is
 
 
 class PrefixServerError(Exception):
@@ -88,32 +90,6 @@ class ChatChunk:
     content: str
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    """A tenant API key as `GET /admin/keys` lists it (never its secret). `scopes` are task ids
-    or `prefix*` patterns; a rate of 0 means unlimited."""
-
-    id: str
-    name: str
-    scopes: tuple[str, ...]
-    requests_per_second: float
-    tokens_per_minute: int
-    created_at: str
-
-
-@dataclass(frozen=True)
-class CreatedKey(KeyInfo):
-    """The answer of `POST /admin/keys`: the key's info and its secret `key`, which the server
-    shows this once only (kept out of `repr` so it does not end up in logs)."""
-
-    key: str = field(repr=False)
-
-    @property
-    def info(self) -> KeyInfo:
-        """The key without its secret, as `list_keys()` and `revoke_key()` return it."""
-        return KeyInfo(**{f.name: getattr(self, f.name) for f in fields(KeyInfo)})
 
 
 @dataclass(frozen=True)

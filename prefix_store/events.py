@@ -16,21 +16,19 @@ from typing import Any
 
 import redis.asyncio
 
+from prefix_store.replies import as_text
+
 OnEvent = Callable[[str], None]
 OnSubscribed = Callable[[], Awaitable[None]]
 _MESSAGE_TYPES = ("message", "smessage", b"message", b"smessage")
 _NODE_KWARGS = ("username", "password", "credential_provider", "socket_connect_timeout", "socket_keepalive")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
-
-
 async def _pump(pubsub: Any, on_event: OnEvent) -> None:
     while True:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
         if message is not None and message.get("type") in _MESSAGE_TYPES:
-            on_event(_text(message["data"]))
+            on_event(as_text(message["data"]))
 
 
 async def listen_classic(

@@ -1,7 +1,8 @@
-"""The one definition of a stored prefix's metadata, shared by the store, the HTTP API (as its
-response schema) and the Python client. Torch-free, so the API layer and the client can import it."""
+"""The one definition of each record the server stores and answers (a prefix's metadata, a cache
+tier's usage, a tenant API key), shared by the store, the server, the HTTP API (as its response
+schemas) and the Python client. Torch-free, so the API layer and the client can import it."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,38 @@ class ResidentPrefix:
     prefix_len: int
     num_bytes: int
     is_pinned: bool  # a request in flight holds it: never evicted for space
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    """One cache tier's capacity and what it holds (`GET /admin/cache`'s `tiers`)."""
+
+    capacity_bytes: int
+    resident_bytes: int
+    resident_prefixes: int
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A tenant API key's record (never its secret): who it is, the tasks it may use (task ids or
+    `prefix*` patterns) and its rate limits (0 = unlimited). `GET /admin/keys` lists these."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    requests_per_second: float
+    tokens_per_minute: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class CreatedKey(ApiKey):
+    """The answer of `POST /admin/keys`: the key's record and its secret `key`, shown this once only
+    (kept out of `repr` so it does not end up in logs)."""
+
+    key: str = field(repr=False)
+
+    @property
+    def info(self) -> ApiKey:
+        """The key without its secret, as listing and revoking return it."""
+        return ApiKey(**{f.name: getattr(self, f.name) for f in fields(ApiKey)})

@@ -27,7 +27,7 @@ from prefix_store.entry import PrefixEntry, PrefixMeta, PrefixSource, PrefixSpec
 from prefix_store.errors import InvalidPrefix, StoreUnavailable
 from prefix_store.format import dtype_name, finish_prefix, tensor_from_bytes, tensor_to_bytes
 from prefix_store.lru import ByteLRU
-from prefix_store.meta import ResidentPrefix
+from prefix_store.meta import ResidentPrefix, TierUsage
 from prefix_store.redis_store import RedisPrefixStore
 from prefix_store.sources import parse_source
 
@@ -45,9 +45,7 @@ class LoadStats:
 class DeviceTier(Protocol):
     """The device copies of prefixes, held by whoever runs the model (the engine's KV pool)."""
 
-    def usage(self) -> dict[str, int]:
-        """capacity_bytes, resident_bytes, resident_prefixes."""
-        ...
+    def usage(self) -> TierUsage: ...
 
     def resident(self) -> builtins.list[ResidentPrefix]:
         """Resident prefixes, least recently used first."""
@@ -229,15 +227,13 @@ class PrefixCache:
         except StoreUnavailable:
             pass  # Redis down: resident entries keep serving; checked again when it is back
 
-    def usage(self) -> dict[str, dict[str, int]]:
+    def usage(self) -> dict[str, TierUsage]:
         """Per tier (device, when there is one, and host): capacity, resident bytes and count."""
         usage = {} if self.device_tier is None else {"device": self.device_tier.usage()}
         for tier in self.tiers:
-            usage[tier.name] = {
-                "capacity_bytes": tier.capacity_bytes,
-                "resident_bytes": tier.stats.resident_bytes,
-                "resident_prefixes": tier.stats.resident_count,
-            }
+            usage[tier.name] = TierUsage(
+                tier.capacity_bytes, tier.stats.resident_bytes, tier.stats.resident_count
+            )
         return usage
 
     def resident(self) -> builtins.list[ResidentPrefix]:

@@ -31,44 +31,11 @@ from prefix_store.health import RedisHealth
 from prefix_store.layout import NUM_BUCKETS, KeyLayout, namespace_of
 from prefix_store.listing import page_ids
 from prefix_store.namespaces import build_namespace_indexes, is_built
+from prefix_store.record import DELETE_SCRIPT, META_FIELDS, PUT_SCRIPT, check_task_id, parse_meta
+from prefix_store.replies import as_text
 
 __all__ = ["REDIS_ERRORS", "NotReplicated", "RedisPrefixStore", "connect", "unavailable"]
 
-# Replace the hash wholesale (DEL first: no stale field can survive a schema change).
-# KEYS: task hash, version, bucket index, event channel (same slot on Cluster), then the
-# namespace index if any (not on Cluster: another slot). ARGV[9]: PUBLISH, or SPUBLISH on Cluster.
-_PUT_SCRIPT = """
-local version = redis.call('INCR', KEYS[2])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1],
-  'task_id', ARGV[1], 'version', version, 'prefix_len', ARGV[2], 'num_bytes', ARGV[3],
-  'dtype', ARGV[4], 'model_fingerprint', ARGV[5], 'created_at', ARGV[6], 'data', ARGV[7],
-  'source', ARGV[8])
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
-for i = 5, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
-redis.call(ARGV[9], KEYS[4], ARGV[1])
-return version
-"""
-
-# KEYS: task hash, bucket index, event channel, then the namespace index if any (not on Cluster).
-_DELETE_SCRIPT = """
-local removed = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-for i = 4, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
-redis.call(ARGV[2], KEYS[3], ARGV[1])
-return removed
-"""
-
-_META_FIELDS: tuple[str, ...] = (
-    "task_id",
-    "version",
-    "prefix_len",
-    "num_bytes",
-    "dtype",
-    "model_fingerprint",
-    "created_at",
-    "source",
-)
 # Connection-level failures and error replies alike mean "the store cannot serve this".
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
@@ -128,7 +95,7 @@ class RedisPrefixStore:
 
         Raises `NotReplicated` when replicas are connected but too few confirmed the write in time.
         """
-        _check_task_id(task_id)
+        check_task_id(task_id)
         created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         layout = self._layout
         keys = [
@@ -156,11 +123,11 @@ class RedisPrefixStore:
         if self._min_replicas > 0:
             wanted = min(self._min_replicas, await self._connected_replicas(keys[0]))
         if wanted == 0:
-            return int(await self._client.eval(_PUT_SCRIPT, len(keys), *keys, *args))
+            return int(await self._client.eval(PUT_SCRIPT, len(keys), *keys, *args))
         # WAIT counts the writes of its own connection: a non-transactional pipeline keeps both
         # commands on one connection (on Cluster: the one to the task's primary).
         pipe = self._client.pipeline(transaction=False)
-        pipe.eval(_PUT_SCRIPT, len(keys), *keys, *args)
+        pipe.eval(PUT_SCRIPT, len(keys), *keys, *args)
         target = {"target_nodes": await self._node_of(keys[0])} if self._is_cluster else {}
         pipe.execute_command("WAIT", wanted, self._wait_ms, **target)
         version, num_acked = await pipe.execute()
@@ -203,19 +170,19 @@ class RedisPrefixStore:
             raw = await self._again_if_not_sent(lambda: self._client.hgetall(self._layout.task_key(task_id)))
         if not raw:
             return None
-        fields = {_text(key): value for key, value in raw.items()}
+        fields = {as_text(key): value for key, value in raw.items()}
         data = fields.pop("data", None)
         if not isinstance(data, bytes):
             raise StoreUnavailable(f"redis record of {task_id!r} has no binary data field")
-        return _parse_meta(task_id, [fields.get(name) for name in _META_FIELDS]), data
+        return parse_meta(task_id, [fields.get(name) for name in META_FIELDS]), data
 
     async def get_meta(self, task_id: str) -> PrefixMeta | None:
         """Metadata of the current version without transferring its bytes, or None."""
         async with unavailable(self, f"get_meta {task_id!r}"):
-            values = await self._client.hmget(self._layout.task_key(task_id), list(_META_FIELDS))
+            values = await self._client.hmget(self._layout.task_key(task_id), list(META_FIELDS))
         if all(value is None for value in values):
             return None
-        return _parse_meta(task_id, values)
+        return parse_meta(task_id, values)
 
     async def delete(self, task_id: str) -> bool:
         """Remove the prefix and its index entry; True when it existed.
@@ -230,7 +197,7 @@ class RedisPrefixStore:
         async with unavailable(self, f"delete {task_id!r}"):
             # EVAL, not EVALSHA: a Cluster would load a missing script on every primary, dead ones too
             removed = await self._client.eval(
-                _DELETE_SCRIPT, len(keys), *keys, task_id, layout.publish_command()
+                DELETE_SCRIPT, len(keys), *keys, task_id, layout.publish_command()
             )
         return bool(removed)
 
@@ -273,10 +240,10 @@ class RedisPrefixStore:
             ids, has_more = await page_ids(self._client, index_keys, limit, cursor, prefix)
             pipe = self._client.pipeline(transaction=False)
             for task_id in ids:
-                pipe.hmget(self._layout.task_key(task_id), list(_META_FIELDS))
+                pipe.hmget(self._layout.task_key(task_id), list(META_FIELDS))
             rows = await pipe.execute() if ids else []
         items = [
-            _parse_meta(task_id, values)
+            parse_meta(task_id, values)
             for task_id, values in zip(ids, rows, strict=True)
             if any(value is not None for value in values)
         ]
@@ -348,37 +315,3 @@ class RedisPrefixStore:
         except Exception:
             self.health.observe(False)
             return False
-
-
-def _check_task_id(task_id: str) -> None:
-    # The API validates the full grammar; the store only guards what would break its keys.
-    if not task_id or any(c.isspace() or c in "{}" for c in task_id):
-        raise ValueError(f"task_id must be non-empty without whitespace or braces, got {task_id!r}")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
-
-
-def _parse_meta(task_id: str, values: Sequence[bytes | str | None]) -> PrefixMeta:
-    """Build `PrefixMeta` from raw values ordered as `_META_FIELDS`."""
-    text: dict[str, str] = {}
-    for name, value in zip(_META_FIELDS, values, strict=True):
-        if value is None and name == "source":
-            value = "kv"  # records written before sources were recorded
-        if value is None:
-            raise StoreUnavailable(f"redis record of {task_id!r} lacks field {name!r}")
-        text[name] = _text(value)
-    try:
-        return PrefixMeta(
-            task_id=text["task_id"],
-            version=int(text["version"]),
-            prefix_len=int(text["prefix_len"]),
-            num_bytes=int(text["num_bytes"]),
-            dtype=text["dtype"],
-            model_fingerprint=text["model_fingerprint"],
-            created_at=text["created_at"],
-            source=text["source"],
-        )
-    except ValueError as exc:
-        raise StoreUnavailable(f"redis record of {task_id!r} is corrupt: {exc}") from exc

@@ -39,8 +39,8 @@ from server.config import Settings
 from server.engine.chat import use_chat_template
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.kv_cache import PagedKVCache
-from server.engine.model_loader import ModelOptions, load_model
+from server.engine.kv_cache import KVLayout, PagedKVCache
+from server.engine.model_loader import LoadedModel, ModelOptions, load_model
 from server.engine.stats import PoolPrefixTier
 from server.kv_plan import log_pool, plan_kv, pool_budget
 from server.logs import announce_admin_token, console
@@ -176,6 +176,41 @@ def _limits(settings: Settings) -> RequestLimits:
     )
 
 
+def _metrics(settings: Settings, loaded: LoadedModel, fingerprint: str, layout: KVLayout) -> Metrics:
+    """The collectors, with `model_info` naming what this replica serves and its KV pool."""
+    metrics = Metrics(
+        settings.metrics_max_tasks,
+        settings.metrics_per_task,
+        settings.metrics_token,
+        settings.metrics_vllm_names,
+    )
+    metrics.model_info.info(
+        {
+            "model": loaded.name,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "fingerprint": fingerprint,
+            "max_len": str(layout.max_len),
+            "kv_slots": str(layout.num_slots),
+            "kv_blocks": str(layout.total_blocks - 1),
+            "kv_block_size": str(layout.block_size),
+        }
+    )
+    return metrics
+
+
+def _announce(
+    settings: Settings, loaded: LoadedModel, fingerprint: str, layout: KVLayout, pool_origin: str
+) -> None:
+    log.info("model %s fingerprint %s, context %d positions", loaded.name, fingerprint, layout.max_len)
+    log_pool(layout, pool_origin)
+    console(
+        f"model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}",
+        also_logged=True,
+    )
+    console(f"listening on http://{settings.host}:{settings.port}")
+
+
 async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle) -> Services:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     admin_token, is_new_token = settings.resolve_admin_token()
@@ -196,24 +231,7 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     pool_bytes, pool_origin = pool_budget(settings, loaded.device)
     layout = plan_kv(settings, loaded, pool_bytes)
     spec = prefix_spec_for(loaded.model.config, loaded.dtype, layout.max_len)
-    metrics = Metrics(
-        settings.metrics_max_tasks,
-        settings.metrics_per_task,
-        settings.metrics_token,
-        settings.metrics_vllm_names,
-    )
-    metrics.model_info.info(
-        {
-            "model": loaded.name,
-            "device": str(loaded.device),
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "fingerprint": fingerprint,
-            "max_len": str(layout.max_len),
-            "kv_slots": str(layout.num_slots),
-            "kv_blocks": str(layout.total_blocks - 1),
-            "kv_block_size": str(layout.block_size),
-        }
-    )
+    metrics = _metrics(settings, loaded, fingerprint, layout)
     config = EngineConfig(
         max_queue=settings.max_queue,
         max_num_batched_tokens=settings.max_num_batched_tokens,
@@ -243,13 +261,7 @@ async def _build(settings: Settings, stack: AsyncExitStack, lifecycle: Lifecycle
     metrics.bind(
         engine.stats, prefixes, lambda: keys.num_errors + limiter.num_errors, lambda: keys.is_enabled
     )
-    log.info("model %s fingerprint %s, context %d positions", loaded.name, fingerprint, layout.max_len)
-    log_pool(layout, pool_origin)
-    console(
-        f"model {loaded.name} on {loaded.device} ({loaded.dtype}), fingerprint {fingerprint}",
-        also_logged=True,
-    )
-    console(f"listening on http://{settings.host}:{settings.port}")
+    _announce(settings, loaded, fingerprint, layout, pool_origin)
     is_given = bool(settings.admin_token) or settings.admin_token_file is not None
     announce_admin_token(admin_token, is_new_token, settings.data_dir / "admin_token", is_given)
     return Services(engine, prefixes, metrics, admin_token, _limits(settings), keys, limiter, lifecycle)

@@ -85,123 +85,126 @@ def _is_in_networks(host: str, entries: frozenset[str]) -> bool:
 
 def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's h11 protocol class, guarded by `limits` (one set of counters per class)."""
-    num_per_client: Counter[str] = Counter()
+    attributes = {"limits": limits, "num_per_client": Counter()}
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), attributes)
 
-    class GuardedH11Protocol(H11Protocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._read_timer: asyncio.TimerHandle | None = None
-            self._host: str | None = None  # set once counted in `num_per_client`
-            self._num_window_bytes = 0  # received since the read timer was armed
-            self._window_start = 0.0
-            self._is_reserved = False  # beyond --max-connections: for probes only
-            self._reserved_head: bytes | None = None  # its request's first bytes, until judged
-            self._lingering: _LingeringTransport | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            sock = transport.get_extra_info("socket")
-            if sock is not None:  # a fixed send buffer: a client that stops reading blocks us soon
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
-            num_open = len(self.connections)
-            host = self.client[0] if self.client else ""
-            if num_open > limits.max_connections + limits.num_reserved:
-                _refuse_busy(transport, f"--max-connections={limits.max_connections} reached")
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol under `limits`; `guarded_protocol` makes the class uvicorn uses."""
+
+    limits: ConnectionLimits
+    num_per_client: Counter[str]  # open connections per client address, shared by the class
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._host: str | None = None  # set once counted in `num_per_client`
+        self._num_window_bytes = 0  # received since the read timer was armed
+        self._window_start = 0.0
+        self._is_reserved = False  # beyond --max-connections: for probes only
+        self._reserved_head: bytes | None = None  # its request's first bytes, until judged
+        self._lingering: _LingeringTransport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a fixed send buffer: a client that stops reading blocks us soon
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
+        num_open = len(self.connections)
+        host = self.client[0] if self.client else ""
+        if num_open > self.limits.max_connections + self.limits.num_reserved:
+            _refuse_busy(transport, f"--max-connections={self.limits.max_connections} reached")
+            return
+        if not self.limits.is_trusted(host) and self.num_per_client[host] >= self.limits.max_per_client:
+            _refuse_busy(transport, f"--max-connections-per-client={self.limits.max_per_client} reached")
+            return
+        self.num_per_client[host] += 1
+        self._host = host
+        self._lingering = _LingeringTransport(transport, lambda: self.conn.their_state is h11.SEND_BODY)
+        self.transport = cast(asyncio.Transport, self._lingering)  # what uvicorn closes
+        if num_open > self.limits.max_connections:
+            self._is_reserved, self._reserved_head = True, b""
+        self._arm_read_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        if self._lingering is not None:
+            self._lingering.cancel()
+        if self._host is not None:
+            self.num_per_client[self._host] -= 1
+            if self.num_per_client[self._host] <= 0:
+                del self.num_per_client[self._host]
+            self._host = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering is not None and self._lingering.is_lingering:
+            self._lingering.discard(len(data))
+            return
+        self._num_window_bytes += len(data)
+        if self._reserved_head is not None:
+            data = self._reserved_head + data
+            if not self._is_probe(data):
                 return
-            if not limits.is_trusted(host) and num_per_client[host] >= limits.max_per_client:
-                _refuse_busy(transport, f"--max-connections-per-client={limits.max_per_client} reached")
-                return
-            num_per_client[host] += 1
-            self._host = host
-            self._lingering = _LingeringTransport(transport, lambda: self.conn.their_state is h11.SEND_BODY)
-            self.transport = cast(asyncio.Transport, self._lingering)  # what uvicorn closes
-            if num_open > limits.max_connections:
-                self._is_reserved, self._reserved_head = True, b""
+        super().data_received(data)
+
+    def _is_probe(self, head: bytes) -> bool:
+        """A reserved connection: whether its request is a probe (False while undecided: the
+        bytes are kept; False when not a probe: 503, closed)."""
+        if any(head.startswith(line) for line in _PROBE_LINES):
+            self._reserved_head = None
+            return True
+        if len(head) < _MAX_REQUEST_LINE and any(line.startswith(head) for line in _PROBE_LINES):
+            self._reserved_head = head
+            return False
+        _refuse_busy(self.transport, f"--max-connections={self.limits.max_connections} reached")
+        return False
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._is_reserved:
+            self._reserved_head = b""  # its next request must be a probe too
+        if not self.transport.is_closing():
             self._arm_read_timer()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-            if self._lingering is not None:
-                self._lingering.cancel()
-            if self._host is not None:
-                num_per_client[self._host] -= 1
-                if num_per_client[self._host] <= 0:
-                    del num_per_client[self._host]
-                self._host = None
-            super().connection_lost(exc)
+    def _arm_read_timer(self, window_s: float | None = None) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        # jittered: a thousand connections opened together must not all be cut (and come
+        # back) in the same loop iteration, which would stall every other request at once
+        if window_s is None:
+            window_s = self.limits.header_timeout_s * (1.0 + 0.5 * random.random())
+        self._num_window_bytes, self._window_start = 0, self.loop.time()
+        self._read_timer = self.loop.call_later(window_s, self._on_read_deadline)
 
-        def data_received(self, data: bytes) -> None:
-            if self._lingering is not None and self._lingering.is_lingering:
-                self._lingering.discard(len(data))
-                return
-            self._num_window_bytes += len(data)
-            if self._reserved_head is not None:
-                data = self._reserved_head + data
-                if not self._is_probe(data):
-                    return
-            super().data_received(data)
+    def _on_read_deadline(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self._reserved_head is not None:  # a reserved connection that sent no probe in time
+            _refuse_busy(self.transport, f"--max-connections={self.limits.max_connections} reached")
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:  # the client has not finished the headers of its next request
+            self.transport.close()
+        elif state is h11.SEND_BODY:
+            self._check_body_rate()
+        # else the request has arrived whole: the response's own guards take over
 
-        def _is_probe(self, head: bytes) -> bool:
-            """A reserved connection: whether its request is a probe (False while undecided: the
-            bytes are kept; False when not a probe: 503, closed)."""
-            if any(head.startswith(line) for line in _PROBE_LINES):
-                self._reserved_head = None
-                return True
-            if len(head) < _MAX_REQUEST_LINE and any(line.startswith(head) for line in _PROBE_LINES):
-                self._reserved_head = head
-                return False
-            _refuse_busy(self.transport, f"--max-connections={limits.max_connections} reached")
-            return False
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._is_reserved:
-                self._reserved_head = b""  # its next request must be a probe too
-            if not self.transport.is_closing():
-                self._arm_read_timer()
-
-        def _arm_read_timer(self, window_s: float | None = None) -> None:
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-            # jittered: a thousand connections opened together must not all be cut (and come
-            # back) in the same loop iteration, which would stall every other request at once
-            if window_s is None:
-                window_s = limits.header_timeout_s * (1.0 + 0.5 * random.random())
-            self._num_window_bytes, self._window_start = 0, self.loop.time()
-            self._read_timer = self.loop.call_later(window_s, self._on_read_deadline)
-
-        def _on_read_deadline(self) -> None:
-            self._read_timer = None
-            if self.transport.is_closing():
-                return
-            if self._reserved_head is not None:  # a reserved connection that sent no probe in time
-                _refuse_busy(self.transport, f"--max-connections={limits.max_connections} reached")
-                return
-            state = self.conn.their_state
-            if state is h11.IDLE:  # the client has not finished the headers of its next request
-                self.transport.close()
-            elif state is h11.SEND_BODY:
-                self._check_body_rate()
-            # else the request has arrived whole: the response's own guards take over
-
-        def _check_body_rate(self) -> None:
-            """Mid-body: close if it arrived slower than the minimum rate over the last window
-            (not while uvicorn has paused reading because the app has not taken what came)."""
-            elapsed = self.loop.time() - self._window_start
-            is_waiting = self.flow.read_paused or (
-                self.cycle is not None and self.cycle.waiting_for_100_continue
-            )
-            if is_waiting or self._num_window_bytes >= limits.min_body_rate * elapsed:
-                self._arm_read_timer(limits.header_timeout_s)
-                return
-            log.warning(
-                "closed a connection: its request body came slower than --min-body-rate=%g bytes/s",
-                limits.min_body_rate,
-            )
-            self.transport.abort()
-
-    return GuardedH11Protocol
+    def _check_body_rate(self) -> None:
+        """Mid-body: close if it arrived slower than the minimum rate over the last window
+        (not while uvicorn has paused reading because the app has not taken what came)."""
+        elapsed = self.loop.time() - self._window_start
+        is_waiting = self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue)
+        if is_waiting or self._num_window_bytes >= self.limits.min_body_rate * elapsed:
+            self._arm_read_timer(self.limits.header_timeout_s)
+            return
+        log.warning(
+            "closed a connection: its request body came slower than --min-body-rate=%g bytes/s",
+            self.limits.min_body_rate,
+        )
+        self.transport.abort()
 
 
 class _LingeringTransport:

@@ -7,7 +7,7 @@ import redis.asyncio
 import torch
 
 from prefix_store.entry import PrefixMeta, PrefixSpec
-from prefix_store.meta import ResidentPrefix
+from prefix_store.meta import ResidentPrefix, TierUsage
 from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore
 from server.engine.block_pool import BlockPool, BlockStats, ResidentBlocks
@@ -80,11 +80,7 @@ def test_admin_cache_view_of_the_device_tier_is_the_pool() -> None:
         return EngineStats(1, 0, 4, 64, True, 0, 10 * BYTES_PER_BLOCK, pool.stats())
 
     prefixes = _prefixes(stats)
-    assert prefixes.usage()["device"] == {
-        "capacity_bytes": 10 * BYTES_PER_BLOCK,
-        "resident_bytes": 2 * BYTES_PER_BLOCK,
-        "resident_prefixes": 1,
-    }
+    assert prefixes.usage()["device"] == TierUsage(10 * BYTES_PER_BLOCK, 2 * BYTES_PER_BLOCK, 1)
     assert prefixes.resident() == [ResidentPrefix("device", "acme:t", 3, 20, 2 * BYTES_PER_BLOCK, True)]
     pool.free("r")
     assert [r.is_pinned for r in prefixes.resident()] == [False]  # resident, evictable

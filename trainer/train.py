@@ -148,6 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _training_arguments(args: argparse.Namespace, num_train_rows: int, has_eval: bool) -> TrainingArguments:
+    """transformers' options for the run `args` asks for (checkpoints every --save-steps, for --resume)."""
+    return TrainingArguments(
+        output_dir=str(args.out / "checkpoints"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        data_seed=args.seed,
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="steps",  # checkpoints for --resume
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=max(1, min(10, num_train_rows // args.batch_size)),
+        include_num_input_tokens_seen="all",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=args.quiet,
+        remove_unused_columns=False,
+        save_only_model=False,
+    )
+
+
 def train(args: argparse.Namespace) -> TrainResult:
     """Train, check the base model is untouched, export; see `build_parser` for the options."""
     examples = read_jsonl(args.data)  # bad data fails before the model is loaded
@@ -167,28 +192,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     encode = functools.partial(encode_example, tokenizer, eos_id=eos, max_len=args.max_len)
     train_rows = [encode(e) for e in examples]
     eval_rows = [encode(e) for e in eval_examples] if eval_examples else None
-    steps_or_epochs = "epoch" if eval_rows else "no"
-    targs = TrainingArguments(
-        output_dir=str(args.out / "checkpoints"),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        data_seed=args.seed,
-        eval_strategy=steps_or_epochs,
-        save_strategy="steps",  # checkpoints for --resume
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        logging_steps=max(1, min(10, len(train_rows) // args.batch_size)),
-        include_num_input_tokens_seen="all",
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=args.quiet,
-        remove_unused_columns=False,
-        save_only_model=False,
-    )
+    targs = _training_arguments(args, len(train_rows), has_eval=eval_rows is not None)
     keep_best = _KeepBest(model, args.patience)
     callbacks: list[TrainerCallback] = [_TokensPerSecond(), keep_best]
     trainer = _PrefixTrainer(

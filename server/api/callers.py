@@ -1,7 +1,5 @@
 """Who is calling `/generate` and `/v1/*`, and may they use this task now."""
 
-import asyncio
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -9,6 +7,7 @@ from fastapi import Depends, Header, Request
 
 from prefix_store.meta import PrefixMeta
 from server.api.auth import bearer_token, is_admin_token
+from server.api.background import in_background
 from server.api.deps import Services, ServicesDep
 from server.api.errors import ApiError
 from server.tenancy.keys import ApiKey
@@ -138,17 +137,7 @@ def release_hold(services: Services, state: dict[str, Any]) -> None:
         return
     key, num_tokens = hold.key, hold.num_tokens
     hold.num_tokens = 0
-    _in_background(services.limiter.release(key, num_tokens))
-
-
-_background: set[asyncio.Future[None]] = set()
-
-
-def _in_background(work: Awaitable[None]) -> None:
-    """Run `work` to its end even while the request's own task is being cancelled."""
-    future = asyncio.ensure_future(work)
-    _background.add(future)
-    future.add_done_callback(_background.discard)
+    in_background(services.limiter.release(key, num_tokens))
 
 
 async def list_visible(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Protocol
 
 from fastapi import Depends, Request
 
-from prefix_store.meta import PrefixMeta, ResidentPrefix
+from prefix_store.meta import PrefixMeta, ResidentPrefix, TierUsage
 from server.api.lifecycle import Lifecycle
 from server.engine.request import SamplingParams, StepOutput
 from server.engine.stats import EngineStats
@@ -80,7 +80,7 @@ class PrefixesProtocol(Protocol):
 
     def resident(self) -> list[ResidentPrefix]: ...
 
-    def usage(self) -> dict[str, dict[str, int]]: ...
+    def usage(self) -> dict[str, TierUsage]: ...
 
     async def upload(
         self, task_id: str, weights: bytes | None, config_json: bytes | None, text: str | None = None

@@ -1,7 +1,8 @@
 """Map every failure to `{"error": {"code", "message"}}` with a fitting status."""
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,28 +31,47 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def unknown_task(task_id: str) -> ApiError:
+    """The 404 of a task (or OpenAI model) that has no prefix uploaded."""
+    return ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+
+
+def _hidden_store_cause(exc: Exception) -> str:
+    # the cause names internal addresses (`connecting to 10.0.0.5:6379`): the log gets it, clients do not
+    log.warning("answering 503 store_unavailable: %s", exc)
+    return "prefix store unavailable; try again later"
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """How one exception type is answered; `is_retryable` adds `Retry-After`."""
+
+    status: int
+    code: str
+    is_retryable: bool = False
+    message: Callable[[Exception], str] = str
+
+
+_ANSWERS: dict[type[Exception], _Answer] = {  # the one exception -> (status, code, headers) table
+    InvalidPrefix: _Answer(422, "invalid_prefix"),
+    ModelMismatch: _Answer(422, "model_mismatch"),
+    StoreUnavailable: _Answer(503, "store_unavailable", True, _hidden_store_cause),
+    ContextTooLong: _Answer(422, "context_too_long"),
+    InvalidInput: _Answer(422, "invalid_request"),
+    QueueFull: _Answer(429, "overloaded", True, lambda exc: f"server overloaded: {exc}"),
+    EngineStopped: _Answer(503, "unavailable", True),
+}
+
+
 def to_api_error(exc: Exception) -> ApiError:
-    """Translate engine/store exceptions into the contract's codes."""
+    """Translate engine/store exceptions into the contract's codes (anything unknown: 500)."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, InvalidPrefix):
-        return ApiError(422, "invalid_prefix", str(exc))
-    if isinstance(exc, ModelMismatch):
-        return ApiError(422, "model_mismatch", str(exc))
-    if isinstance(exc, StoreUnavailable):
-        # the cause names internal addresses (`connecting to 10.0.0.5:6379`): the log gets it, clients do not
-        log.warning("answering 503 store_unavailable: %s", exc)
-        message = "prefix store unavailable; try again later"
-        return ApiError(503, "store_unavailable", message, {"Retry-After": RETRY_AFTER_S})
-    if isinstance(exc, ContextTooLong):
-        return ApiError(422, "context_too_long", str(exc))
-    if isinstance(exc, InvalidInput):
-        return ApiError(422, "invalid_request", str(exc))
-    if isinstance(exc, QueueFull):
-        return ApiError(429, "overloaded", f"server overloaded: {exc}", {"Retry-After": RETRY_AFTER_S})
-    if isinstance(exc, EngineStopped):
-        return ApiError(503, "unavailable", str(exc), {"Retry-After": RETRY_AFTER_S})
-    return ApiError(500, "internal", "internal error")
+    answer = next((_ANSWERS[t] for t in type(exc).__mro__ if t in _ANSWERS), None)
+    if answer is None:
+        return ApiError(500, "internal", "internal error")
+    headers = {"Retry-After": RETRY_AFTER_S} if answer.is_retryable else None
+    return ApiError(answer.status, answer.code, answer.message(exc), headers)
 
 
 _OPENAI_TYPES = {
@@ -130,7 +150,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for exc_type in (InvalidPrefix, ModelMismatch, StoreUnavailable, ContextTooLong, InvalidInput, QueueFull):
+    for exc_type in _ANSWERS:
         app.add_exception_handler(exc_type, on_api_error)
-    app.add_exception_handler(EngineStopped, on_api_error)
     app.add_exception_handler(Exception, on_api_error)  # anything else: 500 internal, as JSON

@@ -5,7 +5,7 @@ key store unreachable, the engine stopped, the connection cap).
 HAProxy 2.6's `retry-on` matches a status, not a header, so the guarantee is the server's: on the
 routes the proxy retries (`/generate`, `/v1/completions`, `/v1/chat/completions`), a 503 always
 means "nothing was done". The one failure after work started, a generation cut short by a
-shutdown, is 500 `interrupted` (see generation._ENDINGS) and is never retried. A 503 there after
+shutdown, is 500 `interrupted` (see outputs._ENDINGS) and is never retried. A 503 there after
 work started would be a bug: it is logged and left unmarked.
 """
 

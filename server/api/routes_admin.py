@@ -10,7 +10,7 @@ from starlette.datastructures import FormData, UploadFile
 from prefix_store.meta import PrefixMeta, WarmedPrefix
 from server.api.auth import require_admin
 from server.api.deps import Services, ServicesDep
-from server.api.errors import ApiError
+from server.api.errors import ApiError, unknown_task
 from server.api.schemas import TASK_ID_PATTERN, CacheContents, PrefixList, error_responses
 from server.api.upload_form import read_upload_form
 
@@ -103,7 +103,7 @@ async def list_prefixes(
 async def get_prefix(task_id: TaskIdPath, services: ServicesDep) -> PrefixMeta:
     meta = await services.prefixes.get_meta(task_id)
     if meta is None:
-        raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+        raise unknown_task(task_id)
     return meta
 
 
@@ -113,7 +113,7 @@ async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> WarmedPrefi
     pool, the device tier, without a Redis read); `tiers` says where it is resident now."""
     entry = await services.prefixes.warm(task_id)
     if entry is None:
-        raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+        raise unknown_task(task_id)
     tiers = tuple(sorted({r.tier for r in services.prefixes.resident() if r.task_id == task_id}))
     return WarmedPrefix(**dataclasses.asdict(entry.meta), tiers=tiers)
 
@@ -121,12 +121,10 @@ async def warm_prefix(task_id: TaskIdPath, services: ServicesDep) -> WarmedPrefi
 @router.get("/cache")
 async def cache_contents(services: ServicesDep) -> CacheContents:
     """What is resident in which tier (device, host), least recently used first."""
-    return CacheContents.model_validate(
-        {"tiers": services.prefixes.usage(), "items": services.prefixes.resident()}
-    )
+    return CacheContents(tiers=services.prefixes.usage(), items=services.prefixes.resident())
 
 
 @router.delete("/prefixes/{task_id}", status_code=204, responses=error_responses(404))
 async def delete_prefix(task_id: TaskIdPath, services: ServicesDep) -> None:
     if not await services.prefixes.delete(task_id):
-        raise ApiError(404, "unknown_task", f"no prefix is uploaded for task_id {task_id!r}")
+        raise unknown_task(task_id)

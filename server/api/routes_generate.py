@@ -7,17 +7,9 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.callers import CallerDep
 from server.api.deps import Services, ServicesDep
-from server.api.generation import (
-    GenerationRequest,
-    Started,
-    check_finished,
-    collect,
-    ended_error,
-    launch,
-    outputs_of,
-    until_disconnect,
-)
+from server.api.generation import GenerationRequest, Started, launch
 from server.api.json_body import JSONBodyRoute
+from server.api.outputs import check_finished, collect, ended_error, outputs_of, until_disconnect
 from server.api.schemas import (
     ErrorDetail,
     GenerateEvent,

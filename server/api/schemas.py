@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from prefix_store.meta import PrefixMeta, ResidentPrefix
+from prefix_store.meta import ApiKey, PrefixMeta, ResidentPrefix, TierUsage
 from server.tenancy.scopes import SCOPE_PATTERN
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -119,12 +119,6 @@ class PrefixList(BaseModel):
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
 
 
-class TierUsage(BaseModel):
-    capacity_bytes: int
-    resident_bytes: int
-    resident_prefixes: int
-
-
 class CacheContents(BaseModel):
     tiers: dict[str, TierUsage] = Field(description="per tier: device (the KV pool), host")
     items: list[ResidentPrefix] = Field(description="least recently used first")
@@ -170,18 +164,5 @@ class KeyCreate(BaseModel):
     tokens_per_minute: int = Field(0, ge=0, le=10**12, description="generated tokens; 0: unlimited")
 
 
-class KeyInfo(BaseModel):
-    id: str
-    name: str
-    scopes: list[str]
-    requests_per_second: float
-    tokens_per_minute: int
-    created_at: str
-
-
-class KeyCreated(KeyInfo):
-    key: str = Field(description="the secret; shown only in this answer")
-
-
 class KeyList(BaseModel):
-    items: list[KeyInfo]
+    items: list[ApiKey]

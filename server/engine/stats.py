@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prefix_store.meta import ResidentPrefix
+from prefix_store.meta import ResidentPrefix, TierUsage
 from server.engine.block_pool import BlockStats
 from server.engine.request import Request
 
@@ -33,13 +33,10 @@ class PoolPrefixTier:
     def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> TierUsage:
         stats = self._stats()
-        return {
-            "capacity_bytes": stats.kv_capacity_bytes,
-            "resident_bytes": stats.blocks.num_prefix_blocks * stats.bytes_per_block,
-            "resident_prefixes": stats.blocks.num_resident_prefixes,
-        }
+        resident_bytes = stats.blocks.num_prefix_blocks * stats.bytes_per_block
+        return TierUsage(stats.kv_capacity_bytes, resident_bytes, stats.blocks.num_resident_prefixes)
 
     def resident(self) -> list[ResidentPrefix]:
         """Resident prefixes, least recently used first; pinned while a row reads one."""

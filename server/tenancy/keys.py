@@ -31,13 +31,15 @@ import json
 import logging
 import secrets
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
 from infra.connection import RedisClient
 from prefix_store.errors import StoreUnavailable
+from prefix_store.meta import ApiKey
 from prefix_store.redis_store import REDIS_ERRORS, unavailable
+from prefix_store.replies import as_text
 
 _RECORD_PREFIX = "pfx:apikey:"
 _INDEX_KEY = "pfx:apikeys"
@@ -45,21 +47,6 @@ _ENABLED_KEY = "pfx:apikeys:enabled"
 _MAC_CONTEXT = b"prefix-server api-key records v1"
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """A key's record: who it is, which tasks it may use, and its rate limits (0 = unlimited)."""
-
-    id: str
-    name: str
-    scopes: tuple[str, ...]
-    requests_per_second: float
-    tokens_per_minute: int
-    created_at: str
-
-    def public(self) -> dict[str, object]:
-        return {**asdict(self), "scopes": list(self.scopes)}
 
 
 def hash_secret(secret: str) -> str:
@@ -104,7 +91,7 @@ class KeyStore:
     async def list(self) -> list[ApiKey]:
         """Every key, oldest first."""
         async with unavailable(self, "list keys"):
-            digests = [_text(d) for d in (await self._client.hgetall(_INDEX_KEY)).values()]
+            digests = [as_text(d) for d in (await self._client.hgetall(_INDEX_KEY)).values()]
             pipe = self._client.pipeline(transaction=False)  # not MGET: records span Cluster slots
             for digest in digests:
                 pipe.get(_RECORD_PREFIX + digest)
@@ -119,10 +106,10 @@ class KeyStore:
             digest = await self._client.hget(_INDEX_KEY, key_id)
             if digest is None:
                 return None
-            raw = await self._client.getdel(_RECORD_PREFIX + _text(digest))
+            raw = await self._client.getdel(_RECORD_PREFIX + as_text(digest))
             await self._client.hdel(_INDEX_KEY, key_id)
-        self._last_good[_text(digest)] = None  # refused even while Redis is unreachable
-        return None if raw is None else self._open(_text(digest), raw)
+        self._last_good[as_text(digest)] = None  # refused even while Redis is unreachable
+        return None if raw is None else self._open(as_text(digest), raw)
 
     async def lookup(self, secret: str) -> ApiKey | None:
         """The key with this secret, or None. Redis down: the last record read for it, if any."""
@@ -156,7 +143,7 @@ class KeyStore:
 
     def _seal(self, digest: str, key: ApiKey) -> str:
         """The stored record: the key's fields and their MAC (bound to this secret's hash)."""
-        fields = key.public()
+        fields = asdict(key)
         return json.dumps({**fields, "mac": self._mac(digest, fields)})
 
     def _open(self, digest: str, raw: bytes | str) -> ApiKey | None:
@@ -182,10 +169,6 @@ class KeyStore:
         self._last_good.move_to_end(digest)
         while len(self._last_good) > self._max_remembered:
             self._last_good.popitem(last=False)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _parse(fields: dict[str, Any]) -> ApiKey:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.api.generation import ended_error
+from server.api.outputs import ended_error
 from server.engine.request import StepOutput
 
 

@@ -93,3 +93,28 @@ def test_the_clients_drain_state_is_the_servers() -> None:
 
     schema = _openapi()["components"]["schemas"]["DrainState"]
     assert {f.name for f in fields(DrainState)} == set(schema["properties"])
+
+
+def test_one_api_key_record() -> None:
+    """The key store, `/admin/keys` and the client share one `ApiKey` record (as `PrefixMeta`)."""
+    from dataclasses import fields
+
+    from clients.models import CreatedKey, KeyInfo
+    from prefix_store.meta import ApiKey
+    from prefix_store.meta import CreatedKey as ServerCreatedKey
+
+    assert KeyInfo is ApiKey and CreatedKey is ServerCreatedKey
+    schemas = _openapi()["components"]["schemas"]
+    names = {f.name for f in fields(ApiKey)}
+    assert set(schemas["ApiKey"]["properties"]) == names
+    assert set(schemas["CreatedKey"]["properties"]) == names | {"key"}
+    assert schemas["KeyList"]["properties"]["items"]["items"] == {"$ref": "#/components/schemas/ApiKey"}
+
+
+def test_the_client_imports_neither_fastapi_nor_torch() -> None:
+    script = (
+        "import json, sys, clients, clients.cli\n"
+        "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'fastapi'})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-from clients import PrefixClient, cli
+from clients import PrefixClient, cli, cli_prefixes
 from infra.embedded_redis import free_port
 from tests.clients import canonical_prefix, running_server
 from tests.server_process import ServerProcess
@@ -78,7 +78,7 @@ def test_upload_a_cartridge_and_generate_on_it(run: Invoke, gpt2_dir: Path, tmp_
 def test_upload_shows_progress_above_the_threshold(
     run: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "PROGRESS_MIN_BYTES", 0)
+    monkeypatch.setattr(cli_prefixes, "PROGRESS_MIN_BYTES", 0)
     path = tmp_path / "big.safetensors"
     path.write_bytes(canonical_prefix(200))
     info = json.loads(_ok(run("upload", "cli:big", str(path))).stdout)  # the bar is on stderr

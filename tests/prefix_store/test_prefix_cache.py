@@ -139,7 +139,7 @@ def test_host_tier_serves_without_redis(redis_proc: RedisProcess, fingerprint: s
     reads, after, entry, usage, host = _run(redis_proc, fingerprint, 12 * BYTES_PER_POSITION, body)
     assert reads == after == 3 and entry is not None and entry.meta.task_id == "a"
     assert entry.kv.device.type == "cpu"
-    assert list(usage) == ["host"] and usage["host"]["resident_prefixes"] == 3  # no device tier given
+    assert list(usage) == ["host"] and usage["host"].resident_prefixes == 3  # no device tier given
     assert (host.hits, host.misses) == (1, 3)
 
 

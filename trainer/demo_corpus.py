@@ -138,26 +138,28 @@ def _story(rng: random.Random) -> str:
     return f"{who} {went} in the morning. {then}"
 
 
-def document(rng: random.Random) -> str:
-    """One short document: 40% copy-teaching (other domains, `trainer.copy_corpus`), then
-    restaurants (the worked example needs their wording), greetings, weather, stories."""
+def document(rng: random.Random, copy_frac: float = 0.4) -> str:
+    """One short document: `copy_frac` copy-teaching (other domains, `trainer.copy_corpus`), the
+    rest restaurants (55%: the worked example needs their wording), greetings (20%), weather
+    (15%) and stories (10%)."""
     pick = rng.random()
-    if pick < 0.4:
+    if pick < copy_frac:
         return copy_document(rng)
-    if pick < 0.73:
+    rest = 1.0 - copy_frac
+    if pick < copy_frac + rest * 0.55:
         sentences = [restaurant_sentence(random_mr(rng), rng) for _ in range(rng.randint(1, 3))]
         return " ".join(sentences)
-    if pick < 0.85:
+    if pick < copy_frac + rest * 0.75:
         return _greeting(rng)
-    if pick < 0.94:
+    if pick < copy_frac + rest * 0.9:
         return _weather(rng)
     return _story(rng)
 
 
-def corpus(num_docs: int, seed: int) -> list[str]:
+def corpus(num_docs: int, seed: int, copy_frac: float = 0.4) -> list[str]:
     """`num_docs` documents, deterministic for `seed`."""
     rng = random.Random(seed)
-    return [document(rng) for _ in range(num_docs)]
+    return [document(rng, copy_frac) for _ in range(num_docs)]
 
 
 def main() -> None:

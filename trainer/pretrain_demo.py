@@ -71,11 +71,12 @@ def copy_probe(num: int, seed: int) -> list[tuple[str, str, list[str]]]:
 
 
 @torch.no_grad()
-def copy_accuracy(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]]) -> float:
-    """Fraction of the values in held-out sentences whose every byte the model predicts
-    (argmax, teacher-forced): a value's first byte can only be right by copying it."""
+def copy_accuracy(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]]) -> tuple[float, float]:
+    """(fraction of the values in held-out sentences whose every byte the model predicts, fraction
+    of those values' bytes it predicts), argmax, teacher-forced: a value's first byte can only be
+    right by finding the value in the record, its later bytes by copying what followed it there."""
     model.eval()
-    hits = total = 0
+    hits = total = good_bytes = num_bytes = 0
     for source, sentence, values in probe:
         text = (source + sentence).encode()
         ids = torch.tensor([[b + BYTE_OFFSET for b in text]])
@@ -85,10 +86,16 @@ def copy_accuracy(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]
             assert found, (value, sentence)
             at = len(source.encode()) + len(sentence[: found.start()].encode())
             want = torch.tensor(list(value.encode()))
-            hits += int(bool((predicted[at - 1 : at - 1 + len(want)] == want).all()))
-            total += 1
+            right = predicted[at - 1 : at - 1 + len(want)] == want
+            hits, total = hits + int(bool(right.all())), total + 1
+            good_bytes, num_bytes = good_bytes + int(right.sum()), num_bytes + len(want)
     model.train()
-    return hits / total
+    return hits / total, good_bytes / num_bytes
+
+
+def _copy_line(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]]) -> str:
+    values, value_bytes = copy_accuracy(model, probe)
+    return f" copy {values:.3f} bytes {value_bytes:.3f}"
 
 
 def _lr(args: argparse.Namespace, step: int, frac: float) -> float:
@@ -99,8 +106,8 @@ def _lr(args: argparse.Namespace, step: int, frac: float) -> float:
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    stream = encode_stream(corpus(args.docs, args.seed))
-    probe = copy_probe(64, seed=args.seed + 1000)
+    stream = encode_stream(corpus(args.docs, args.seed, args.copy_frac))
+    probe = copy_probe(64, seed=1000)  # the same probe for every run, so that curves compare
     # --init continues an earlier run (the budget can be spent in several short runs)
     model = (
         GPT2LMHeadModel.from_pretrained(args.init, dtype=torch.float32)
@@ -122,12 +129,10 @@ def train(args: argparse.Namespace) -> None:
         opt.step()
         step, tokens = step + 1, tokens + ids.numel()
         if step % 25 == 0:
-            copy = f" copy {copy_accuracy(model, probe):.3f}" if step % args.eval_every == 0 else ""
-            print(
-                f"step {step} {elapsed:.0f}s loss {loss.item():.3f}{copy} {tokens / elapsed:,.0f} tok/s",
-                flush=True,
-            )
-    print(f"final copy accuracy {copy_accuracy(model, probe):.3f} on {len(probe)} held-out records")
+            copy = _copy_line(model, probe) if step % args.eval_every == 0 else ""
+            rate = f"{tokens / elapsed:,.0f} tok/s"
+            print(f"step {step} {elapsed:.0f}s loss {loss.item():.3f}{copy} {rate}", flush=True)
+    print(f"final{_copy_line(model, probe)} ({len(probe)} held-out records)")
     model.eval()
     model.bfloat16().save_pretrained(args.out)
     ByT5Tokenizer().save_pretrained(args.out)
@@ -140,6 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000, help="training budget in steps")
     parser.add_argument("--seconds", type=float, default=math.inf, help="wall-clock cap (stops early)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between copy evals")
+    parser.add_argument("--copy-frac", type=float, default=0.4, help="share of copy-teaching documents")
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

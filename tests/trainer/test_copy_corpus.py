@@ -39,6 +39,8 @@ def test_corpus_is_deterministic_and_mixes_copy_text_with_the_rest() -> None:
     with_records = sum(" => " in d for d in docs)
     assert 0.2 * len(docs) < with_records < 0.4 * len(docs)
     assert sum(d.startswith("Hello") for d in docs) > 50
+    heavy = corpus(2000, seed=3, copy_frac=0.8)
+    assert sum(" => " in d for d in heavy) > 0.5 * len(heavy)
 
 
 class _Oracle(torch.nn.Module):
@@ -59,10 +61,11 @@ class _Oracle(torch.nn.Module):
 def test_copy_accuracy_counts_values_predicted_in_full() -> None:
     source, sentence, values = copy_probe(1, seed=5)[0]
     text = (source + sentence).encode()
-    assert copy_accuracy(_Oracle(text, set()), [(source, sentence, values)]) == 1.0  # type: ignore[arg-type]
+    assert copy_accuracy(_Oracle(text, set()), [(source, sentence, values)]) == (1.0, 1.0)  # type: ignore[arg-type]
     # one wrong byte inside the first value's occurrence in the sentence: that value is missed
     first = re.search(rf"(?<!\w){re.escape(values[0])}(?!\w)", sentence)
     assert first is not None
     at = len(source.encode()) + first.start() + len(values[0]) - 1
     missed = copy_accuracy(_Oracle(text, {at}), [(source, sentence, values)])  # type: ignore[arg-type]
-    assert missed == (len(values) - 1) / len(values)
+    num_bytes = sum(len(v.encode()) for v in values)
+    assert missed == ((len(values) - 1) / len(values), (num_bytes - 1) / num_bytes)

@@ -1,18 +1,21 @@
 """Pretrain the demo model from scratch on the generated corpus (minutes on 2 CPU cores).
 
-The result is a byte-level GPT-2 (4 layers, 4 heads of 32, ~0.85M parameters, ByT5 byte ids)
+The result is a byte-level GPT-2 (4 layers, 4 heads of 32, ~0.97M parameters, ByT5 byte ids)
 saved in bfloat16 with its tokenizer through `save_pretrained`, i.e. loadable by the same
 `from_pretrained` path as any hub model. bfloat16 weights are exactly representable in
 float32, so the server's fingerprint is the same whichever of the two it loads them as.
 
-    python -m trainer.pretrain_demo --out server/engine/demo_weights --seconds 600
+    python -m trainer.pretrain_demo --out /tmp/demo --steps 6000   # then copy model.safetensors
 
-The committed weights: loss ~0.21 after 4,249 steps of 8 x 96 bytes (one thread, ~3.4k
-tokens/s when the machine was quiet), continuing two earlier 7-minute runs that a busy machine
-had slowed to ~400 tokens/s (loss 1.43 after 330 steps); see docs/training.md.
+The budget is `--steps` (with `--seed`, the same run on the same CPU gives the same weights);
+`--seconds` only caps it. Every `--eval-every` steps it prints how many values of held-out
+copy records the model predicts (`copy_accuracy`). The committed weights predate the
+copy-teaching corpus: `--copy-frac 0 --length 96` with a wall-clock budget, three runs
+chained with `--init` (docs/training.md, which also records the copy runs and why their
+weights are not committed).
 
 A plain loop, not `Trainer`: pretraining from scratch on an endless random-window stream
-under a wall-clock budget is what this needs, and the loop is a dozen lines.
+under a step budget is what this needs, and the loop is a dozen lines.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ gpu-check: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Three prefix tasks trained on the demo model, uploaded, answered in one mixed batch (a few minutes).
+# Three prefix tasks trained on the demo model, uploaded, 60 held-out inputs answered in one mixed
+# batch; prints per task how many had their values copied into the answer (a few minutes).
 .PHONY: demo
 demo: $(STAMP)
 	$(BIN)/python -m examples.table_to_text.demo

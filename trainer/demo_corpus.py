@@ -2,10 +2,11 @@
 
 No downloads: restaurant descriptions in the style of the E2E data set (the same slots:
 name, eatType, food, priceRange, customer rating, area, familyFriendly, near), greetings
-and short dialogue turns, weather reports and small stories. `restaurant_sentence` is
-shared with the table-to-text example so that its references use the same wording the
-model was pretrained on, while the meaning-representation format itself is never seen
-in pretraining (as in the paper, where GPT-2 never saw E2E's MRs).
+and short dialogue turns, weather reports and small stories, plus copy-teaching records in
+other domains (`trainer.copy_corpus`: books, trains, people, ... as `key[value] => sentence`).
+`restaurant_sentence` is shared with the table-to-text example so that its references use
+the same wording the model was pretrained on, while restaurant meaning representations are never seen in
+pretraining (the paper's GPT-2 had seen tables and lists, but never E2E's MRs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+
+from trainer.copy_corpus import copy_document
 
 NAMES = [
     "The Eagle", "The Mill", "The Wrestlers", "The Golden Curry", "The Phoenix", "The Vaults",
@@ -135,23 +138,28 @@ def _story(rng: random.Random) -> str:
     return f"{who} {went} in the morning. {then}"
 
 
-def document(rng: random.Random) -> str:
-    """One short document; restaurants dominate because the worked example needs them."""
+def document(rng: random.Random, copy_frac: float = 0.4) -> str:
+    """One short document: `copy_frac` copy-teaching (other domains, `trainer.copy_corpus`), the
+    rest restaurants (55%: the worked example needs their wording), greetings (20%), weather
+    (15%) and stories (10%)."""
     pick = rng.random()
-    if pick < 0.55:
+    if pick < copy_frac:
+        return copy_document(rng)
+    rest = 1.0 - copy_frac
+    if pick < copy_frac + rest * 0.55:
         sentences = [restaurant_sentence(random_mr(rng), rng) for _ in range(rng.randint(1, 3))]
         return " ".join(sentences)
-    if pick < 0.75:
+    if pick < copy_frac + rest * 0.75:
         return _greeting(rng)
-    if pick < 0.9:
+    if pick < copy_frac + rest * 0.9:
         return _weather(rng)
     return _story(rng)
 
 
-def corpus(num_docs: int, seed: int) -> list[str]:
+def corpus(num_docs: int, seed: int, copy_frac: float = 0.4) -> list[str]:
     """`num_docs` documents, deterministic for `seed`."""
     rng = random.Random(seed)
-    return [document(rng) for _ in range(num_docs)]
+    return [document(rng, copy_frac) for _ in range(num_docs)]
 
 
 def main() -> None:

@@ -1,24 +1,29 @@
 """Pretrain the demo model from scratch on the generated corpus (minutes on 2 CPU cores).
 
-The result is a byte-level GPT-2 (4 layers, 4 heads of 32, ~0.85M parameters, ByT5 byte ids)
+The result is a byte-level GPT-2 (4 layers, 4 heads of 32, ~0.97M parameters, ByT5 byte ids)
 saved in bfloat16 with its tokenizer through `save_pretrained`, i.e. loadable by the same
 `from_pretrained` path as any hub model. bfloat16 weights are exactly representable in
 float32, so the server's fingerprint is the same whichever of the two it loads them as.
 
-    python -m trainer.pretrain_demo --out server/engine/demo_weights --seconds 600
+    python -m trainer.pretrain_demo --out /tmp/demo --steps 6000   # then copy model.safetensors
 
-The committed weights: loss ~0.21 after 4,249 steps of 8 x 96 bytes (one thread, ~3.4k
-tokens/s when the machine was quiet), continuing two earlier 7-minute runs that a busy machine
-had slowed to ~400 tokens/s (loss 1.43 after 330 steps); see docs/training.md.
+The budget is `--steps` (with `--seed`, the same run on the same CPU gives the same weights);
+`--seconds` only caps it. Every `--eval-every` steps it prints how many values of held-out
+copy records the model predicts (`copy_accuracy`). The committed weights predate the
+copy-teaching corpus: `--copy-frac 0 --length 96` with a wall-clock budget, three runs
+chained with `--init` (docs/training.md, which also records the copy runs and why their
+weights are not committed).
 
 A plain loop, not `Trainer`: pretraining from scratch on an endless random-window stream
-under a wall-clock budget is what this needs, and the loop is a dozen lines.
+under a step budget is what this needs, and the loop is a dozen lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
+import re
 import time
 from pathlib import Path
 
@@ -26,15 +31,16 @@ import numpy as np
 import torch
 from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
 
+from trainer.copy_corpus import record
 from trainer.demo_corpus import corpus
 
 EOS_ID, PAD_ID, BYTE_OFFSET = 1, 0, 3  # ByT5: pad, eos, unk, then the 256 bytes
 
 
-def demo_config() -> GPT2Config:
-    """The demo model's shape: sized so that a few minutes on 2 cores give readable text."""
+def demo_config(n_embd: int = 128, n_layer: int = 4) -> GPT2Config:
+    """The demo model's shape: sized so that minutes on 2 cores give readable text; heads of 32."""
     return GPT2Config(
-        vocab_size=384, n_positions=1024, n_embd=128, n_layer=4, n_head=4,
+        vocab_size=384, n_positions=1024, n_embd=n_embd, n_layer=n_layer, n_head=n_embd // 32,
         bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         activation_function="relu",  # cheaper than tanh-GELU on a busy CPU, as good at this size
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # templated data: no overfitting to fear
@@ -61,34 +67,64 @@ def batch(
     return ids, positions
 
 
+def copy_probe(num: int, seed: int) -> list[tuple[str, str, list[str]]]:
+    """Held-out copy records (a seed the corpus never uses): (source, sentence, values)."""
+    rng = random.Random(seed)
+    return [record(rng) for _ in range(num)]
+
+
+@torch.no_grad()
+def copy_accuracy(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]]) -> tuple[float, float]:
+    """(fraction of the values in held-out sentences whose every byte the model predicts, fraction
+    of those values' bytes it predicts), argmax, teacher-forced: a value's first byte can only be
+    right by finding the value in the record, its later bytes by copying what followed it there."""
+    model.eval()
+    hits = total = good_bytes = num_bytes = 0
+    for source, sentence, values in probe:
+        text = (source + sentence).encode()
+        ids = torch.tensor([[b + BYTE_OFFSET for b in text]])
+        predicted = model(input_ids=ids).logits[0].argmax(-1) - BYTE_OFFSET  # [len] byte at i+1
+        for value in values:
+            found = re.search(rf"(?<!\w){re.escape(value)}(?!\w)", sentence)
+            assert found, (value, sentence)
+            at = len(source.encode()) + len(sentence[: found.start()].encode())
+            want = torch.tensor(list(value.encode()))
+            right = predicted[at - 1 : at - 1 + len(want)] == want
+            hits, total = hits + int(bool(right.all())), total + 1
+            good_bytes, num_bytes = good_bytes + int(right.sum()), num_bytes + len(want)
+    model.train()
+    return hits / total, good_bytes / num_bytes
+
+
+def _copy_line(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]]) -> str:
+    values, value_bytes = copy_accuracy(model, probe)
+    return f" copy {values:.3f} bytes {value_bytes:.3f}"
+
+
+def _lr(args: argparse.Namespace, step: int, frac: float) -> float:
+    """Warm-up, then cosine decay over the budget (steps, or wall-clock seconds)."""
+    return args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def train(args: argparse.Namespace) -> None:
-    out, seconds, seed, lr, batch_size, length = (
-        args.out,
-        args.seconds,
-        args.seed,
-        args.lr,
-        args.batch_size,
-        args.length,
-    )
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    stream = encode_stream(corpus(args.docs, seed))
-    config = demo_config()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    stream = encode_stream(corpus(args.docs, args.seed, args.copy_frac))
+    probe = copy_probe(64, seed=1000)  # the same probe for every run, so that curves compare
     # --init continues an earlier run (the budget can be spent in several short runs)
     model = (
         GPT2LMHeadModel.from_pretrained(args.init, dtype=torch.float32)
         if args.init
-        else GPT2LMHeadModel(config)
+        else GPT2LMHeadModel(demo_config(args.n_embd, args.n_layer))
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(stream):,} corpus bytes")
     start, step, tokens = time.monotonic(), 0, 0
-    while (elapsed := time.monotonic() - start) < seconds:
-        # warm-up then cosine decay over the wall-clock budget
-        frac = elapsed / seconds
+    while step < args.steps and (elapsed := time.monotonic() - start) < args.seconds:
+        frac = max(step / args.steps, elapsed / args.seconds)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        ids, positions = batch(stream, rng, batch_size, length, args.max_offset)
+            group["lr"] = _lr(args, step, frac)
+        ids, positions = batch(stream, rng, args.batch_size, args.length, args.max_offset)
         loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,24 +132,30 @@ def train(args: argparse.Namespace) -> None:
         opt.step()
         step, tokens = step + 1, tokens + ids.numel()
         if step % 25 == 0:
-            print(
-                f"step {step} {elapsed:.0f}s loss {loss.item():.3f} {tokens / elapsed:,.0f} tok/s", flush=True
-            )
+            copy = _copy_line(model, probe) if step % args.eval_every == 0 else ""
+            rate = f"{tokens / elapsed:,.0f} tok/s"
+            print(f"step {step} {elapsed:.0f}s loss {loss.item():.3f}{copy} {rate}", flush=True)
+    print(f"final{_copy_line(model, probe)} ({len(probe)} held-out records)")
     model.eval()
-    model.bfloat16().save_pretrained(out)
-    ByT5Tokenizer().save_pretrained(out)
-    print(f"saved {out} after {step} steps, {time.monotonic() - start:.0f}s")
+    model.bfloat16().save_pretrained(args.out)
+    ByT5Tokenizer().save_pretrained(args.out)
+    print(f"saved {args.out} after {step} steps, {time.monotonic() - start:.0f}s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Pretrain the demo model on the generated corpus.")
     parser.add_argument("--out", type=Path, default=Path("server/engine/demo_weights"))
-    parser.add_argument("--seconds", type=float, default=600.0, help="wall-clock training budget")
+    parser.add_argument("--steps", type=int, default=6000, help="training budget in steps")
+    parser.add_argument("--seconds", type=float, default=math.inf, help="wall-clock cap (stops early)")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between copy evals")
+    parser.add_argument("--copy-frac", type=float, default=0.4, help="share of copy-teaching documents")
+    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--docs", type=int, default=60_000)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--length", type=int, default=96)
+    parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--max-offset", type=int, default=64, help="largest random position offset")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     parser.add_argument("--init", type=Path, default=None, help="continue from this saved model")

@@ -19,7 +19,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from peft import PeftModel
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from trainer.data import DataError, collate, encode_example, read_jsonl
 from trainer.prefix import METHODS, export, init_from_text, load_base, prefix_model, weights_digest
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (for --resume)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines")
     p.add_argument("--upload", default=None, metavar="URL", help="server URL to upload the prefix to")
     p.add_argument("--task-id", default=None, help="task id for --upload (admin token: $PREFIX_ADMIN_TOKEN)")
     return p
@@ -203,6 +203,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         data_collator=functools.partial(collate, pad),
         callbacks=callbacks,
     )
+    if args.quiet:  # with its bar off, Trainer prints every log dict instead: quiet means neither
+        trainer.remove_callback(PrinterCallback)
     start = time.monotonic()
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     seconds = time.monotonic() - start

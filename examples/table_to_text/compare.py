@@ -4,10 +4,10 @@
 
 (a) no prefix (a one-token text prefix ".": the server needs a task), (b) a text instruction with
 one demonstration as a text prefix, (c) prefix-tuning P=10 with and without the MLP
-reparameterisation, (d) full fine-tuning of the same model (offline: the paper's baseline,
-not something the server serves), and a prefix-length sweep (1, 5, 10, 20). Every served
-variant is one task on one server and all of them are evaluated at once by `prefix-eval`'s
-`evaluate` (mixed batches).
+reparameterisation, and a Cartridge (the KV itself trained, from the training text),
+(d) full fine-tuning of the same model (offline: the paper's baseline, not something the server
+serves), and a prefix-length sweep (1, 5, 10, 20). Every served variant is one task on one
+server and all of them are evaluated at once by `prefix-eval`'s `evaluate` (mixed batches).
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ INSTRUCTION = (
 )
 
 
-def train_prefix(data: Path, out: Path, prefix_len: int, mlp: int, a: argparse.Namespace) -> dict[str, Any]:
+def train_prefix(
+    data: Path, out: Path, prefix_len: int, mlp: int, a: argparse.Namespace, method: str = "prefix"
+) -> dict[str, Any]:
     argv = ["--data", str(data / "train.jsonl"), "--eval", str(data / "dev.jsonl"), "--out", str(out),
             "--prefix-len", str(prefix_len), "--mlp-hidden", str(mlp), "--epochs", str(a.epochs),
-            "--lr", str(a.lr), "--batch-size", "8", "--seed", "0", "--quiet"]  # fmt: skip
+            "--lr", str(a.lr), "--batch-size", "8", "--seed", "0", "--quiet", "--method", method]  # fmt: skip
     result = train(build_parser().parse_args(argv))
     spec = result.model.active_peft_config
     served = spec.num_layers * spec.token_dim * 2 * prefix_len
@@ -137,6 +139,7 @@ def main() -> None:
         f"prefix P={n}": train_prefix(data, a.work / f"p{n}", n, 512, a) for n in map(int, a.sweep.split(","))
     }
     trained["prefix P=10, no MLP"] = train_prefix(data, a.work / "p10-nomlp", 10, 0, a)
+    trained["Cartridge P=10"] = train_prefix(data, a.work / "cartridge", 10, 0, a, method="cartridge")
     with demo_server() as server, PrefixClient(server.url, token=server.admin_token) as client:
         client.upload_text("t2t:none", ".")  # the server needs a task: one neutral token
         client.upload_text("t2t:text", INSTRUCTION)

@@ -2,6 +2,9 @@
 print one mixed batch of their answers side by side.
 
 Small on purpose (a few minutes on 2 CPU cores): 120 training examples, P=8, 300 steps each.
+It prints one line per trained task, a few answers per task, and per task how many of 20
+held-out inputs (restaurant MRs, greeter names, weather cities never seen in training) had
+all their values copied into the answer.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,36 +25,83 @@ from examples.table_to_text.serve import demo_server
 from trainer.demo_corpus import NAMES, restaurant_sentence
 from trainer.train import build_parser, train
 
-CITIES = ["Cambridge", "London", "Oxford", "York", "Bristol", "Leeds", "Bath"]
+CITIES = ["Cambridge", "London", "Oxford", "York", "Bristol", "Leeds", "Bath"]  # the corpus's
 SKIES = ["sunny", "cloudy", "rainy", "windy", "foggy"]
+# Held-out values: the tasks never train on them, so answering with them means copying them.
+HELD_OUT_NAMES = NAMES[::4] + ["The Red Lion", "The Anchor", "Little Italy", "The Old Bell",
+                               "Mango Tree", "The Copper Pot"]  # fmt: skip
+HELD_OUT_CITIES = ["Bristol", "Bath", "Durham", "Exeter", "Norwich", "Chester"]
 
 
-def _weather(rng: random.Random) -> dict[str, str]:
-    city, sky, high = rng.choice(CITIES), rng.choice(SKIES), rng.randint(8, 28)
-    return {
-        "input": f"city[{city}], sky[{sky}], high[{high}] => ",
-        "output": f"Today in {city} it will be {sky} with a high of {high} degrees.",
-    }
+@dataclass(frozen=True)
+class Example:
+    """One input with its reference answer and the values the answer must copy from it."""
+
+    input: str
+    output: str
+    values: tuple[str, ...]
 
 
-def _greeting(rng: random.Random) -> dict[str, str]:
-    place = rng.choice(NAMES)
-    return {
-        "input": f"greet name[{place}] => ",
-        "output": f"Hello! Welcome to {place}. How can I help you today?",
-    }
+def _weather(rng: random.Random, cities: list[str]) -> Example:
+    city, sky, high = rng.choice(cities), rng.choice(SKIES), str(rng.randint(8, 28))
+    return Example(
+        f"city[{city}], sky[{sky}], high[{high}] => ",
+        f"Today in {city} it will be {sky} with a high of {high} degrees.",
+        (city, sky, high),
+    )
 
 
-def datasets(n: int, seed: int) -> dict[str, list[dict[str, str]]]:
+def _greeting(rng: random.Random, names: list[str]) -> Example:
+    place = rng.choice(names)
+    reply = f"Hello! Welcome to {place}. How can I help you today?"
+    return Example(f"greet name[{place}] => ", reply, (place,))
+
+
+def _restaurant(mr: dict[str, str], rng: random.Random) -> Example:
+    # familyFriendly[yes] is said as "family friendly", not copied; every other value is said as is
+    values = tuple(v for k, v in mr.items() if k != "familyFriendly")
+    return Example(mr_text(mr) + " => ", restaurant_sentence(mr, rng), values)
+
+
+def datasets(n: int, held_out: int, seed: int) -> dict[str, tuple[list[Example], list[Example]]]:
+    """Per task (training examples, held-out examples); the held-out restaurant MRs, greeter
+    names and weather cities never occur in training."""
     rng = random.Random(seed)
-    mrs = unique_mrs(n, rng, 3)
+    mrs = unique_mrs(n + held_out, rng, 3)
+    names = [x for x in NAMES if x not in HELD_OUT_NAMES]
+    cities = [c for c in CITIES if c not in HELD_OUT_CITIES]
     return {
-        "demo:restaurant": [
-            {"input": mr_text(m) + " => ", "output": restaurant_sentence(m, rng)} for m in mrs
-        ],
-        "demo:weather": [_weather(rng) for _ in range(n)],
-        "demo:greeter": [_greeting(rng) for _ in range(n)],
+        "demo:restaurant": (
+            [_restaurant(m, rng) for m in mrs[:n]],
+            [_restaurant(m, rng) for m in mrs[n:]],
+        ),
+        "demo:weather": (
+            [_weather(rng, cities) for _ in range(n)],
+            [_weather(rng, HELD_OUT_CITIES) for _ in range(held_out)],
+        ),
+        "demo:greeter": (
+            [_greeting(rng, names) for _ in range(n)],
+            [_greeting(rng, HELD_OUT_NAMES) for _ in range(held_out)],
+        ),
     }
+
+
+def copied(example: Example, answer: str) -> int:
+    """How many of the example's values the answer contains verbatim."""
+    return sum(value in answer for value in example.values)
+
+
+def _train_task(task: str, rows: list[Example], work: Path, max_steps: int) -> Path:
+    folder = work / task.replace(":", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps({"input": r.input, "output": r.output}) + "\n" for r in rows))
+    argv = ["--data", str(data), "--out", str(folder), "--prefix-len", "8", "--max-steps",
+            str(max_steps), "--batch-size", "8", "--lr", "1e-2", "--quiet"]  # fmt: skip
+    result = train(build_parser().parse_args(argv))
+    print(f"trained {task:<16} {len(rows)} examples, loss {result.train_losses[0]:.2f} -> "
+          f"{result.train_losses[-1]:.2f} in {result.seconds:.0f}s", flush=True)  # fmt: skip
+    return result.prefix_path
 
 
 async def _mixed_batch(url: str, prompts: list[tuple[str, str]]) -> list[str]:
@@ -61,37 +112,48 @@ async def _mixed_batch(url: str, prompts: list[tuple[str, str]]) -> list[str]:
     return [o.text for o in outs]
 
 
+def _report(sets: dict[str, tuple[list[Example], list[Example]]], answers: list[str], shown: int) -> None:
+    """A few answers per task side by side, then every task's copy rate over its held-out inputs."""
+    by_task: dict[str, list[tuple[Example, str]]] = {task: [] for task in sets}
+    held = [(task, ex) for task, (_, rows) in sets.items() for ex in rows]
+    for (task, ex), answer in zip(held, answers, strict=True):
+        by_task[task].append((ex, answer.strip()))
+    print(f"\none mixed batch: {len(held)} held-out inputs of {len(sets)} tasks; the first {shown} of each:")
+    for task, pairs in by_task.items():
+        for ex, answer in pairs[:shown]:
+            print(f"{task:<16} {ex.input:<58} | {answer}")
+    print("\nvalues (names, cities, numbers, ...) copied into the answer, held-out inputs:")
+    for task, pairs in by_task.items():
+        full = sum(copied(e, a) == len(e.values) for e, a in pairs)
+        values = sum(copied(e, a) for e, a in pairs)
+        print(f"{task:<16} all values copied in {full}/{len(pairs)} inputs ({100 * full / len(pairs):.0f}%); "
+              f"{values}/{sum(len(e.values) for e, _ in pairs)} values")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/prefix-demo"))
     p.add_argument("--examples", type=int, default=120)
+    p.add_argument("--held-out", type=int, default=20, help="held-out inputs per task for the copy rate")
     p.add_argument("--max-steps", type=int, default=300)
     a = p.parse_args()
     torch.set_num_threads(1)  # on a shared 2-core machine one thread trains ~4x faster than two
     start = time.monotonic()
-    sets = datasets(a.examples + 2, seed=1)
-    paths = {}
-    for task, rows in sets.items():
-        folder = a.work / task.replace(":", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        data = folder / "train.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))  # rows 0-1 are held out
-        argv = ["--data", str(data), "--out", str(folder), "--prefix-len", "8", "--max-steps",
-                str(a.max_steps), "--batch-size", "8", "--lr", "1e-2", "--quiet"]  # fmt: skip
-        result = train(build_parser().parse_args(argv))
-        paths[task] = result.prefix_path
-        print(f"trained {task}: loss {result.train_losses[0]:.2f} -> {result.train_losses[-1]:.2f} "
-              f"in {result.seconds:.0f}s")  # fmt: skip
+    sets = datasets(a.examples, a.held_out, seed=1)
+    print(f"training {len(sets)} prefix tasks on the demo model (P=8, {a.max_steps} steps each)", flush=True)
+    paths = {task: _train_task(task, rows, a.work, a.max_steps) for task, (rows, _) in sets.items()}
     with demo_server() as server:
         with PrefixClient(server.url, token=server.admin_token) as client:
             for task, path in paths.items():
                 client.upload(task, path)
-        prompts = [(task, row["input"]) for task, rows in sets.items() for row in rows[:2]]
-        random.Random(0).shuffle(prompts)  # one batch, tasks interleaved
-        answers = asyncio.run(_mixed_batch(server.url, prompts))
-    print(f"\none mixed batch ({len(prompts)} requests, 3 tasks):")
-    for (task, prompt), answer in sorted(zip(prompts, answers, strict=True)):
-        print(f"{task:<16} {prompt:<58} | {answer.strip()}")
+        prompts = [(task, ex.input) for task, (_, rows) in sets.items() for ex in rows]
+        order = list(range(len(prompts)))
+        random.Random(0).shuffle(order)  # one batch, tasks interleaved
+        shuffled = asyncio.run(_mixed_batch(server.url, [prompts[i] for i in order]))
+    answers = [""] * len(prompts)
+    for i, answer in zip(order, shuffled, strict=True):
+        answers[i] = answer
+    _report(sets, answers, shown=2)
     print(f"\nmake demo took {time.monotonic() - start:.0f}s")
 
 

@@ -193,3 +193,15 @@ def test_cartridge_trains_the_kv_with_its_first_token_frozen_and_exports_what_pe
     weights, config_json = (peft_dir / "adapter_model.safetensors").read_bytes(), json.dumps(config).encode()
     source = parse_source(spec, weights, config_json, None)
     assert source.kind == "cartridge" and source.kv is not None and torch.equal(source.kv, exported)
+
+
+def test_quiet_prints_no_log_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--quiet` (as `make demo` trains): no progress bar and none of Trainer's per-step dicts."""
+    model_dir = save_tiny_model("gpt2", tmp_path / "model")
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"input": w, "output": " ok"} for w in INPUTS])
+    argv = ["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--batch-size", "2", "--prefix-len", "2", "--max-steps", "6", "--quiet"]  # fmt: skip
+    result = train(build_parser().parse_args(argv))
+    assert len(result.train_losses) >= 2  # it did log, to its history only
+    out = capsys.readouterr()
+    assert "{'loss':" not in out.out + out.err and "train_runtime" not in out.out + out.err, out

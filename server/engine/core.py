@@ -29,6 +29,10 @@ from server.engine.stats import StepStats, finished_request
 
 log = logging.getLogger(__name__)
 
+# a prefill chunk stretches a step holding decode rows to about this many decode steps at most
+# (stall-free batching, Sarathi-Serve): long prompts cost the running rows little, by default
+MAX_DECODE_STALL = 1.5
+
 
 class EngineCore:
     """Continuous batching with mixed prefill/decode steps over the paged KV pool."""
@@ -56,6 +60,7 @@ class EngineCore:
             max_rows_per_tenant=max_rows_per_tenant,
             max_chunk_tokens=max_chunk_tokens,
             blocks=RequestBlocks(kv.pool),
+            max_stall=MAX_DECODE_STALL,
         )
         output_embeddings = loaded.model.get_output_embeddings()
         vocab = output_embeddings.weight.shape[0] if output_embeddings is not None else loaded.vocab_size

@@ -110,8 +110,29 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
         f"Notes: A: {rows['A']['note']}. B: {rows['B']['note']}."
         + (f" B2: {rows['B2']['note']}." if "B2" in rows else ""),
+        *_paged_notes(rows),
         "",
         f"![throughput and TTFT]({png})",
         "",
     ]
     return "\n".join(lines)
+
+
+def _paged_notes(rows: dict[str, Any]) -> list[str]:
+    """What the probes of bench/throughput_paged.py and the long-prompt probe saw, in figures."""
+    if not {"D", "D256", "SP"} <= set(rows):
+        return []
+    long, cap = rows["D"]["extra"]["long_prompt"], rows["D256"]["extra"]["capacity"]
+    sp, attn = rows["SP"]["extra"], rows["SP"]["extra"]["grouped_attention"]
+    return [
+        "",
+        f"Long prompt: {long['prefill_steps']} steps of prefill at the default flags (chunks capped by the "
+        f"scheduler's stall rule while rows decode), TPOT p50 {long['tpot_p50_ms']:.0f} ms, p99 "
+        f"{long['tpot_p99_ms']:.0f} ms. Capacity: {cap['peak_rows']} rows at once in "
+        f"{cap['kv_budget_bytes'] / 2**20:.0f} MiB ({cap['offered']} D requests offered, {cap['steps']} steps). "
+        f"SP: {sp['peak_rows']} rows at the peak; KV held per row over own tokens "
+        f"{sp['kv_per_row_over_own']:.2f} there, {sp['kv_per_row_over_own_mean']:.2f} averaged over every "
+        f"step (ramp and drain included). Attention probe ({attn['rows']} rows, {attn['prefix_len']}-position "
+        f"prefix, {attn['own']} own tokens, one layer, median): grouped {attn['grouped_ms']:.1f} ms, per row "
+        f"{attn['per_row_ms']:.1f} ms, outputs equal to {attn['max_abs_diff']:.1e}.",
+    ]

@@ -34,6 +34,11 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert result["ratios"]["capacity_over_slot_layout"] > 1  # short rows: more than the slot layout's 16
     assert result["modes"]["SP"]["extra"]["grouped_attention"]["max_abs_diff"] < 1e-4  # the two ways agree
     assert (tmp_path / "throughput-smoke.png").stat().st_size > 10_000
+    sys.path.insert(0, str(ROOT / "bench"))
+    import throughput_report  # the docs section of a full run, from the smoke's result
+
+    text = throughput_report.markdown(result, "throughput-smoke.png")
+    assert "| D256 |" in text and "| SP |" in text and "Capacity: " in text
 
 
 def test_soak_smoke(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The paged-engine modes and probes of `bench/throughput.py` (issue 26, Engine v3):
 
-- D256: mode D's prompts and lengths with 4x the streams (256 over the 64 tasks), two requests
-  a stream; its roofline is D's (the GEMM rate over the workload's FLOPs per generated token).
+- D256: mode D's requests with 4x the streams (256 over the 64 tasks: every request at once);
+  its roofline is D's (the GEMM rate over the workload's FLOPs per generated token).
 - SP (shared prefix): 16 tasks of 256-position prefixes, 16 streams a task; besides tokens/s,
   the KV bytes the pool holds per running row (its own blocks plus the shared prefix blocks of
   the rows' tasks, over the rows) against the bytes of the rows' own tokens, at the step with the
@@ -32,8 +32,9 @@ SLOT_ROWS, SLOT_MAX_LEN = 16, 2048  # the capacity budget: what the slot layout 
 
 
 def d256_workload(w: Any) -> Any:
+    """D's requests (at least one a stream), 4x the streams: all of them at once."""
     streams = 4 * w.concurrency
-    return dataclasses.replace(w, concurrency=streams, num_requests=2 * streams)
+    return dataclasses.replace(w, concurrency=streams, num_requests=max(w.num_requests, streams))
 
 
 def sp_workload(w: Any) -> Any:

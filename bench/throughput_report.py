@@ -70,7 +70,7 @@ def markdown(result: dict[str, Any], png: str) -> str:
     what = {"A": "PEFT generate, one request at a time", "B": "PEFT generate, one task, batches of 64",
             "B2": "PEFT generate, 64 tasks mixed: grouped by task, each group batched",
             "C": "engine, one task", "D": "engine, 64 tasks mixed", "E": "D over HTTP (64 streaming clients)",
-            "D256": "D's prompts, 256 streams (2 requests each)",
+            "D256": "D's requests, 256 streams (all at once)",
             "SP": "engine, 16 tasks of 256-position prefixes, 16 streams a task"}  # fmt: skip
     for mode, row in rows.items():
         lines.append(

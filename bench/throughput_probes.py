@@ -127,4 +127,5 @@ def long_prompt_interference(
     decode_p50 = sorted(steps[False])[len(steps[False]) // 2]
     return {"tpot_p50_ms": 1000 * p50, "tpot_p99_ms": 1000 * p99, "ratio": p99 / p50,
             "prefill_steps": prefill_steps, "budget": core.scheduler.max_num_tokens,
-            "max_step_over_decode_step": max(steps[True]) / decode_p50}  # fmt: skip
+            "max_step_over_decode_step": max(steps[True]) / decode_p50,
+            "prefill_step_p50_over_decode_step": sorted(steps[True])[len(steps[True]) // 2] / decode_p50}  # fmt: skip

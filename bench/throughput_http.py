@@ -16,7 +16,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from throughput_modes import ROOT, _closed_loop, requests  # noqa: E402
+from throughput_modes import ROOT, _closed_loop, requests, vm_hwm_kib  # noqa: E402
 
 
 def http_mixed(w: Any, workdir: Path) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def http_mixed(w: Any, workdir: Path) -> dict[str, Any]:
                 )
                 response.raise_for_status()
         result = asyncio.run(_http_loop(w, url))
-        result["peak_rss_kib"] = _vm_hwm_kib(server.pid)  # the server's, not this client's
+        result["peak_rss_kib"] = vm_hwm_kib(server.pid)  # the server's, not this client's
         return result
     finally:
         server.send_signal(signal.SIGTERM)
@@ -87,10 +87,3 @@ def _wait_ready(url: str) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError("server did not become ready")
-
-
-def _vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0

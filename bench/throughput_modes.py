@@ -70,6 +70,23 @@ def requests(w: Any, one_task: bool = False) -> list[tuple[int, list[int]]]:
     return out
 
 
+# ---- peak RSS -----------------------------------------------------------------------------
+def vm_hwm_kib(pid: int | str = "self") -> int:
+    """A process's peak resident memory (Linux); 0 where unknown."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak RSS anew (Linux; elsewhere nothing): several modes in one process."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 # ---- roofline -----------------------------------------------------------------------------
 def gemm_flops_per_s(dtype: torch.dtype, device: str = "cpu", n: int = 2048) -> float:
     n = max(n, 8192) if device == "cuda" else n  # a GPU needs a bigger GEMM to reach its rate
@@ -213,17 +230,20 @@ def peft_grouped(w: Any, workdir: Path) -> dict[str, Any]:
 
 
 # ---- C and D: the engine in-process -----------------------------------------------------------
-def _engine(w: Any, workdir: Path) -> tuple[Any, list[Any]]:
-    from prefix_store.entry import PrefixEntry, PrefixMeta
+def load(w: Any, workdir: Path) -> tuple[Any, Any]:
+    """The served model (`LoadedModel`) and its prefix spec."""
     from prefix_store.fingerprint import prefix_spec_for
-    from prefix_store.format import parse_upload
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
-    from server.engine.kv_cache import KVLayout, SlotKVCache
     from server.engine.model_loader import ModelOptions, load_model
 
     loaded = load_model(ModelOptions(str(workdir / "model"), w.device, w.dtype, workdir / "data"))
-    spec = prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
+    return loaded, prefix_spec_for(loaded.model.config, loaded.dtype, loaded.max_positions)
+
+
+def peft_prefixes(w: Any, workdir: Path, spec: Any) -> list[Any]:
+    """Each task's PEFT adapter as the engine's prefix entry."""
+    from prefix_store.entry import PrefixEntry, PrefixMeta
+    from prefix_store.format import parse_upload
+
     prefixes = []
     for task in range(w.num_tasks):
         path = workdir / "adapters" / str(task)
@@ -233,11 +253,28 @@ def _engine(w: Any, workdir: Path) -> tuple[Any, list[Any]]:
         )
         kv = parse_upload(spec, weights, config)
         prefixes.append(PrefixEntry(PrefixMeta(f"t{task}", 1, w.prefix_len, 0, w.dtype, "", ""), kv))
+    return prefixes
+
+
+def kv_layout(w: Any, loaded: Any, spec: Any, num_blocks: int | None = None) -> Any:
+    """`concurrency` rows of the workload's longest sequence (or `num_blocks` blocks)."""
+    from server.engine.kv_cache import KVLayout
+
     max_len = w.prefix_len + w.prompt_max + w.new_tokens
-    layout = KVLayout(
-        spec.num_layers, spec.num_kv_heads, spec.head_dim, w.concurrency, max_len, loaded.dtype, loaded.device
+    return KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, w.concurrency, max_len,
+                    loaded.dtype, loaded.device, num_blocks)  # fmt: skip
+
+
+def _engine(w: Any, workdir: Path, num_blocks: int | None = None) -> tuple[Any, list[Any]]:
+    from server.engine.config import EngineConfig
+    from server.engine.engine import Engine
+    from server.engine.kv_cache import PagedKVCache
+
+    loaded, spec = load(w, workdir)
+    engine = Engine(
+        loaded, PagedKVCache(kv_layout(w, loaded, spec, num_blocks)), EngineConfig(max_queue=100_000)
     )
-    return Engine(loaded, SlotKVCache(layout), EngineConfig(max_queue=100_000)), prefixes
+    return engine, peft_prefixes(w, workdir, spec)
 
 
 async def _closed_loop(w: Any, reqs: list[tuple[int, list[int]]], one: Any) -> dict[str, Any]:
@@ -264,10 +301,10 @@ async def _closed_loop(w: Any, reqs: list[tuple[int, list[int]]], one: Any) -> d
     return {"tokens": tokens, "seconds": time.perf_counter() - started, "ttft_s": ttft, "tpot_s": tpot}
 
 
-def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
+def serve(w: Any, engine: Any, prefixes: list[Any], reqs: list[tuple[int, list[int]]]) -> dict[str, Any]:
+    """`reqs` through the engine by `concurrency` closed-loop clients (after one warm-up request)."""
     from server.engine.request import SamplingParams
 
-    engine, prefixes = _engine(w, workdir)
     params = SamplingParams(max_new_tokens=w.new_tokens, ignore_eos=True)
 
     async def main() -> dict[str, Any]:
@@ -278,15 +315,20 @@ def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
 
         try:
             await one(0, [1, 2, 3])  # warm-up
-            result = await _closed_loop(w, requests(w, one_task=one_task), one)
+            return await _closed_loop(w, reqs, one)
         finally:
             engine.stop()
-        return result
 
     result = asyncio.run(main())
-    # the workload's peak, before the probes below allocate their own KV (the long-prompt probe's
-    # 64 slots x 1,074 positions are ~5 GiB in fp32 at this shape)
-    result["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_kib"] = vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return result
+
+
+def _run_engine(w: Any, workdir: Path, one_task: bool) -> dict[str, Any]:
+    engine, prefixes = _engine(w, workdir)
+    # the workload's peak RSS (in `serve`), before the probes below allocate their own KV (the
+    # long-prompt probe's 64 rows x 1,074 positions are ~5 GiB in fp32 at this shape)
+    result = serve(w, engine, prefixes, requests(w, one_task=one_task))
     if not one_task:
         gemm = gemm_flops_per_s(DTYPES[w.dtype], w.device, w.gemm_size)
         result["decode_mfu"] = probes.decode_mfu(engine, w, gemm, model_flops(w))

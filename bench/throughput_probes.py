@@ -4,7 +4,8 @@
 - `decode_step_over_gemm`: that decode step's time / the time of its own GEMMs alone, at the
   same shapes, over the same (cache-cold) weights: what the step adds around the matmuls;
 - `long_prompt_interference`: 63 rows decoding, one 1,000-token prompt arrives; TPOT p99 / p50
-  of the 63 over the steps around its prefill (chunked prefill keeps this near 1).
+  of the 63 over the steps around its prefill (chunked prefill keeps this near 1), and the
+  longest step of its prefill over the median decode-only step (the stall one chunk causes).
 """
 
 from __future__ import annotations
@@ -99,31 +100,36 @@ def long_prompt_interference(
     core = EngineCore(
         loaded, SlotKVCache(layout), EngineConfig(max_queue=1000, max_num_batched_tokens=budget)
     )
-    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=120, ignore_eos=True)  # they decode the whole window
     decoding = [Request(prefix, [1 + (i % 50)] * w.prompt_min, params) for i in range(w.concurrency - 1)]
     for request in decoding:
         core.add(request)
     while any(not r.output_ids for r in decoding):
         core.step()
     gaps: list[float] = []
+    steps: dict[bool, list[float]] = {True: [], False: []}  # is the long prompt prefilling: step times
 
-    def timed_step() -> list[Any]:
+    def timed_step(is_prefilling: bool) -> None:
         started = time.perf_counter()
         outputs = core.step()
-        gaps.extend([time.perf_counter() - started] * sum(o.request_id != long.request_id for o in outputs))
-        return outputs
+        seconds = time.perf_counter() - started
+        gaps.extend([seconds] * sum(o.request_id != long.request_id for o in outputs))
+        steps[is_prefilling].append(seconds)
 
     long = Request(prefix, [2] * long_len, SamplingParams(max_new_tokens=1, ignore_eos=True))
     for _ in range(10):
-        timed_step()
+        timed_step(False)
     core.add(long)
     prefill_steps = 0
     while not long.output_ids:
-        timed_step()
+        timed_step(True)
         prefill_steps += 1
     for _ in range(10):
-        timed_step()
+        timed_step(False)
     ordered = sorted(gaps)
     p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    decode_p50 = sorted(steps[False])[len(steps[False]) // 2]
     return {"tpot_p50_ms": 1000 * p50, "tpot_p99_ms": 1000 * p99, "ratio": p99 / p50,
-            "prefill_steps": prefill_steps, "budget": core.config.max_num_batched_tokens}  # fmt: skip
+            "prefill_steps": prefill_steps, "budget": core.config.max_num_batched_tokens,
+            "max_step_over_decode_step": max(steps[True]) / decode_p50,
+            "prefill_step_p50_over_decode_step": sorted(steps[True])[len(steps[True]) // 2] / decode_p50}  # fmt: skip

@@ -69,7 +69,9 @@ def markdown(result: dict[str, Any], png: str) -> str:
     ]
     what = {"A": "PEFT generate, one request at a time", "B": "PEFT generate, one task, batches of 64",
             "B2": "PEFT generate, 64 tasks mixed: grouped by task, each group batched",
-            "C": "engine, one task", "D": "engine, 64 tasks mixed", "E": "D over HTTP (64 streaming clients)"}  # fmt: skip
+            "C": "engine, one task", "D": "engine, 64 tasks mixed", "E": "D over HTTP (64 streaming clients)",
+            "D256": "D's requests, 256 streams (all at once)",
+            "SP": "engine, 16 tasks of 256-position prefixes, 16 streams a task"}  # fmt: skip
     for mode, row in rows.items():
         lines.append(
             f"| {mode} | {what[mode]} | {cell(row['tokens_per_s'])} | {cell(row['tokens_per_s'] / rows['A']['tokens_per_s'], 2)} | "
@@ -93,13 +95,44 @@ def markdown(result: dict[str, Any], png: str) -> str:
         f"| decode step / its GEMMs alone, 64 rows | {cell(ratios.get('decode_step_over_gemm'), 2)} | <= 1.25 |",
         f"| long-prompt TPOT p99 / p50 (63 decoding, 1,000-token prompt) | "
         f"{cell(ratios.get('long_prompt_tpot_p99_over_p50'), 2)} | <= 1.5 |",
+        f"| longest step of that prefill / median decode-only step | "
+        f"{cell(ratios.get('long_prompt_max_step_over_decode_step'), 2)} | reported (~1.5 by design) |",
+        f"| D256 / its roofline | {cell(ratios.get('D256_over_roofline'), 2)} | >= 0.65 |",
+        f"| SP / D (tokens/s) | {cell(ratios.get('SP_over_D'), 2)} | reported |",
+        f"| SP: KV bytes held per running row / bytes of its own tokens | "
+        f"{cell(ratios.get('sp_kv_bytes_per_row_over_own'), 2)} | <= 1.15 |",
+        f"| rows running at once in the slot layout's budget for 16 rows of 2,048 / 16 | "
+        f"{cell(ratios.get('capacity_over_slot_layout'), 2)} | >= 4 |",
+        f"| grouped / per-row prefix attention, 64 rows, 512-position prefix | "
+        f"{cell(ratios.get('grouped_attention_over_per_row'), 2)} | <= 0.5 |",
         f"| decode-step MFU, 64 rows | {cell(ratios['decode_mfu_64_rows'], 2)} | reported |",
         f"| D / A | {ratios['D_over_A']:.2f} | reported |",
         "",
         f"Notes: A: {rows['A']['note']}. B: {rows['B']['note']}."
         + (f" B2: {rows['B2']['note']}." if "B2" in rows else ""),
+        *_paged_notes(rows),
         "",
         f"![throughput and TTFT]({png})",
         "",
     ]
     return "\n".join(lines)
+
+
+def _paged_notes(rows: dict[str, Any]) -> list[str]:
+    """What the probes of bench/throughput_paged.py and the long-prompt probe saw, in figures."""
+    if not {"D", "D256", "SP"} <= set(rows):
+        return []
+    long, cap = rows["D"]["extra"]["long_prompt"], rows["D256"]["extra"]["capacity"]
+    sp, attn = rows["SP"]["extra"], rows["SP"]["extra"]["grouped_attention"]
+    return [
+        "",
+        f"Long prompt: {long['prefill_steps']} steps of prefill at the default flags (chunks capped by the "
+        f"scheduler's stall rule while rows decode), TPOT p50 {long['tpot_p50_ms']:.0f} ms, p99 "
+        f"{long['tpot_p99_ms']:.0f} ms. Capacity: {cap['peak_rows']} rows at once in "
+        f"{cap['kv_budget_bytes'] / 2**20:.0f} MiB ({cap['offered']} D requests offered, {cap['steps']} steps). "
+        f"SP: {sp['peak_rows']} rows at the peak; KV held per row over own tokens "
+        f"{sp['kv_per_row_over_own']:.2f} there, {sp['kv_per_row_over_own_mean']:.2f} averaged over every "
+        f"step (ramp and drain included). Attention probe ({attn['rows']} rows, {attn['prefix_len']}-position "
+        f"prefix, {attn['own']} own tokens, one layer, median): grouped {attn['grouped_ms']:.1f} ms, per row "
+        f"{attn['per_row_ms']:.1f} ms, outputs equal to {attn['max_abs_diff']:.1e}.",
+    ]

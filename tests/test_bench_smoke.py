@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,27 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "throughput-smoke.json").read_text())
-    assert set(result["modes"]) == {"A", "B", "B2", "C", "D", "E"}
+    assert set(result["modes"]) == {"A", "B", "B2", "C", "D", "E", "D256", "SP"}
     for mode, row in result["modes"].items():
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0, mode
         assert row["ttft_p50_ms"] is not None and row["peak_rss_mib"] > 0, mode
     assert result["roofline"]["roofline_tokens_per_s"] > 0
     assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert 0 < result["ratios"]["decode_mfu_64_rows"] < 1
+    for key in ("D256_over_roofline", "SP_over_D", "sp_kv_bytes_per_row_over_own",
+                "capacity_over_slot_layout", "grouped_attention_over_per_row",
+                "long_prompt_tpot_p99_over_p50",
+                "long_prompt_max_step_over_decode_step"):  # fmt: skip
+        assert math.isfinite(result["ratios"][key]) and result["ratios"][key] > 0, key
+    assert result["ratios"]["sp_kv_bytes_per_row_over_own"] >= 1  # rows hold at least their own tokens
+    assert result["ratios"]["capacity_over_slot_layout"] > 1  # short rows: more than the slot layout's 16
+    assert result["modes"]["SP"]["extra"]["grouped_attention"]["max_abs_diff"] < 1e-4  # the two ways agree
     assert (tmp_path / "throughput-smoke.png").stat().st_size > 10_000
+    sys.path.insert(0, str(ROOT / "bench"))
+    import throughput_report  # the docs section of a full run, from the smoke's result
+
+    text = throughput_report.markdown(result, "throughput-smoke.png")
+    assert "| D256 |" in text and "| SP |" in text and "Capacity: " in text
 
 
 def test_soak_smoke(tmp_path: Path) -> None:

@@ -31,6 +31,10 @@ from server.engine.stats import EngineStats, StepStats, finished_request
 
 log = logging.getLogger(__name__)
 
+# a prefill chunk stretches a step holding decode rows to about this many decode steps at most
+# (stall-free batching, Sarathi-Serve): long prompts cost the running rows little, by default
+MAX_DECODE_STALL = 1.5
+
 
 @dataclass(frozen=True)
 class Add:
@@ -89,6 +93,7 @@ class EngineCore:
             max_num_tokens=config.max_num_batched_tokens,
             max_rows_per_tenant=config.max_rows_per_tenant,
             blocks=RequestBlocks(kv.pool),
+            max_stall=MAX_DECODE_STALL,
         )
         output_embeddings = loaded.model.get_output_embeddings()
         vocab = output_embeddings.weight.shape[0] if output_embeddings is not None else loaded.vocab_size

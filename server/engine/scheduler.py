@@ -8,7 +8,13 @@ A row's work is a sequence of tokens to feed (its prompt; after a preemption, it
 what it generated so far). Like vLLM v1, prompt and generated tokens are alike: each step a
 row feeds its next tokens; while it has more than one left it is *prefilling* (possibly in
 chunks over several steps), then it *decodes* one token a step. Running decode rows are
-scheduled first, prefill chunks fill the rest of the budget.
+scheduled first, prefill chunks fill the rest of the budget. With `max_stall` (stall-free
+batching, Sarathi-Serve), while rows decode one row's prefill chunk is at most
+`max(min_prefill_tokens, (max_stall - 1) * decode rows)` tokens: a step's cost grows about
+linearly with its tokens, so a long prompt stretches the decode rows' steps by about `max_stall`
+at most, spread over more steps; the floor keeps prompts moving when few rows decode. The cap is
+per row, not per step: short prompts of many new rows still start together (their rows are what
+keeps the batch full), within the token budget.
 
 With `blocks` (the paged KV pool), memory is a resource too: a row is admitted only when its
 prefix and first chunk fit, a chunk is cut to the blocks available, and when decode rows need
@@ -27,6 +33,7 @@ class HasId(Protocol):
 
 
 R = TypeVar("R", bound=HasId)
+_UNBOUNDED = 1 << 62  # a cap that never binds
 R_contra = TypeVar("R_contra", bound=HasId, contravariant=True)
 
 
@@ -98,12 +105,17 @@ class Scheduler(Generic[R]):
         max_num_tokens: int | None = None,
         max_rows_per_tenant: int | None = None,
         blocks: BlockBudget[R] | None = None,
+        max_stall: float | None = None,
+        min_prefill_tokens: int = 32,
     ) -> None:
         self.max_rows = max_rows
         self.blocks = blocks
         self.tenant_of = tenant_of  # when set, admission goes round-robin over tenants
         self.num_tokens_of = num_tokens_of or (lambda r: 1)  # tokens to feed on admission
         self.max_num_tokens = max_num_tokens
+        self.max_stall = max_stall  # None: a row's prefill chunk is bounded by the step's budget alone
+        self.min_prefill_tokens = min_prefill_tokens
+        self._chunk_cap = _UNBOUNDED  # this step's cap on one row's prefill chunk
         self.max_rows_per_tenant = max_rows_per_tenant
         self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
         self._num_admitted = 0
@@ -145,6 +157,7 @@ class Scheduler(Generic[R]):
             if left[r.request_id] <= 0 and r.request_id not in self.paused
         ]
         num_decode, budget = len(rows), budget - len(rows)
+        self._chunk_cap = self.chunk_cap(num_decode)
         # prefills under way: each tenant's fair chunk, taken now (their blocks before any admission's)
         chunks = self._prefill_chunks(left, budget)
         continuing = len(rows)
@@ -160,7 +173,7 @@ class Scheduler(Generic[R]):
                 break
             request = picked
             target = self.num_tokens_of(request)
-            first_chunk = min(target, budget)
+            first_chunk = min(target, budget, self._chunk_cap)
             if self.blocks is not None and not self.blocks.admit(request, first_chunk):
                 self.waiting.appendleft(request)  # no room for it yet: it stays first in line
                 break
@@ -175,6 +188,12 @@ class Scheduler(Generic[R]):
         rows[continuing:end] = self._top_up(left, rows[continuing:end], budget, len(admitted))
         self.num_last_rows = len(rows)
         return ScheduledBatch(rows, num_decode, admitted, moves, num_for_fairness, num_for_blocks)
+
+    def chunk_cap(self, num_decode: int) -> int:
+        """One row's prefill tokens in a step with `num_decode` decode rows (the budget aside)."""
+        if self.max_stall is None or num_decode == 0:
+            return _UNBOUNDED
+        return max(self.min_prefill_tokens, int((self.max_stall - 1) * num_decode))
 
     def _top_up(
         self, left: dict[str, int], taken: list[RowWork[R]], budget: int, num_admitted: int
@@ -191,7 +210,7 @@ class Scheduler(Generic[R]):
             chunk = 0 if row is None else row.num_tokens
             if row is not None:
                 self._computed[request_id] = row.start  # taken again below, with the extra
-            room = min(left[request_id], self._room(request))
+            room = min(left[request_id], self._chunk_cap, self._room(request))
             extra = max(0, min(room - chunk, budget))
             budget -= extra
             if chunk + extra > 0:
@@ -211,7 +230,7 @@ class Scheduler(Generic[R]):
         chunks: dict[str, int] = {}
         for request in under_way:
             tenant = tenant_of(request)
-            room = min(quota[tenant], self._room(request))
+            room = min(self._chunk_cap, quota[tenant], self._room(request))
             chunk = min(left[request.request_id], budget, room)
             if chunk > 0:
                 chunks[request.request_id] = chunk

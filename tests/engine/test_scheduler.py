@@ -477,3 +477,45 @@ def test_prefill_share_without_tenants_is_the_whole_budget_in_slot_order() -> No
         scheduler.add(job)
     assert _plan(scheduler.schedule()) == [("a:1", 0, 0, 64, False)]
     assert _plan(scheduler.schedule()) == [("a:1", 0, 64, 64, False)]  # FIFO: b:1 waits for budget
+
+
+def test_while_rows_decode_one_rows_prefill_chunk_is_capped_to_the_stall_budget() -> None:
+    """Stall-free batching: with 40 rows decoding and `max_stall` 1.5, a long prompt feeds
+    0.5 * 40 = 20 tokens a step (not the 472 the token budget leaves), so its chunks stretch
+    the decode rows' step by about 1.5x at most; with nobody decoding it takes the whole budget.
+    The cap is per row: short prompts arriving together still start together."""
+    scheduler = _budget_scheduler(max_rows=64, budget=512, max_stall=1.5, min_prefill_tokens=8)
+    scheduler.add(Job("first", 1000))
+    assert _plan(scheduler.schedule()) == [("first", 0, 0, 512, False)]  # nobody decodes yet
+    scheduler.retire({"first"})
+    for i in range(40):
+        scheduler.add(Job(f"d{i}", 1))
+    scheduler.schedule()  # 40 one-token prompts: decoding from the next step on
+    scheduler.add(Job("long", 1000))
+    batch = scheduler.schedule()
+    assert batch.num_decode == 40 and _plan(batch)[40:] == [("long", 40, 0, 20, False)]
+    for name in ("s1", "s2"):
+        scheduler.add(Job(name, 15))
+    assert _plan(scheduler.schedule())[40:] == [
+        ("long", 40, 20, 20, False), ("s1", 41, 0, 15, True), ("s2", 42, 0, 15, True),
+    ]  # fmt: skip
+    assert scheduler.chunk_cap(40) == 20 and scheduler.chunk_cap(41) == 20 and scheduler.chunk_cap(0) > 512
+
+
+def test_the_stall_cap_has_a_floor_so_prompts_move_when_few_rows_decode() -> None:
+    scheduler = _budget_scheduler(max_rows=8, budget=512, max_stall=1.5, min_prefill_tokens=8)
+    scheduler.add(Job("a", 1))
+    scheduler.schedule()
+    scheduler.add(Job("long", 100))
+    # one row decodes: 0.5 token would starve the prompt, the floor gives it 8
+    assert _plan(scheduler.schedule()) == [("a", 0, 1, 1, True), ("long", 1, 0, 8, False)]
+    assert _plan(scheduler.schedule()) == [("a", 0, 2, 1, True), ("long", 1, 8, 8, False)]
+    assert scheduler.chunk_cap(1) == 8 and scheduler.chunk_cap(100) == 50
+
+
+def test_without_max_stall_a_prompt_fills_the_whole_budget_beside_decode_rows() -> None:
+    scheduler = _budget_scheduler(max_rows=8, budget=100)
+    scheduler.add(Job("a", 1))
+    scheduler.schedule()
+    scheduler.add(Job("long", 1000))
+    assert _plan(scheduler.schedule()) == [("a", 0, 1, 1, True), ("long", 1, 0, 99, False)]

@@ -73,7 +73,8 @@ def run_throughput(w: throughput.Workload) -> dict[str, Any]:
         modes.build(w, workdir)
         build_s = time.perf_counter() - started
         roof = modes.roofline(w)
-        rows = {m: throughput.summarise(m, throughput.run_mode_process(m, w, workdir)) for m in ("B", "D")}
+        raw = {m: throughput.run_mode_process([m], w, workdir)[m] for m in ("B", "D", "D256")}
+        rows = {m: throughput.summarise(m, result) for m, result in raw.items()}
     tps = {m: r["tokens_per_s"] for m, r in rows.items()}
     extra = rows["D"]["extra"]
     return {
@@ -83,6 +84,7 @@ def run_throughput(w: throughput.Workload) -> dict[str, Any]:
         "ratios": {
             "D_over_B": tps["D"] / tps["B"],
             "D_over_roofline": tps["D"] / roof["roofline_tokens_per_s"],
+            "D256_over_roofline": tps["D256"] / roof["roofline_tokens_per_s"],
             "decode_step_over_gemm": extra["decode_step_over_gemm"]["ratio"],
             "long_prompt_tpot_p99_over_p50": extra["long_prompt"]["ratio"],
         },
@@ -116,7 +118,8 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"D/B {r['D_over_B']:.2f}; D / roofline {r['D_over_roofline']:.3f} (GEMM rate "
+        f"D/B {r['D_over_B']:.2f}; D / roofline {r['D_over_roofline']:.3f}, D256 / roofline "
+        f"{r['D256_over_roofline']:.3f} (GEMM rate "
         f"{t['roofline']['gemm_2048_flops_per_s'] / 1e12:.0f} TFLOP/s); decode step / its GEMMs "
         f"{r['decode_step_over_gemm']:.2f} ({t['decode_step']['decode_step_ms']:.1f} ms vs "
         f"{t['decode_step']['decode_gemms_ms']:.1f} ms); long-prompt TPOT p99/p50 "

@@ -142,6 +142,7 @@ def grouped_attention(loaded: Any, spec: Any, w: Any, rows: int = 64, prefix_len
                       own: int = 64) -> dict[str, Any]:  # fmt: skip
     """One layer's attention for `rows` decode rows of one task (server/engine/attention.py),
     the prefix read by the group vs by each row; the same pool, queries and plan rows."""
+    from prefix_store.entry import PrefixMeta
     from server.engine.attention import step_attention_forward
     from server.engine.attention_plan import PlanRow, prepare
     from server.engine.kv_cache import KVLayout, PagedKVCache
@@ -149,10 +150,11 @@ def grouped_attention(loaded: Any, spec: Any, w: Any, rows: int = 64, prefix_len
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, rows, own + 1, loaded.dtype,
                       loaded.device, num_blocks=rows * (own // 16 + 1) + prefix_len // 16 + 2)  # fmt: skip
     kv = PagedKVCache(layout)
-    source = torch.empty(0)  # the prefix's identity in the pool
+    source = torch.empty(0)  # never copied: the probe fills the pool with random K/V below
+    meta = PrefixMeta("probe:task", 1, prefix_len, 0, str(loaded.dtype).removeprefix("torch."), "", "")
     plan_rows = []
     for i in range(rows):
-        assert kv.pool.admit(f"r{i}", "task", source, prefix_len, own + 1)
+        assert kv.pool.admit(f"r{i}", meta, source, prefix_len, own + 1)
         plan_rows.append(PlanRow(kv.pool.prefix_of(f"r{i}"), kv.pool.table(f"r{i}"), own, 1))
     generator = torch.Generator().manual_seed(5)
     key, value = (torch.randn(kv.keys[0].shape, generator=generator).to(loaded.dtype) for _ in range(2))

@@ -65,7 +65,7 @@ def test_soak_smoke(tmp_path: Path) -> None:
 
 def test_gpu_check_smoke(tmp_path: Path) -> None:
     """`make gpu-check`'s steps on the CPU with a tiny Llama in bf16: the device oracle passes,
-    and B, D, the roofline and the probes report."""
+    and B, D, D256 (the paged path at 256 streams), the roofline and the probes report."""
     command = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -73,6 +73,7 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     assert result["oracle"]["passed"] and len(result["oracle"]["bf16_agreement"]) == 2
     assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     throughput = result["throughput"]
-    assert set(throughput["modes"]) == {"B", "D"} and throughput["workload"]["arch"] == "llama"
+    assert set(throughput["modes"]) == {"B", "D", "D256"} and throughput["workload"]["arch"] == "llama"
+    assert throughput["ratios"]["D256_over_roofline"] > 0
     assert all(row["tokens_per_s"] > 0 for row in throughput["modes"].values())
     assert throughput["ratios"]["D_over_B"] > 0 and throughput["roofline"]["roofline_tokens_per_s"] > 0

@@ -187,9 +187,12 @@ class Metrics:
         self.token = token
         self._has_keys: Callable[[], bool] = lambda: False
         self._fold_lock = threading.Lock()
-        self.requests = Counter(
-            "prefix_server_requests", "HTTP requests", ["endpoint", "status"], registry=registry
-        )
+        self._declare_latencies()
+        self._declare_counts()
+        self.model_info = Info("prefix_server_model", "The served model", registry=registry)
+
+    def _declare_latencies(self) -> None:
+        """The histograms: request, token, queue, step and prefix-load latencies, batch sizes."""
         self.request_duration = self._histogram(
             "prefix_server_request_duration_seconds",
             "HTTP request latency, end to end",
@@ -223,6 +226,13 @@ class Metrics:
             "Prefix load from Redis to the device (cold miss)",
             _LOAD_BUCKETS,
         )
+
+    def _declare_counts(self) -> None:
+        """The counters: requests, tokens, endings, per-task traffic, preemptions."""
+        registry = self.registry
+        self.requests = Counter(
+            "prefix_server_requests", "HTTP requests", ["endpoint", "status"], registry=registry
+        )
         self.generated_tokens = Counter(
             "prefix_server_generated_tokens", "Tokens generated", registry=registry
         )
@@ -252,7 +262,6 @@ class Metrics:
         )
         for cause in ("blocks", "fairness"):
             self.preemptions.labels(cause=cause)  # both series from the start
-        self.model_info = Info("prefix_server_model", "The served model", registry=registry)
 
     def _histogram(
         self, name: str, doc: str, buckets: tuple[float, ...], labels: list[str] | None = None

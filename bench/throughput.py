@@ -207,7 +207,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path, docs: Path | None) -> N
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     throughput_report.plot(result, out_dir / f"{name}.png")
     if docs is not None:
-        write_section(docs, name, throughput_report.markdown(result, f"bench/results/{name}.png"))
+        write_section(docs, name, throughput_report.markdown(result, f"../bench/results/{name}.png"))
 
 
 def write_skipped(workload: Workload, reason: str, out_dir: Path, docs: Path | None, smoke: bool) -> None:

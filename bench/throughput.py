@@ -124,16 +124,13 @@ def run_mode_process(group: list[str], workload: Workload, workdir: Path) -> dic
 
 
 def mode_groups(names: list[str], smoke: bool) -> list[list[str]]:
-    """A process a mode; the smoke runs D256 and SP in D's (a process start costs more than they do)."""
-    groups = [[m] for m in names if not (smoke and "D" in names and m in ("D256", "SP"))]
-    for group in groups:
-        if smoke and group == ["D"]:
-            group += [m for m in ("D256", "SP") if m in names]
-    return groups
+    """A process a mode (each mode's memory and warm-up its own); the smoke runs every mode in one
+    process, where a process start (torch, transformers) costs more than the tiny modes do."""
+    return [names] if smoke else [[m] for m in names]
 
 
 def child(group: str, workload: Workload, workdir: Path) -> None:
-    """Run the modes of `group` ("D" or "D,D256,SP") in this process and write their raw results."""
+    """Run the modes of `group` ("D", or "A,B,...": the smoke) in this process; write their raw results."""
     runners = {"A": modes.peft_sequential, "B": modes.peft_batched, "B2": modes.peft_grouped,
                "C": modes.engine_one_task, "D": modes.engine_mixed, "E": throughput_http.http_mixed,
                "D256": paged.engine_mixed_256, "SP": paged.engine_shared_prefix}  # fmt: skip

@@ -204,7 +204,8 @@ class PrefixCache:
         """Drop every resident entry whose version is no longer current in Redis; returns how many tasks."""
         resident = {(task_id, e.meta.version) for tier in self.tiers for task_id, e in tier.items()}
         current = await self.store.versions(sorted({task_id for task_id, _ in resident}))
-        stale = {task_id for task_id, version in resident if current.get(task_id) != version}
+        # a task left out of `current` could not be read (its primary is down): it keeps serving
+        stale = {task_id for task_id, version in resident if current.get(task_id, version) != version}
         for task_id in stale:
             self.invalidate(task_id)
         return len(stale)

@@ -121,7 +121,7 @@ def test_a_dead_primary_fails_only_its_tasks(
     assert generate(client, a, alive[1]).status_code == 200  # cold, on a live primary
     fresh = next(f"new:{i}" for i in range(1000) if not is_dead(f"new:{i}"))
     fresh_upload = upload(client, a, fresh, canonical(5)[0])
-    assert fresh_upload.status_code == 201, fresh_upload.text
+    assert fresh_upload.status_code == 201, fresh_upload.text + a.log_tail()
     assert generate(client, a, fresh).status_code == 200
     lost = next(f"new:{i}" for i in range(1000) if is_dead(f"new:{i}"))
     refused = upload(client, a, lost, canonical(6)[0])

@@ -8,10 +8,13 @@ import contextlib
 import time
 
 import pytest
+import torch
 from redis.crc import key_slot
 
 from infra.connection import connect
+from prefix_store.entry import PrefixSpec
 from prefix_store.errors import StoreUnavailable
+from prefix_store.prefix_cache import PrefixCache
 from prefix_store.redis_store import RedisPrefixStore
 from tests.redis_topology import ClusterSetup, redis7_server
 
@@ -60,3 +63,35 @@ def test_acknowledged_uploads_survive_a_primary_crash() -> None:
 
         failover_s = asyncio.run(scenario())
         print(f"\ncluster failover: the killed primary's tasks readable again after {failover_s:.2f} s")
+
+
+def test_a_dead_primary_without_replica_keeps_other_tasks_serving() -> None:
+    """No replica: the dead primary's resident prefixes keep serving (the version check cannot
+    read them, which is not a change), and uploads of tasks on live primaries go on at once."""
+    spec = PrefixSpec(num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, max_prefix_len=8)
+    with contextlib.closing(ClusterSetup(3)) as cluster:
+        dead_port = cluster.ports[1]
+        dead_slots = cluster.slots_of(dead_port)
+
+        async def scenario() -> None:
+            client = connect(cluster.url)
+            try:
+                store = RedisPrefixStore(client, "fp-dead-primary")
+                cache = PrefixCache(store, spec, torch.device("cpu"), 1 << 20)
+                ids = [f"t{i}" for i in range(40)]
+                dead = next(t for t in ids if _slot(store, t) in dead_slots)
+                alive = [t for t in ids if _slot(store, t) not in dead_slots]
+                for task_id in (dead, alive[0]):
+                    await cache.put(task_id, torch.ones(spec.shape(2)))
+                    assert await cache.get(task_id) is not None
+                cluster.kill(dead_port)
+                assert await cache.reconcile() == 0
+                assert {entry.task_id for entry in cache.resident()} == {dead, alive[0]}
+                for task_id in alive[1:]:  # right after the kill, while redis-py relearns the map
+                    assert (await cache.put(task_id, torch.ones(spec.shape(2)))).version == 1
+                with pytest.raises(StoreUnavailable):
+                    await cache.put(dead, torch.ones(spec.shape(2)))
+            finally:
+                await client.aclose()
+
+        asyncio.run(scenario())

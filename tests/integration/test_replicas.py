@@ -107,7 +107,7 @@ def test_a_running_request_finishes_on_the_version_it_started_with(
 ) -> None:
     a, _, _ = replicas
     v1 = upload_adapter(client, a, "acme:t", adapters[0].weights, adapters[0].config).json()
-    body = {**BODY, "max_new_tokens": 3000, "stream": True}
+    body = {**BODY, "max_new_tokens": 400, "stream": True}
     reference = client.post(a.url + "/generate", json={**body, "stream": False}).json()
     with client.stream("POST", a.url + "/generate", json=body) as response:
         lines = response.iter_lines()

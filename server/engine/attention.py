@@ -54,18 +54,44 @@ def merge(
     return torch.exp(lse_a - lse)[..., None] * out_a + torch.exp(lse_b - lse)[..., None] * out_b, lse
 
 
+def attend_per_kv_head(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    where: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`attend` for `q` `[B, kv_heads, M, d]` against the pool positions `where` `[B * N]` of
+    `key`/`value` (`[positions, kv_heads, d]`), one KV head at a time: gather that head's keys
+    (`[B, N, d]`, contiguous) and multiply while they are still in cache. Gathering every head at
+    once and permuting to `[B, kv_heads, N, d]` made the product copy all keys again, and the
+    gathered keys of all heads outgrow the cache (together two thirds of a 64-row CPU decode step
+    at GPT-2 small). `mask` (True: attend) broadcastable to `[B, 1, M, N]`, the same for every
+    head. Returns float32 `out [B, kv_heads, M, d]`, `lse [B, kv_heads, M]` (None without `need_lse`)."""
+    batch, kv_heads, m, d = q.shape
+    out = q.new_empty(batch, kv_heads, m, d, dtype=torch.float32)
+    lse = q.new_empty(batch, kv_heads, m, dtype=torch.float32) if need_lse else None
+    head_mask = None if mask is None else mask[:, 0]
+    for h in range(kv_heads):
+        k = key[:, h].index_select(0, where).view(batch, -1, d)
+        v = value[:, h].index_select(0, where).view(batch, -1, d)
+        out[:, h], head_lse = attend(q[:, h], k, v, scale, head_mask, need_lse)
+        if lse is not None:
+            lse[:, h] = head_lse
+    return out, lse
+
+
 def _own_singles(
     plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, need_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One-token rows against the keys each reads by itself: `[n1, heads, d]`, `[n1, heads]`."""
     n1, heads, d = q.shape
     kv_heads = key.shape[1]
-    width = plan.single_positions.shape[1]
     qs = q.view(n1, kv_heads, heads // kv_heads, d)  # [n1, kv_heads, rep, d]
     where = plan.single_positions.reshape(-1)  # a flat index_select: far cheaper than a 2-D gather
-    ks = key.index_select(0, where).view(n1, width, kv_heads, d).permute(0, 2, 1, 3)  # [n1, kv_heads, L, d]
-    vs = value.index_select(0, where).view(n1, width, kv_heads, d).permute(0, 2, 1, 3)
-    out, lse = attend(qs, ks, vs, scale, plan.single_mask[:, None, None, :], need_lse)
+    out, lse = attend_per_kv_head(qs, key, value, where, scale, plan.single_mask[:, None, None, :], need_lse)
     return out.reshape(n1, heads, d), None if lse is None else lse.reshape(n1, heads)
 
 
@@ -75,17 +101,13 @@ def _own_chunks(
     """Every chunk row's queries against the keys it reads by itself, padded into one batch;
     returns `[real queries, heads, d]`, `[real queries, heads]` in `chunk_tokens` order."""
     nc, width_q = plan.chunk_tokens.shape
-    width_k = plan.chunk_positions.shape[1]
     heads, d = q.shape[1], q.shape[2]
     kv_heads = key.shape[1]
     rep = heads // kv_heads
     qc = q[plan.chunk_tokens.reshape(-1)].view(nc, width_q, kv_heads, rep, d)
     qc = qc.permute(0, 2, 3, 1, 4).reshape(nc, kv_heads, rep * width_q, d)  # [nc, kv_heads, rep * Lq, d]
-    where = plan.chunk_positions.reshape(-1)
-    kc = key.index_select(0, where).view(nc, width_k, kv_heads, d).transpose(1, 2)  # [nc, kv_heads, Lk, d]
-    vc = value.index_select(0, where).view(nc, width_k, kv_heads, d).transpose(1, 2)
     mask = plan.chunk_mask.repeat(1, rep, 1)[:, None]  # [nc, 1, rep * Lq, Lk]
-    out, lse = attend(qc, kc, vc, scale, mask, need_lse)
+    out, lse = attend_per_kv_head(qc, key, value, plan.chunk_positions.reshape(-1), scale, mask, need_lse)
     real = plan.chunk_queries.reshape(-1)
     out = out.view(nc, kv_heads, rep, width_q, d).permute(0, 3, 1, 2, 4).reshape(nc * width_q, heads, d)
     if lse is not None:
@@ -97,19 +119,16 @@ def _grouped_prefixes(
     plan: StepAttention, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every group's queries against its prefix, all groups in one batched product (GQA folded:
-    `[groups, kv_heads, T * rep, d]` against `[groups, kv_heads, P, d]`); returns
+    `[groups, kv_heads, T * rep, d]` against its `P` keys, a product per KV head); returns
     `[real queries, heads, d]`, `[real queries, heads]` in `group_tokens` order."""
     ng, width_t = plan.group_tokens.shape
-    width_p = plan.group_positions.shape[1]
     heads, d = q.shape[1], q.shape[2]
     kv_heads = key.shape[1]
     rep = heads // kv_heads
     qg = q[plan.group_tokens.reshape(-1)].view(ng, width_t, kv_heads, rep, d)
     qg = qg.transpose(1, 2).reshape(ng, kv_heads, width_t * rep, d)
     where = plan.group_positions.reshape(-1)
-    kg = key.index_select(0, where).view(ng, width_p, kv_heads, d).transpose(1, 2)  # [ng, kv_heads, P, d]
-    vg = value.index_select(0, where).view(ng, width_p, kv_heads, d).transpose(1, 2)
-    out, lse = attend(qg, kg, vg, scale, plan.group_mask[:, None, None, :])
+    out, lse = attend_per_kv_head(qg, key, value, where, scale, plan.group_mask[:, None, None, :])
     assert lse is not None
     real = plan.group_queries.reshape(-1)
     out = out.view(ng, kv_heads, width_t, rep, d).transpose(1, 2).reshape(ng * width_t, heads, d)[real]

@@ -13,11 +13,12 @@ primaries hold ~33% each, +-3% from the hash). Per bucket:
 Per tenant namespace (`acme` of `acme:summarize`; ids without `:` have none):
 
 - `pfx:{fp:ns:<namespace>}:index`: sorted set, all scores 0, the namespace's task ids, so a
-  key scoped to `acme:*` lists its tasks from one index instead of merging 256. On a single
-  Redis or Sentinel the write script updates it atomically with the bucket index; on Cluster
-  it lives in another slot and is written by its own command (added before the record,
-  removed after it: it may name an id whose record is gone, which listing skips). Stores of
-  the previous version have none: `namespaces.py` builds them at start-up.
+  key scoped to `acme:*` lists its tasks from one index instead of merging 256. The write
+  script updates it atomically with the bucket index, on a single Redis or Sentinel only: on
+  Cluster it would live in one slot while the namespace's tasks spread over every primary, so
+  one dead primary would fail every upload of the namespace; Cluster listings merge the bucket
+  indexes instead. Stores of the previous version have none: `namespaces.py` builds them at
+  start-up.
 
 A write (hash + version + index + event) is one Lua script over one slot. Listing merges
 the 256 per-bucket indexes (see `listing.py`), which keeps every prefix listed exactly once

@@ -78,7 +78,7 @@ def attend_per_kv_head(
         k = key[:, h].index_select(0, where).view(batch, -1, d)
         v = value[:, h].index_select(0, where).view(batch, -1, d)
         out[:, h], head_lse = attend(q[:, h], k, v, scale, head_mask, need_lse)
-        if lse is not None:
+        if lse is not None and head_lse is not None:
             lse[:, h] = head_lse
     return out, lse
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # a prefill chunk stretches a step holding decode rows to about this many decode steps at most
 # (stall-free batching, Sarathi-Serve): long prompts cost the running rows little, by default
 MAX_DECODE_STALL = 1.5
+# while rows decode, one tenant's prefills together feed at most this many such chunks a step
+PREFILL_ROWS_PER_TENANT = 4
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class EngineCore:
             max_rows_per_tenant=config.max_rows_per_tenant,
             blocks=RequestBlocks(kv.pool),
             max_stall=MAX_DECODE_STALL,
+            prefill_rows_per_tenant=PREFILL_ROWS_PER_TENANT,
         )
         output_embeddings = loaded.model.get_output_embeddings()
         vocab = output_embeddings.weight.shape[0] if output_embeddings is not None else loaded.vocab_size

@@ -14,7 +14,9 @@ batching, Sarathi-Serve), while rows decode one row's prefill chunk is at most
 linearly with its tokens, so a long prompt stretches the decode rows' steps by about `max_stall`
 at most, spread over more steps; the floor keeps prompts moving when few rows decode. The cap is
 per row, not per step: short prompts of many new rows still start together (their rows are what
-keeps the batch full), within the token budget.
+keeps the batch full), within the token budget. One tenant's prefills together get at most
+`prefill_rows_per_tenant` such chunks a step: eight long prompts of one key stall everyone's decode
+rows no more than that many do (issue 25, finding #6).
 
 With `blocks` (the paged KV pool), memory is a resource too: a row is admitted only when its
 prefix and first chunk fit, a chunk is cut to the blocks available, and when decode rows need
@@ -46,6 +48,7 @@ class Scheduler(Generic[R]):
         blocks: BlockBudget[R] | None = None,
         max_stall: float | None = None,
         min_prefill_tokens: int = 32,
+        prefill_rows_per_tenant: int | None = None,
     ) -> None:
         self.max_rows = max_rows
         self.blocks = blocks
@@ -55,6 +58,9 @@ class Scheduler(Generic[R]):
         self.max_stall = max_stall  # None: a row's prefill chunk is bounded by the step's budget alone
         self.min_prefill_tokens = min_prefill_tokens
         self._chunk_cap = _UNBOUNDED  # this step's cap on one row's prefill chunk
+        self.prefill_rows_per_tenant = prefill_rows_per_tenant  # None: a tenant's chunks are not capped
+        self._tenant_cap = _UNBOUNDED  # this step's cap on one tenant's prefill tokens
+        self._prefill_used: Counter[str] = Counter()  # tenant -> prefill tokens this step
         self.max_rows_per_tenant = max_rows_per_tenant
         self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
         self._num_admitted = 0
@@ -97,6 +103,10 @@ class Scheduler(Generic[R]):
         ]
         num_decode, budget = len(rows), budget - len(rows)
         self._chunk_cap = self.chunk_cap(num_decode)
+        rows_cap = self.prefill_rows_per_tenant
+        is_capped = rows_cap is not None and self._chunk_cap < _UNBOUNDED
+        self._tenant_cap = rows_cap * self._chunk_cap if rows_cap is not None and is_capped else _UNBOUNDED
+        self._prefill_used = Counter()
         # prefills under way: each tenant's fair chunk, taken now (their blocks before any admission's)
         chunks = self._prefill_chunks(left, budget)
         continuing = len(rows)
@@ -107,15 +117,16 @@ class Scheduler(Generic[R]):
         admitted: list[R] = []
         held = self._running_per_tenant()
         while self.waiting and budget > 0 and len(self.running) < self.max_rows:
-            picked = self._next_waiting(held)
+            picked = self._next_waiting(held, self._tenants_without_prefill_room())
             if picked is None:
                 break
             request = picked
             target = self.num_tokens_of(request)
-            first_chunk = min(target, budget, self._chunk_cap)
+            first_chunk = min(target, budget, self._chunk_cap, self._tenant_room(request))
             if self.blocks is not None and not self.blocks.admit(request, first_chunk):
                 self.waiting.appendleft(request)  # no room for it yet: it stays first in line
                 break
+            self._prefill_used[self._tenant(request)] += first_chunk
             admitted.append(request)
             if self.tenant_of is not None:
                 held[self.tenant_of(request)] += 1
@@ -150,8 +161,9 @@ class Scheduler(Generic[R]):
             if row is not None:
                 self._computed[request_id] = row.start  # taken again below, with the extra
             room = min(left[request_id], self._chunk_cap, self._room(request))
-            extra = max(0, min(room - chunk, budget))
+            extra = max(0, min(room - chunk, budget, self._tenant_room(request)))
             budget -= extra
+            self._prefill_used[self._tenant(request)] += extra
             if chunk + extra > 0:
                 rows.append(self._take(request, slot, chunk + extra))
         return rows
@@ -165,7 +177,7 @@ class Scheduler(Generic[R]):
         tenants = {tenant_of(r) for r in under_way}
         if len(self.running) < self.max_rows:
             tenants |= {tenant_of(r) for r in self.waiting}
-        quota = dict.fromkeys(tenants, max(1, budget // max(1, len(tenants))))
+        quota = dict.fromkeys(tenants, min(self._tenant_cap, max(1, budget // max(1, len(tenants)))))
         chunks: dict[str, int] = {}
         for request in under_way:
             tenant = tenant_of(request)
@@ -175,7 +187,18 @@ class Scheduler(Generic[R]):
                 chunks[request.request_id] = chunk
                 quota[tenant] -= chunk
                 budget -= chunk
+                self._prefill_used[tenant] += chunk
         return chunks
+
+    def _tenant(self, request: R) -> str:
+        return self.tenant_of(request) if self.tenant_of is not None else ""
+
+    def _tenant_room(self, request: R) -> int:
+        """Prefill tokens the request's tenant may still add this step."""
+        return self._tenant_cap - self._prefill_used[self._tenant(request)]
+
+    def _tenants_without_prefill_room(self) -> set[str]:
+        return {t for t, used in self._prefill_used.items() if used >= self._tenant_cap}
 
     def _take(self, request: R, slot: int, num_tokens: int) -> RowWork[R]:
         """Schedule `num_tokens` more of a row (a decode row: its one token)."""
@@ -227,18 +250,20 @@ class Scheduler(Generic[R]):
                 limit = min(limit, max(1, self.max_rows // len(tenants)))
         return limit
 
-    def _next_waiting(self, held: Counter[str]) -> R | None:
+    def _next_waiting(self, held: Counter[str], excluded: set[str]) -> R | None:
         """FIFO, or with tenants: the oldest request of the least recently served tenant among
         those under their row limit (`max_rows_per_tenant` is a hard cap), so a tenant with a long
-        queue never delays another tenant's request by more than one round."""
+        queue never delays another tenant's request by more than one round. Tenants in `excluded`
+        (no prefill room left this step) wait for the next step."""
         if self.tenant_of is None:
-            return self.waiting.popleft()
+            return None if "" in excluded else self.waiting.popleft()
         cap, share = self.max_rows_per_tenant or self.max_rows, self._limit()
         first: dict[str, int] = {}
         for index, request in enumerate(self.waiting):
             first.setdefault(self.tenant_of(request), index)
         # below the fair share first; a free slot nobody below it wants still goes to someone
         # (work-conserving: preemption takes it back when another tenant arrives)
+        first = {t: i for t, i in first.items() if t not in excluded}
         eligible = [t for t in first if held[t] < share] or [t for t in first if held[t] < cap]
         if not eligible:
             return None

@@ -519,3 +519,24 @@ def test_without_max_stall_a_prompt_fills_the_whole_budget_beside_decode_rows() 
     scheduler.schedule()
     scheduler.add(Job("long", 1000))
     assert _plan(scheduler.schedule()) == [("a", 0, 1, 1, True), ("long", 1, 0, 99, False)]
+
+
+def test_one_tenants_prefills_together_get_at_most_its_rows_worth_of_stall_chunks() -> None:
+    """Finding #6 of issue 25: eight long prompts of one key fed 8 stall chunks a step beside
+    everyone's decode rows. With `prefill_rows_per_tenant` 2 and a 10-token chunk cap, the hog's
+    prefills feed 20 tokens a step in all, while another tenant's prompt still starts at once."""
+    scheduler = _budget_scheduler(
+        max_rows=16, budget=512, max_stall=1.5, min_prefill_tokens=10, prefill_rows_per_tenant=2,
+        tenant_of=_tenant_job,
+    )  # fmt: skip
+    scheduler.add(Job("quiet:1", 1))
+    scheduler.schedule()  # quiet:1 decodes from now on
+    for i in range(4):
+        scheduler.add(Job(f"hog:{i}", 1000))
+    plan = _plan(scheduler.schedule())
+    assert plan == [("quiet:1", 0, 1, 1, True), ("hog:0", 1, 0, 10, False), ("hog:1", 2, 0, 10, False)]
+    scheduler.add(Job("quiet:2", 30))
+    plan = _plan(scheduler.schedule())
+    hog_tokens = sum(n for name, _, _, n, _ in plan if name.startswith("hog"))
+    assert hog_tokens == 20 and ("quiet:2", 3, 0, 10, False) in plan
+    assert scheduler.chunk_cap(1) == 10

@@ -15,8 +15,9 @@ linearly with its tokens, so a long prompt stretches the decode rows' steps by a
 at most, spread over more steps; the floor keeps prompts moving when few rows decode. The cap is
 per row, not per step: short prompts of many new rows still start together (their rows are what
 keeps the batch full), within the token budget. One tenant's prefills together get at most
-`prefill_rows_per_tenant` such chunks a step: eight long prompts of one key stall everyone's decode
-rows no more than that many do (issue 25, finding #6).
+`prefill_rows_per_tenant` such chunks a step while another tenant's rows decode: eight long prompts
+of one key stall the others' decode rows no more than that many do (issue 25, finding #6); a tenant
+alone (its own rows decoding) is not held back.
 
 With `blocks` (the paged KV pool), memory is a resource too: a row is admitted only when its
 prefix and first chunk fit, a chunk is cut to the blocks available, and when decode rows need
@@ -61,6 +62,7 @@ class Scheduler(Generic[R]):
         self.prefill_rows_per_tenant = prefill_rows_per_tenant  # None: a tenant's chunks are not capped
         self._tenant_cap = _UNBOUNDED  # this step's cap on one tenant's prefill tokens
         self._prefill_used: Counter[str] = Counter()  # tenant -> prefill tokens this step
+        self._decode_tenants: set[str] = set()  # tenants with a decode row this step
         self.max_rows_per_tenant = max_rows_per_tenant
         self._last_served: dict[str, int] = {}  # tenant -> admission number (tenants waiting only)
         self._num_admitted = 0
@@ -107,6 +109,7 @@ class Scheduler(Generic[R]):
         is_capped = rows_cap is not None and self._chunk_cap < _UNBOUNDED
         self._tenant_cap = rows_cap * self._chunk_cap if rows_cap is not None and is_capped else _UNBOUNDED
         self._prefill_used = Counter()
+        self._decode_tenants = {self._tenant(row.request) for row in rows}
         # prefills under way: each tenant's fair chunk, taken now (their blocks before any admission's)
         chunks = self._prefill_chunks(left, budget)
         continuing = len(rows)
@@ -177,7 +180,8 @@ class Scheduler(Generic[R]):
         tenants = {tenant_of(r) for r in under_way}
         if len(self.running) < self.max_rows:
             tenants |= {tenant_of(r) for r in self.waiting}
-        quota = dict.fromkeys(tenants, min(self._tenant_cap, max(1, budget // max(1, len(tenants)))))
+        share = max(1, budget // max(1, len(tenants)))
+        quota = {t: min(share, self._cap_of(t)) for t in tenants}
         chunks: dict[str, int] = {}
         for request in under_way:
             tenant = tenant_of(request)
@@ -193,12 +197,18 @@ class Scheduler(Generic[R]):
     def _tenant(self, request: R) -> str:
         return self.tenant_of(request) if self.tenant_of is not None else ""
 
+    def _cap_of(self, tenant: str) -> int:
+        """A tenant's prefill tokens this step: capped only while another tenant's rows decode
+        (they are the ones its prefill would stall)."""
+        return self._tenant_cap if self._decode_tenants - {tenant} else _UNBOUNDED
+
     def _tenant_room(self, request: R) -> int:
         """Prefill tokens the request's tenant may still add this step."""
-        return self._tenant_cap - self._prefill_used[self._tenant(request)]
+        tenant = self._tenant(request)
+        return self._cap_of(tenant) - self._prefill_used[tenant]
 
     def _tenants_without_prefill_room(self) -> set[str]:
-        return {t for t, used in self._prefill_used.items() if used >= self._tenant_cap}
+        return {t for t, used in self._prefill_used.items() if used >= self._cap_of(t)}
 
     def _take(self, request: R, slot: int, num_tokens: int) -> RowWork[R]:
         """Schedule `num_tokens` more of a row (a decode row: its one token)."""

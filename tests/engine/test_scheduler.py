@@ -540,3 +540,18 @@ def test_one_tenants_prefills_together_get_at_most_its_rows_worth_of_stall_chunk
     hog_tokens = sum(n for name, _, _, n, _ in plan if name.startswith("hog"))
     assert hog_tokens == 20 and ("quiet:2", 3, 0, 10, False) in plan
     assert scheduler.chunk_cap(1) == 10
+
+
+def test_a_tenant_alone_is_not_held_to_the_per_tenant_prefill_cap() -> None:
+    """Only another tenant's decode rows are stalled by a prefill: a tenant whose own rows are the
+    only ones decoding keeps the per-row stall cap alone (every long prompt gets its chunk)."""
+    scheduler = _budget_scheduler(
+        max_rows=16, budget=512, max_stall=1.5, min_prefill_tokens=10, prefill_rows_per_tenant=2,
+        tenant_of=_tenant_job,
+    )  # fmt: skip
+    scheduler.add(Job("hog:d", 1))
+    scheduler.schedule()
+    for i in range(4):
+        scheduler.add(Job(f"hog:{i}", 1000))
+    plan = _plan(scheduler.schedule())
+    assert [n for name, _, _, n, _ in plan if name != "hog:d"] == [10, 10, 10, 10]

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # (stall-free batching, Sarathi-Serve): long prompts cost the running rows little, by default
 MAX_DECODE_STALL = 1.5
 # while rows decode, one tenant's prefills together feed at most this many such chunks a step
-PREFILL_ROWS_PER_TENANT = 4
+PREFILL_ROWS_PER_TENANT = 2
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,8 @@ batching, Sarathi-Serve), while rows decode one row's prefill chunk is at most
 linearly with its tokens, so a long prompt stretches the decode rows' steps by about `max_stall`
 at most, spread over more steps; the floor keeps prompts moving when few rows decode. The cap is
 per row, not per step: short prompts of many new rows still start together (their rows are what
-keeps the batch full), within the token budget. One tenant's prefills together get at most
-`prefill_rows_per_tenant` such chunks a step while another tenant's rows decode: eight long prompts
-of one key stall the others' decode rows no more than that many do (issue 25, finding #6); a tenant
-alone (its own rows decoding) is not held back.
+keeps the batch full), within the token budget. While another tenant's rows decode, one tenant's
+prefills together get at most `prefill_rows_per_tenant` such chunks a step (issue 25, #6).
 
 With `blocks` (the paged KV pool), memory is a resource too: a row is admitted only when its
 prefix and first chunk fit, a chunk is cut to the blocks available, and when decode rows need
@@ -60,7 +58,6 @@ class Scheduler(Generic[R]):
         self.min_prefill_tokens = min_prefill_tokens
         self._chunk_cap = _UNBOUNDED  # this step's cap on one row's prefill chunk
         self.prefill_rows_per_tenant = prefill_rows_per_tenant  # None: a tenant's chunks are not capped
-        self._tenant_cap = _UNBOUNDED  # this step's cap on one tenant's prefill tokens
         self._prefill_used: Counter[str] = Counter()  # tenant -> prefill tokens this step
         self._decode_tenants: set[str] = set()  # tenants with a decode row this step
         self.max_rows_per_tenant = max_rows_per_tenant
@@ -105,9 +102,6 @@ class Scheduler(Generic[R]):
         ]
         num_decode, budget = len(rows), budget - len(rows)
         self._chunk_cap = self.chunk_cap(num_decode)
-        rows_cap = self.prefill_rows_per_tenant
-        is_capped = rows_cap is not None and self._chunk_cap < _UNBOUNDED
-        self._tenant_cap = rows_cap * self._chunk_cap if rows_cap is not None and is_capped else _UNBOUNDED
         self._prefill_used = Counter()
         self._decode_tenants = {self._tenant(row.request) for row in rows}
         # prefills under way: each tenant's fair chunk, taken now (their blocks before any admission's)
@@ -175,7 +169,7 @@ class Scheduler(Generic[R]):
         """Tokens of each prefill under way this step, in slot order, each tenant (those with a
         prefill under way, or waiting while a slot is free) within an equal share of `budget`: one
         tenant's long prompts cannot take every step's whole budget while another's wait."""
-        tenant_of = self.tenant_of or (lambda r: "")
+        tenant_of = self._tenant
         under_way = [r for r in self.running if left[r.request_id] > 0]
         tenants = {tenant_of(r) for r in under_way}
         if len(self.running) < self.max_rows:
@@ -198,9 +192,12 @@ class Scheduler(Generic[R]):
         return self.tenant_of(request) if self.tenant_of is not None else ""
 
     def _cap_of(self, tenant: str) -> int:
-        """A tenant's prefill tokens this step: capped only while another tenant's rows decode
-        (they are the ones its prefill would stall)."""
-        return self._tenant_cap if self._decode_tenants - {tenant} else _UNBOUNDED
+        """A tenant's prefill tokens this step: `prefill_rows_per_tenant` chunks, only while the
+        chunk is capped and another tenant's rows decode (they are the ones its prefill would stall)."""
+        rows = self.prefill_rows_per_tenant
+        if rows is None or self._chunk_cap >= _UNBOUNDED or not self._decode_tenants - {tenant}:
+            return _UNBOUNDED
+        return rows * self._chunk_cap
 
     def _tenant_room(self, request: R) -> int:
         """Prefill tokens the request's tenant may still add this step."""
@@ -265,8 +262,8 @@ class Scheduler(Generic[R]):
         those under their row limit (`max_rows_per_tenant` is a hard cap), so a tenant with a long
         queue never delays another tenant's request by more than one round. Tenants in `excluded`
         (no prefill room left this step) wait for the next step."""
-        if self.tenant_of is None:
-            return None if "" in excluded else self.waiting.popleft()
+        if self.tenant_of is None:  # one tenant: never capped (no other tenant's rows to stall)
+            return self.waiting.popleft()
         cap, share = self.max_rows_per_tenant or self.max_rows, self._limit()
         first: dict[str, int] = {}
         for index, request in enumerate(self.waiting):

@@ -32,18 +32,26 @@ def attend(
     scale: float,
     mask: torch.Tensor | None = None,
     need_lse: bool = True,
+    blocked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention returning float32 `(out [..., M, d], lse [..., M])`.
 
-    `q` `[..., M, d]`, `k`/`v` `[..., N, d]`, `mask` (True: attend) broadcastable to `[..., M, N]`.
-    Plain matrix products, not SDPA: PyTorch's fused CPU kernel costs far more at these small,
-    many-batch shapes (it threads over the batch). Without `need_lse`, lse is None."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [..., M, N]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [..., M]
-    probs = torch.exp(scores - lse[..., None])
-    return torch.matmul(probs.to(v.dtype), v).float(), lse if need_lse else None
+    `q` `[..., M, d]`, `k`/`v` `[..., N, d]`, `mask` (True: attend) broadcastable to `[..., M, N]`
+    (or its negation `blocked`, for a caller that uses one mask many times). Plain matrix
+    products, not SDPA: PyTorch's fused CPU kernel costs far more at these small, many-batch
+    shapes (it threads over the batch). Without `need_lse`, lse is None and the probabilities
+    are one fused softmax; with it, one exponential serves both (not logsumexp, then exp again)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)  # [..., M, N]
+    if blocked is None and mask is not None:
+        blocked = ~mask
+    if blocked is not None:
+        scores.masked_fill_(blocked, float("-inf"))
+    if not need_lse:
+        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v).float(), None
+    peak = scores.amax(dim=-1, keepdim=True)
+    total = scores.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    probs = scores.div_(total)
+    return torch.matmul(probs.to(v.dtype), v).float(), (peak + total.log()).squeeze(-1)
 
 
 def merge(
@@ -73,11 +81,11 @@ def attend_per_kv_head(
     batch, kv_heads, m, d = q.shape
     out = q.new_empty(batch, kv_heads, m, d, dtype=torch.float32)
     lse = q.new_empty(batch, kv_heads, m, dtype=torch.float32) if need_lse else None
-    head_mask = None if mask is None else mask[:, 0]
+    blocked = None if mask is None else ~mask[:, 0]  # negated once for every head
     for h in range(kv_heads):
         k = key[:, h].index_select(0, where).view(batch, -1, d)
         v = value[:, h].index_select(0, where).view(batch, -1, d)
-        out[:, h], head_lse = attend(q[:, h], k, v, scale, head_mask, need_lse)
+        out[:, h], head_lse = attend(q[:, h], k, v, scale, need_lse=need_lse, blocked=blocked)
         if lse is not None and head_lse is not None:
             lse[:, h] = head_lse
     return out, lse

@@ -196,6 +196,43 @@ def test_the_scale_out_pages_commands_run_against_the_cluster(cluster: Cluster) 
     assert len(replicas) == 1, replicas  # /generate and /v1/completions of one task: one replica
 
 
+def _health_over(sock: socket.socket) -> bytes:
+    """What the proxy answers `GET /health` on an open connection (b"": it closed it unanswered)."""
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.settimeout(10)
+        return sock.recv(64)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+def test_one_address_over_its_connection_limit_is_refused_at_the_proxy_and_others_are_served(
+    cluster: Cluster,
+) -> None:
+    """HAProxy's per-source limits (256 open by default): the 257th connection of one address is
+    closed unanswered at accept, while a client of another address (127.0.0.2) is served."""
+    port = int(cluster.url.rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(256)]
+    try:
+        time.sleep(0.5)  # the proxy has accepted (and counted) them all
+        over = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _health_over(over) == b""
+        over.close()
+        other = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+        assert _health_over(other).startswith(b"HTTP/1.1 200")
+        other.close()
+        assert _health_over(held[0]).startswith(b"HTTP/1.1 200")  # those within the limit work
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10  # the address is served again once its connections closed
+    while time.monotonic() < deadline:
+        if _health_over(socket.create_connection(("127.0.0.1", port), timeout=5)).startswith(b"HTTP/1.1 200"):
+            return
+        time.sleep(0.2)
+    raise AssertionError("127.0.0.1 still refused after closing its connections")
+
+
 def _wait_refused(port: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

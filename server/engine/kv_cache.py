@@ -11,6 +11,7 @@ of a 300-token row), while block tables stay short enough to build on the CPU ev
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -36,7 +37,7 @@ class KVLayout:
     num_blocks: int | None = None  # None: num_slots rows of max_len positions (+1 prefix each)
     block_size: int = BLOCK_SIZE
 
-    @property
+    @cached_property  # read per step by the stats: computed once (it allocates a tensor)
     def bytes_per_position(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * elem

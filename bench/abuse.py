@@ -4,7 +4,8 @@ tenant's latency, and what it leaves behind.
 Starts its own `prefix-serve` (a tiny GPT-2 with a chat template, embedded Redis under a
 temporary dir, `--request-timeout` 30 s), creates a victim and an attacker tenant with their
 own scoped API keys (and a second attacker key limited to 0.1 request/s), then measures the
-*victim's* 8-token greedy `/generate` (one request at a time, back to back) with no attack and
+*victim's* 8-token greedy `/generate` (one request at a time, back to back, from another client
+address than the attacks': the per-client connection cap must not count it as the attacker) with no attack and
 under each attack of `bench/abuse_attacks.py` (issue 12's five and issue 25's eleven, by name).
 
 Per phase: victim requests answered (and refused or failed) against the baseline's, p50/p99
@@ -41,6 +42,7 @@ from tests.server_process import ServerProcess, upload_adapter  # noqa: E402
 from tests.tiny_models import save_adapter, save_tiny_model  # noqa: E402
 
 MAX_LEN = 2048
+VICTIM_ADDRESS = "127.0.0.2"  # loopback too (Linux routes all of 127/8 to lo)
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
 
@@ -48,7 +50,10 @@ async def _victim(url: str, headers: dict[str, str], stop: asyncio.Event) -> tup
     """Latencies of the victim's answered requests, and how many were refused or failed."""
     body = {"task_id": VICTIM, "input_ids": [5, 6, 7], "max_new_tokens": 8, "ignore_eos": True}
     latencies, num_failed = [], 0
-    async with httpx.AsyncClient(timeout=120) as client:
+    # another client address than the attacks' (127.0.0.1): a victim is not the attacker's host, and
+    # the per-client connection cap would otherwise count its connections with the attacker's
+    transport = httpx.AsyncHTTPTransport(local_address=VICTIM_ADDRESS)
+    async with httpx.AsyncClient(timeout=120, transport=transport) as client:
         while not stop.is_set():
             started = time.perf_counter()
             try:
@@ -186,7 +191,8 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         f"One run, {result['date']}, on {describe(result['machine'])}.",
         f"Victim: one tenant's 8-token greedy `/generate`, back to back, {result['seconds']} s per phase,",
-        "while the other tenant (or nobody with a key) attacks; attacks in `bench/abuse_attacks.py`.",
+        f"from {VICTIM_ADDRESS} while the other tenant (or nobody with a key) attacks from 127.0.0.1",
+        "(attacks in `bench/abuse_attacks.py`; the attacker's client runs on the same CPUs).",
         "Ratios are against the no-attack phase of the same run. After each attack: seconds until",
         "running + waiting rows were back to 0, and the server's RSS growth over the phase.",
         "",

@@ -131,6 +131,15 @@ def _repeat(rng: random.Random) -> str:
     )
 
 
+def code_document(rng: random.Random) -> str:
+    """Random codes said twice: no byte of the repeat is predictable except by finding it earlier,
+    the purest signal for the copying circuit (the records' made-up words are partly predictable
+    from their own first bytes, which lets a model lower its loss without copying)."""
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
+    codes = " ".join("".join(rng.choices(alphabet, k=rng.randint(3, 8))) for _ in range(rng.randint(1, 4)))
+    return rng.choice([f"Code: {codes}. Repeat: {codes}.", f"key[{codes}] => The key is {codes}."])
+
+
 def _visit(rng: random.Random) -> str:
     a, b, w = person(rng), made_up_word(rng, (1, 2)), town(rng)
     first = a.split()[0]
@@ -141,10 +150,13 @@ def _visit(rng: random.Random) -> str:
 
 
 def copy_document(rng: random.Random) -> str:
-    """One copy-teaching document: 70% records, 20% repeats, 10% names reused in prose."""
+    """One copy-teaching document: 50% records, 15% repeats, 25% random codes, 10% names reused
+    in prose."""
     pick = rng.random()
-    if pick < 0.7:
+    if pick < 0.5:
         return " ".join("".join(record(rng)[:2]) for _ in range(rng.randint(1, 2)))
-    if pick < 0.9:
+    if pick < 0.65:
         return _repeat(rng)
+    if pick < 0.9:
+        return code_document(rng)
     return _visit(rng)

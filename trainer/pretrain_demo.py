@@ -9,10 +9,12 @@ float32, so the server's fingerprint is the same whichever of the two it loads t
 
 The budget is `--steps` (with `--seed`, the same run on the same CPU gives the same weights);
 `--seconds` only caps it. Every `--eval-every` steps it prints how many values of held-out
-copy records the model predicts (`copy_accuracy`). The committed weights predate the
-copy-teaching corpus: `--copy-frac 0 --length 96` with a wall-clock budget, three runs
-chained with `--init` (docs/training.md, which also records the copy runs and why their
-weights are not committed).
+copy records the model predicts (`copy_accuracy`) and its loss on repeated random codes
+(`repeat_loss`: the plainest sign of a copying circuit). `--family llama` trains the same budget
+in a Llama shape (rotary positions) instead, for the copy experiments of docs/training.md.
+The committed weights predate the copy-teaching corpus: `--copy-frac 0 --length 96` with a
+wall-clock budget, three runs chained with `--init` (docs/training.md, which also records the
+copy runs and why their weights are not committed).
 
 A plain loop, not `Trainer`: pretraining from scratch on an endless random-window stream
 under a step budget is what this needs, and the loop is a dozen lines.
@@ -29,9 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    ByT5Tokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    PreTrainedModel,
+)
 
-from trainer.copy_corpus import record
+from trainer.copy_corpus import code_document, record
 from trainer.demo_corpus import corpus
 
 EOS_ID, PAD_ID, BYTE_OFFSET = 1, 0, 3  # ByT5: pad, eos, unk, then the 256 bytes
@@ -45,6 +54,22 @@ def demo_config(n_embd: int = 128, n_layer: int = 4) -> GPT2Config:
         activation_function="relu",  # cheaper than tanh-GELU on a busy CPU, as good at this size
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # templated data: no overfitting to fear
     )  # fmt: skip
+
+
+def llama_demo_config(n_embd: int = 128, n_layer: int = 4) -> LlamaConfig:
+    """The same budget in a Llama shape: rotary positions, RMSNorm, a gated MLP of ~the same size."""
+    return LlamaConfig(
+        vocab_size=384, max_position_embeddings=1024, hidden_size=n_embd, num_hidden_layers=n_layer,
+        num_attention_heads=n_embd // 32, num_key_value_heads=n_embd // 32, head_dim=32,
+        intermediate_size=n_embd * 11 // 4, tie_word_embeddings=True,
+        bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )  # fmt: skip
+
+
+def new_model(family: str, n_embd: int, n_layer: int) -> PreTrainedModel:
+    if family == "llama":
+        return AutoModelForCausalLM.from_config(llama_demo_config(n_embd, n_layer))
+    return GPT2LMHeadModel(demo_config(n_embd, n_layer))
 
 
 def encode_stream(docs: list[str]) -> np.ndarray:
@@ -74,7 +99,7 @@ def copy_probe(num: int, seed: int) -> list[tuple[str, str, list[str]]]:
 
 
 @torch.no_grad()
-def copy_accuracy(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]]) -> tuple[float, float]:
+def copy_accuracy(model: PreTrainedModel, probe: list[tuple[str, str, list[str]]]) -> tuple[float, float]:
     """(fraction of the values in held-out sentences whose every byte the model predicts, fraction
     of those values' bytes it predicts), argmax, teacher-forced: a value's first byte can only be
     right by finding the value in the record, its later bytes by copying what followed it there."""
@@ -96,9 +121,27 @@ def copy_accuracy(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]
     return hits / total, good_bytes / num_bytes
 
 
-def _copy_line(model: GPT2LMHeadModel, probe: list[tuple[str, str, list[str]]]) -> str:
+@torch.no_grad()
+def repeat_loss(model: PreTrainedModel, num: int = 64, seed: int = 1000) -> float:
+    """Mean loss (nats a byte) on the second half of held-out `Code: X. Repeat: X.` documents: only
+    copying predicts it (chance: ln 57 = 4.04 for random codes); a copying circuit takes it near 0."""
+    rng = random.Random(seed)
+    codes = [c for c in (code_document(rng) for _ in range(4 * num)) if c.startswith("Code: ")][:num]
+    model.eval()
+    total = count = 0.0
+    for text in codes:
+        ids = torch.tensor([[b + BYTE_OFFSET for b in text.encode()]])
+        start = len(text.split("Repeat: ")[0].encode()) + len("Repeat: ")  # first byte of the repeat
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, start - 1 : -1].float(), -1)
+        total -= float(logp.gather(1, ids[0, start:, None]).sum())
+        count += ids.shape[1] - start
+    model.train()
+    return total / count
+
+
+def _copy_line(model: PreTrainedModel, probe: list[tuple[str, str, list[str]]]) -> str:
     values, value_bytes = copy_accuracy(model, probe)
-    return f" copy {values:.3f} bytes {value_bytes:.3f}"
+    return f" copy {values:.3f} bytes {value_bytes:.3f} repeat-loss {repeat_loss(model):.2f}"
 
 
 def _lr(args: argparse.Namespace, step: int, frac: float) -> float:
@@ -113,9 +156,9 @@ def train(args: argparse.Namespace) -> None:
     probe = copy_probe(64, seed=1000)  # the same probe for every run, so that curves compare
     # --init continues an earlier run (the budget can be spent in several short runs)
     model = (
-        GPT2LMHeadModel.from_pretrained(args.init, dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
         if args.init
-        else GPT2LMHeadModel(demo_config(args.n_embd, args.n_layer))
+        else new_model(args.family, args.n_embd, args.n_layer)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(stream):,} corpus bytes")
@@ -149,6 +192,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=math.inf, help="wall-clock cap (stops early)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between copy evals")
     parser.add_argument("--copy-frac", type=float, default=0.4, help="share of copy-teaching documents")
+    parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@ values never appear, and the held-out copy metric counts exactly the values pred
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from types import SimpleNamespace
@@ -10,9 +11,9 @@ from types import SimpleNamespace
 import torch
 
 from examples.table_to_text.demo import CITIES
-from trainer.copy_corpus import copy_document, record
+from trainer.copy_corpus import code_document, copy_document, record
 from trainer.demo_corpus import NAMES, corpus
-from trainer.pretrain_demo import BYTE_OFFSET, copy_accuracy, copy_probe
+from trainer.pretrain_demo import BYTE_OFFSET, copy_accuracy, copy_probe, repeat_loss
 
 
 def test_records_show_every_value_and_the_sentence_copies_it() -> None:
@@ -40,7 +41,7 @@ def test_corpus_is_deterministic_and_mixes_copy_text_with_the_rest() -> None:
     assert 0.2 * len(docs) < with_records < 0.4 * len(docs)
     assert sum(d.startswith("Hello") for d in docs) > 50
     heavy = corpus(2000, seed=3, copy_frac=0.8)
-    assert sum(" => " in d for d in heavy) > 0.5 * len(heavy)
+    assert sum(" => " in d for d in heavy) > 0.4 * len(heavy)
 
 
 class _Oracle(torch.nn.Module):
@@ -69,3 +70,25 @@ def test_copy_accuracy_counts_values_predicted_in_full() -> None:
     missed = copy_accuracy(_Oracle(text, {at}), [(source, sentence, values)])  # type: ignore[arg-type]
     num_bytes = sum(len(v.encode()) for v in values)
     assert missed == ((len(values) - 1) / len(values), (num_bytes - 1) / num_bytes)
+
+
+class _NextByte(torch.nn.Module):
+    """Logits `sure` on the true next byte everywhere (0: uniform over the 384 ids)."""
+
+    def __init__(self, sure: float) -> None:
+        super().__init__()
+        self.sure = sure
+
+    def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        logits = torch.zeros(1, input_ids.shape[1], 384)
+        logits[0, torch.arange(input_ids.shape[1] - 1), input_ids[0, 1:]] = self.sure
+        return SimpleNamespace(logits=logits)
+
+
+def test_repeat_loss_is_nats_a_byte_on_the_repeat() -> None:
+    assert abs(repeat_loss(_NextByte(0.0), num=8) - math.log(384)) < 1e-5  # type: ignore[arg-type]
+    assert repeat_loss(_NextByte(50.0), num=8) < 1e-6  # type: ignore[arg-type]
+    docs = [code_document(random.Random(s)) for s in range(200)]
+    for doc in docs:  # both forms say the same codes twice
+        first, second = re.findall(r"(?:Code: |key\[)(.*?)(?:\. Repeat: |\] => The key is )(.*)\.$", doc)[0]
+        assert first == second, doc

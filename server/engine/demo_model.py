@@ -4,8 +4,9 @@ copies values from its input, needs no download.
 Its weights are committed next to this file (`demo_weights/`, bfloat16, 1.7 MB): 4 layers,
 4 heads of 32, 0.85M parameters, pretrained on one CPU core on a generated corpus of restaurant
 descriptions, greetings, weather reports and short stories plus copy-teaching records of other
-domains (`python -m trainer.pretrain_demo --family llama`, docs/training.md). Its chat template (`demo_weights/chat_template.jinja`) renders a conversation
-as running text, the only format the model knows, so `/v1/chat/completions` works out of the box.
+domains (`python -m trainer.pretrain_demo --family llama`, docs/training.md). Its chat template
+(`demo_weights/chat_template.jinja`) renders a conversation as running text, the only format
+the model knows, so `/v1/chat/completions` works out of the box.
 """
 
 import shutil

@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.tiny_families import FAMILIES
 
 MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-ORACLE_HTTP_ROWS = {"GPT-2 (the demo model's)", "Llama"}  # tests/integration/test_oracle_http.py
+ORACLE_HTTP_ROWS = {"GPT-2", "Llama (the demo model's shape)"}  # tests/integration/test_oracle_http.py
 
 
 def test_models_page_lists_the_tested_families() -> None:

@@ -30,20 +30,17 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    mask: torch.Tensor | None = None,
-    need_lse: bool = True,
     blocked: torch.Tensor | None = None,
+    need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention returning float32 `(out [..., M, d], lse [..., M])`.
 
-    `q` `[..., M, d]`, `k`/`v` `[..., N, d]`, `mask` (True: attend) broadcastable to `[..., M, N]`
-    (or its negation `blocked`, for a caller that uses one mask many times). Plain matrix
+    `q` `[..., M, d]`, `k`/`v` `[..., N, d]`, `blocked` (True: masked out) broadcastable to
+    `[..., M, N]` (the negated mask: a caller negates it once for all heads). Plain matrix
     products, not SDPA: PyTorch's fused CPU kernel costs far more at these small, many-batch
     shapes (it threads over the batch). Without `need_lse`, lse is None and the probabilities
     are one fused softmax; with it, one exponential serves both (not logsumexp, then exp again)."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)  # [..., M, N]
-    if blocked is None and mask is not None:
-        blocked = ~mask
     if blocked is not None:
         scores.masked_fill_(blocked, float("-inf"))
     if not need_lse:
@@ -85,7 +82,7 @@ def attend_per_kv_head(
     for h in range(kv_heads):
         k = key[:, h].index_select(0, where).view(batch, -1, d)
         v = value[:, h].index_select(0, where).view(batch, -1, d)
-        out[:, h], head_lse = attend(q[:, h], k, v, scale, need_lse=need_lse, blocked=blocked)
+        out[:, h], head_lse = attend(q[:, h], k, v, scale, blocked, need_lse)
         if lse is not None and head_lse is not None:
             lse[:, h] = head_lse
     return out, lse

@@ -5,8 +5,9 @@ Starts its own `prefix-serve` (a tiny GPT-2 with a chat template, embedded Redis
 temporary dir, `--request-timeout` 30 s), creates a victim and an attacker tenant with their
 own scoped API keys (and a second attacker key limited to 0.1 request/s), then measures the
 *victim's* 8-token greedy `/generate` (one request at a time, back to back, from another client
-address than the attacks': the per-client connection cap must not count it as the attacker) with no attack and
-under each attack of `bench/abuse_attacks.py` (issue 12's five and issue 25's eleven, by name).
+address than the attacks', so the per-client connection cap does not count it as the attacker)
+with no attack and under each attack of `bench/abuse_attacks.py` (issue 12's five and issue
+25's eleven, by name).
 
 Per phase: victim requests answered (and refused or failed) against the baseline's, p50/p99
 and their ratios to the baseline's; after the attack, seconds until running + waiting rows

@@ -1,20 +1,19 @@
-"""Pretrain the demo model from scratch on the generated corpus (minutes on 2 CPU cores).
+"""Pretrain the demo model from scratch on the generated corpus (minutes to an hour on one core).
 
-The result is a byte-level GPT-2 (4 layers, 4 heads of 32, ~0.97M parameters, ByT5 byte ids)
-saved in bfloat16 with its tokenizer through `save_pretrained`, i.e. loadable by the same
-`from_pretrained` path as any hub model. bfloat16 weights are exactly representable in
-float32, so the server's fingerprint is the same whichever of the two it loads them as.
+The result is a byte-level model of the Llama shape (4 layers, 4 heads of 32, rotary positions,
+0.85M parameters, ByT5 byte ids; `--family gpt2`: the former GPT-2 shape) saved in bfloat16
+with its tokenizer through `save_pretrained`, i.e. loadable by the same `from_pretrained` path
+as any hub model. bfloat16 weights are exactly representable in float32, so the server's
+fingerprint is the same whichever of the two it loads them as.
 
-    python -m trainer.pretrain_demo --out /tmp/demo --steps 6000   # then copy model.safetensors
+    python -m trainer.pretrain_demo --out /tmp/demo --steps 6000   # then copy the weights
 
 The budget is `--steps` (with `--seed`, the same run on the same CPU gives the same weights);
 `--seconds` only caps it. Every `--eval-every` steps it prints how many values of held-out
 copy records the model predicts (`copy_accuracy`) and its loss on repeated random codes
-(`repeat_loss`: the plainest sign of a copying circuit). `--family llama` trains the same budget
-in a Llama shape (rotary positions) instead, for the copy experiments of docs/training.md.
-The committed weights predate the copy-teaching corpus: `--copy-frac 0 --length 96` with a
-wall-clock budget, three runs chained with `--init` (docs/training.md, which also records the
-copy runs and why their weights are not committed).
+(`repeat_loss`: the plainest sign of a copying circuit). The committed weights came from two
+runs chained with `--init`: copy documents only, then the mixed corpus (docs/training.md has
+the commands, the copy curve and the runs that did not copy).
 
 A plain loop, not `Trainer`: pretraining from scratch on an endless random-window stream
 under a step budget is what this needs, and the loop is a dozen lines.
@@ -192,7 +191,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=math.inf, help="wall-clock cap (stops early)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between copy evals")
     parser.add_argument("--copy-frac", type=float, default=0.4, help="share of copy-teaching documents")
-    parser.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    parser.add_argument("--family", choices=["llama", "gpt2"], default="llama", help="the model's shape")
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

@@ -124,16 +124,21 @@ def test_an_admitted_body_must_keep_arriving(served: tuple[ServerProcess, str]) 
 
 
 def test_connections_are_capped_per_client_address(served: tuple[ServerProcess, str]) -> None:
+    """Over its cap a client waits ~2 s for its 503 (a client retrying at once when refused would
+    otherwise cost the loop thousands of accepts a second); waiting, it takes no one's place."""
     server, _ = served
     held = [_connect(server, "127.0.0.2") for _ in range(PER_CLIENT)]
+    extras = [_connect(server, "127.0.0.2") for _ in range(MAX_CONNECTIONS)]
     try:
-        with _connect(server, "127.0.0.2") as extra:
+        started = time.monotonic()
+        with _connect(server, "127.0.0.3") as other:  # served meanwhile, not as a probe (reserve)
+            other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert other.recv(4096).startswith(b"HTTP/1.1 401")  # answered: no key
+        for extra in extras:
             assert _read_to_close(extra).startswith(b"HTTP/1.1 503")
-        with _connect(server, "127.0.0.3") as other:  # another client is served
-            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert other.recv(4096).startswith(b"HTTP/1.1 200")
+        assert 2.0 <= time.monotonic() - started < 6.0
     finally:
-        for sock in held:
+        for sock in held + extras:
             sock.close()
 
 

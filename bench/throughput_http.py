@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,15 @@ from typing import Any
 
 import httpx
 
+from infra.embedded_redis import free_port
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from throughput_modes import ROOT, _closed_loop, requests, vm_hwm_kib  # noqa: E402
 
 
 def http_mixed(w: Any, workdir: Path) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     max_len = w.prefix_len + w.prompt_max + w.new_tokens
     command = [sys.executable, "-m", "server", "--model", str(workdir / "model"), "--port", str(port),
@@ -69,12 +70,6 @@ async def _http_loop(w: Any, url: str) -> dict[str, Any]:
 
         await one(0, [1, 2, 3])  # warm-up
         return await _closed_loop(w, requests(w), one)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(url: str) -> None:

@@ -50,10 +50,11 @@ def skipped_markdown(result: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def markdown(result: dict[str, Any], png: str) -> str:
-    def cell(value: Any, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
+def _cell(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
+
+def markdown(result: dict[str, Any], png: str) -> str:
     rows = result["modes"]
     is_fp32 = result["workload"]["dtype"] == "float32"
     name = "throughput" if is_fp32 else "throughput-bf16"
@@ -74,39 +75,18 @@ def markdown(result: dict[str, Any], png: str) -> str:
             "SP": "engine, 16 tasks of 256-position prefixes, 16 streams a task"}  # fmt: skip
     for mode, row in rows.items():
         lines.append(
-            f"| {mode} | {what[mode]} | {cell(row['tokens_per_s'])} | {cell(row['tokens_per_s'] / rows['A']['tokens_per_s'], 2)} | "
-            f"{cell(row['ttft_p50_ms'], 0)} / {cell(row['ttft_p99_ms'], 0)} | {cell(row['tpot_p50_ms'])} / {cell(row['tpot_p99_ms'])} | "
-            f"{cell(row['peak_rss_mib'], 0)} |"
+            f"| {mode} | {what[mode]} | {_cell(row['tokens_per_s'])} | {_cell(row['tokens_per_s'] / rows['A']['tokens_per_s'], 2)} | "
+            f"{_cell(row['ttft_p50_ms'], 0)} / {_cell(row['ttft_p99_ms'], 0)} | {_cell(row['tpot_p50_ms'])} / {_cell(row['tpot_p99_ms'])} | "
+            f"{_cell(row['peak_rss_mib'], 0)} |"
         )
-    roof, ratios = result["roofline"], result["ratios"]
+    roof = result["roofline"]
     lines += [
         "",
         f"Workload roofline: GEMM 2048^3 = {roof['gemm_2048_flops_per_s'] / 1e9:.1f} GFLOP/s measured in this run, "
         f"{roof['flops_per_generated_token'] / 1e9:.3f} GFLOP per generated token (its share of prefill included) "
         f"-> {roof['roofline_tokens_per_s']:.0f} tokens/s.",
         "",
-        "| ratio | value | target |",
-        "| --- | --- | --- |",
-        f"| D / roofline | {ratios['D_over_roofline']:.2f} | >= 0.65 |",
-        f"| D / B | {ratios['D_over_B']:.2f} | >= 2.0 |",
-        f"| D / B2 | {cell(ratios.get('D_over_B2'), 2)} | reported |",
-        f"| D / C | {ratios['D_over_C']:.2f} | >= 0.95 |",
-        f"| E / D | {ratios['E_over_D']:.2f} | >= 0.90 |",
-        f"| decode step / its GEMMs alone, 64 rows | {cell(ratios.get('decode_step_over_gemm'), 2)} | <= 1.25 |",
-        f"| long-prompt TPOT p99 / p50 (63 decoding, 1,000-token prompt) | "
-        f"{cell(ratios.get('long_prompt_tpot_p99_over_p50'), 2)} | <= 1.5 |",
-        f"| longest step of that prefill / median decode-only step | "
-        f"{cell(ratios.get('long_prompt_max_step_over_decode_step'), 2)} | reported (~1.5 by design) |",
-        f"| D256 / its roofline | {cell(ratios.get('D256_over_roofline'), 2)} | >= 0.65 |",
-        f"| SP / D (tokens/s) | {cell(ratios.get('SP_over_D'), 2)} | reported |",
-        f"| SP: KV bytes held per running row / bytes of its own tokens | "
-        f"{cell(ratios.get('sp_kv_bytes_per_row_over_own'), 2)} | <= 1.15 |",
-        f"| rows running at once in the slot layout's budget for 16 rows of 2,048 / 16 | "
-        f"{cell(ratios.get('capacity_over_slot_layout'), 2)} | >= 4 |",
-        f"| grouped / per-row prefix attention, 64 rows, 512-position prefix | "
-        f"{cell(ratios.get('grouped_attention_over_per_row'), 2)} | <= 0.5 |",
-        f"| decode-step MFU, 64 rows | {cell(ratios['decode_mfu_64_rows'], 2)} | reported |",
-        f"| D / A | {ratios['D_over_A']:.2f} | reported |",
+        *_ratio_table(result["ratios"]),
         "",
         f"Notes: A: {rows['A']['note']}. B: {rows['B']['note']}."
         + (f" B2: {rows['B2']['note']}." if "B2" in rows else ""),
@@ -116,6 +96,33 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ratio_table(ratios: dict[str, Any]) -> list[str]:
+    return [
+        "| ratio | value | target |",
+        "| --- | --- | --- |",
+        f"| D / roofline | {ratios['D_over_roofline']:.2f} | >= 0.65 |",
+        f"| D / B | {ratios['D_over_B']:.2f} | >= 2.0 |",
+        f"| D / B2 | {_cell(ratios.get('D_over_B2'), 2)} | reported |",
+        f"| D / C | {ratios['D_over_C']:.2f} | >= 0.95 |",
+        f"| E / D | {ratios['E_over_D']:.2f} | >= 0.90 |",
+        f"| decode step / its GEMMs alone, 64 rows | {_cell(ratios.get('decode_step_over_gemm'), 2)} | <= 1.25 |",
+        f"| long-prompt TPOT p99 / p50 (63 decoding, 1,000-token prompt) | "
+        f"{_cell(ratios.get('long_prompt_tpot_p99_over_p50'), 2)} | <= 1.5 |",
+        f"| longest step of that prefill / median decode-only step | "
+        f"{_cell(ratios.get('long_prompt_max_step_over_decode_step'), 2)} | reported (~1.5 by design) |",
+        f"| D256 / its roofline | {_cell(ratios.get('D256_over_roofline'), 2)} | >= 0.65 |",
+        f"| SP / D (tokens/s) | {_cell(ratios.get('SP_over_D'), 2)} | reported |",
+        f"| SP: KV bytes held per running row / bytes of its own tokens | "
+        f"{_cell(ratios.get('sp_kv_bytes_per_row_over_own'), 2)} | <= 1.15 |",
+        f"| rows running at once in the slot layout's budget for 16 rows of 2,048 / 16 | "
+        f"{_cell(ratios.get('capacity_over_slot_layout'), 2)} | >= 4 |",
+        f"| grouped / per-row prefix attention, 64 rows, 512-position prefix | "
+        f"{_cell(ratios.get('grouped_attention_over_per_row'), 2)} | <= 0.5 |",
+        f"| decode-step MFU, 64 rows | {_cell(ratios['decode_mfu_64_rows'], 2)} | reported |",
+        f"| D / A | {ratios['D_over_A']:.2f} | reported |",
+    ]
 
 
 def _paged_notes(rows: dict[str, Any]) -> list[str]:

@@ -60,6 +60,15 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Token counts of a streamed generation (`prefix_tokens`: 0 in chat, which does not report it)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    prefix_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class StreamEvent:
     """One server-sent event of a streamed generation; the last one carries
     `finish_reason`, `usage` and `prefix_version`."""
@@ -67,7 +76,7 @@ class StreamEvent:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: Usage | None = None
     prefix_version: int | None = None
 
 
@@ -89,7 +98,7 @@ class ChatChunk:
 
     content: str
     finish_reason: str | None = None
-    usage: dict[str, int] | None = None
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,13 @@ def parse_keys(data: Mapping[str, Any]) -> list[KeyInfo]:
     return [parse_key(item) for item in data["items"]]
 
 
+def _usage(data: Mapping[str, Any] | None) -> Usage | None:
+    if data is None:
+        return None
+    prompt, completion = int(data["prompt_tokens"]), int(data["completion_tokens"])
+    return Usage(prompt, completion, int(data.get("prefix_tokens", 0)))
+
+
 def parse_event(payload: str) -> StreamEvent:
     """The event in one SSE `data:` payload (not `[DONE]`). A final event that carries
     `error` (generation failed mid-stream) raises PrefixServerError with status 500."""
@@ -176,12 +192,11 @@ def parse_event(payload: str) -> StreamEvent:
     if data.get("error"):
         error = data["error"]
         raise PrefixServerError(500, str(error.get("code")), str(error.get("message")))
-    usage = data.get("usage")
     return StreamEvent(
         token_ids=tuple(int(t) for t in data.get("token_ids", ())),
         text=str(data.get("text", "")),
         finish_reason=data.get("finish_reason"),
-        usage=None if usage is None else {str(k): int(v) for k, v in usage.items()},
+        usage=_usage(data.get("usage")),
         prefix_version=data.get("prefix_version"),
     )
 
@@ -204,13 +219,12 @@ def parse_chat_chunk(payload: str) -> ChatChunk:
     if data.get("error"):
         error = data["error"]
         raise PrefixServerError(500, str(error.get("code")), str(error.get("message")))
-    usage = data.get("usage")
     choices = data.get("choices") or [{}]
     delta = choices[0].get("delta") or {}
     return ChatChunk(
         content=str(delta.get("content") or ""),
         finish_reason=choices[0].get("finish_reason"),
-        usage=None if usage is None else {str(k): int(v) for k, v in usage.items()},
+        usage=_usage(data.get("usage")),
     )
 
 

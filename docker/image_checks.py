@@ -112,6 +112,13 @@ class Checks:
         print(f"ok: {what}: /ready 200 after {running.ready_s:.1f} s", flush=True)
         return running
 
+    def cluster_template(self) -> None:
+        """`prefix-cluster` finds its HAProxy template inside the image (package data, not the
+        repository's file): it renders the DNS-discovery config that HAProxy's own container runs."""
+        config = self.podman("run", "--rm", self.image, "prefix-cluster", "--render-dns", "replica:8000")
+        assert 'server-template replica 10 "replica:8000"' in config, config[-2000:]
+        print("ok: prefix-cluster renders its HAProxy config inside the image", flush=True)
+
     def _dead(self, name: str) -> str | None:
         state = self.podman("inspect", "--format", "{{.State.Status}}", name, check=False).strip()
         return None if state == "running" else f"container {name} is {state}:\n{self.logs(name)[-3000:]}"

@@ -131,6 +131,7 @@ def external_redis(host: HostProcesses, workdir: Path) -> str:
 
 def run_checks(podman: Podman, image: str, host: HostProcesses, timings: dict[str, float]) -> None:
     checks = Checks(podman, image)
+    checks.cluster_template()
     reference = outside_tokens(host, podman.workdir)
     print(f"outside the container (prefix-serve from .venv): {reference}", flush=True)
     volume = podman.volume("data")

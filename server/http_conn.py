@@ -125,7 +125,8 @@ class GuardedH11Protocol(H11Protocol):
             self._refuse_later(transport, f"--max-connections={self.limits.max_connections} reached")
             return
         if not self.limits.is_trusted(host) and self.num_per_client[host] >= self.limits.max_per_client:
-            self._refuse_later(transport, f"--max-connections-per-client={self.limits.max_per_client} reached")
+            cap = self.limits.max_per_client
+            self._refuse_later(transport, f"--max-connections-per-client={cap} reached")
             return
         self.num_per_client[host] += 1
         self._host = host

@@ -3,6 +3,7 @@ Also: every page with runnable blocks is run somewhere, every relative link reso
 folder says what it holds."""
 
 import ast
+import subprocess
 from pathlib import Path
 
 from tests.readme_runner import (
@@ -110,3 +111,6 @@ def test_every_folder_says_what_it_holds() -> None:
             assert ast.get_docstring(ast.parse(init.read_text())), f"{folder.name}/__init__.py: no docstring"
         else:
             assert readme.exists() and readme.read_text().strip(), f"{folder.name}/ has no README.md"
+    tracked = subprocess.run(["git", "ls-files", "*__init__.py"], cwd=ROOT, capture_output=True, text=True)
+    for init in tracked.stdout.split():  # every package below the top level too
+        assert ast.get_docstring(ast.parse((ROOT / init).read_text())), f"{init}: no docstring"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from infra.embedded_redis import free_port
+
 
 @dataclass(frozen=True)
 class Server:
@@ -21,17 +22,11 @@ class Server:
     admin_token: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def demo_server(*flags: str, timeout_s: float = 120.0) -> Iterator[Server]:
     """A server on a free port until the block ends; its log goes to the data dir."""
     with tempfile.TemporaryDirectory(prefix="prefix-demo-") as tmp:
-        data, port = Path(tmp) / "data", _free_port()
+        data, port = Path(tmp) / "data", free_port()
         log = (Path(tmp) / "server.log").open("wb")
         cmd = [sys.executable, "-m", "server", "--port", str(port), "--data-dir", str(data), *flags]
         proc = subprocess.Popen(cmd, stdout=log, stderr=log)

@@ -1,11 +1,17 @@
 """OpenAI-compatible request bodies (`/v1/completions`); `model` is the task_id."""
 
-import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.api.schemas import FREQUENCY_PENALTY, PRESENCE_PENALTY, REPETITION_PENALTY, TaskId, TokenIds
+from server.api.schemas import (
+    FREQUENCY_PENALTY,
+    PRESENCE_PENALTY,
+    REPETITION_PENALTY,
+    Finite,
+    TaskId,
+    TokenIds,
+)
 from server.engine.request import SamplingParams
 
 # Prompts one body may list, whatever --max-prompts says: past this a list is refused before its
@@ -51,8 +57,8 @@ class OpenAISampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields that do not change results
 
     model: TaskId
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Finite = Field(1.0, ge=0.0, le=2.0)
+    top_p: Finite = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=16)
     stop: Stop = None
@@ -60,17 +66,10 @@ class OpenAISampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=PRESENCE_PENALTY)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description=FREQUENCY_PENALTY)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description=REPETITION_PENALTY)  # extension
+    presence_penalty: Finite = Field(0.0, ge=-2.0, le=2.0, description=PRESENCE_PENALTY)
+    frequency_penalty: Finite = Field(0.0, ge=-2.0, le=2.0, description=FREQUENCY_PENALTY)
+    repetition_penalty: Finite = Field(1.0, gt=0.0, le=2.0, description=REPETITION_PENALTY)  # extension
     ignore_eos: bool = False  # extension
-
-    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
     @property
     def stops(self) -> tuple[str, ...]:

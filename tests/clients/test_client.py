@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from clients import AsyncPrefixClient, PrefixClient, PrefixServerError
-from clients.models import error_from_response, parse_info
+from clients.models import Usage, error_from_response, parse_info
 from tests.clients import canonical_prefix, running_server
 from tests.server_process import ServerProcess
 from tests.tiny_models import Adapter
@@ -144,7 +144,7 @@ def test_stream_concatenates_to_generate(prefix_client: PrefixClient) -> None:
     assert all(e.finish_reason is None and e.usage is None for e in events[:-1])
     last = events[-1]
     assert (last.finish_reason, last.prefix_version) == ("length", info.version)
-    assert last.usage == {"prompt_tokens": 9, "completion_tokens": 12, "prefix_tokens": 6}
+    assert last.usage == Usage(prompt_tokens=9, completion_tokens=12, prefix_tokens=6)
 
 
 def test_errors_carry_status_and_code(prefix_client: PrefixClient, server: ServerProcess) -> None:
@@ -272,7 +272,7 @@ def test_chat_sync_async_and_streamed_equal_the_server_and_generate(
     chunks = list(prefix_client.chat_stream("c:chat", MESSAGES, **sampling))  # type: ignore[arg-type]
     assert "".join(c.content for c in chunks) == answer.content
     assert [c.finish_reason for c in chunks if c.finish_reason] == ["length"]
-    assert chunks[-1].usage is not None and chunks[-1].usage["completion_tokens"] == 12
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
 
     async def run_async() -> tuple[str, str]:
         async with AsyncPrefixClient(server.url, server.admin_token, timeout=60) as client:

@@ -1,0 +1,1 @@
+"""Tests of `examples/`: the table-to-text worked example and `make demo`."""

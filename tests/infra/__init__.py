@@ -1,0 +1,1 @@
+"""Tests of `infra/`: the Redis connection, the embedded Redis and the die-with-parent hook."""

@@ -15,7 +15,7 @@ import argparse
 import random
 from pathlib import Path
 
-from trainer.copy_corpus import copy_document
+from trainer.copy_corpus import copy_document, made_up_word, town
 
 NAMES = [
     "The Eagle", "The Mill", "The Wrestlers", "The Golden Curry", "The Phoenix", "The Vaults",
@@ -102,8 +102,21 @@ def restaurant_sentence(mr: dict[str, str], rng: random.Random) -> str:
     return sentence
 
 
-def _greeting(rng: random.Random) -> str:
-    name = rng.choice(NAMES)
+VENUE_ENDS = ["Arms", "Inn", "Kitchen", "Cafe", "Tavern", "Bistro", "Grill", "House"]
+CITIES = ["Cambridge", "London", "Oxford", "York", "Bristol", "Leeds", "Bath"]
+
+
+def venue(rng: random.Random, open_names: float) -> str:
+    """A venue name: from the closed list, or (share `open_names`) a made-up one."""
+    if rng.random() >= open_names:
+        return rng.choice(NAMES)
+    word = made_up_word(rng)
+    ends = rng.choice(VENUE_ENDS), rng.choice(VENUE_ENDS)  # (two draws: the committed corpus's)
+    return rng.choice([f"The {word}", f"{word} {ends[0]}", f"The {word} {ends[1]}"])
+
+
+def _greeting(rng: random.Random, open_names: float = 0.0) -> str:
+    name = venue(rng, open_names)
     return rng.choice(
         [
             f"Hello! Welcome to {name}. How can I help you today?",
@@ -120,8 +133,8 @@ def _greeting(rng: random.Random) -> str:
     )
 
 
-def _weather(rng: random.Random) -> str:
-    city = rng.choice(["Cambridge", "London", "Oxford", "York", "Bristol", "Leeds", "Bath"])
+def _weather(rng: random.Random, open_names: float = 0.0) -> str:
+    city = rng.choice(CITIES) if rng.random() >= open_names else town(rng)
     day = rng.choice(["Today", "Tomorrow", "On Monday", "On Friday", "This weekend"])
     sky = rng.choice(["sunny", "cloudy", "rainy", "windy", "foggy", "bright and clear"])
     return (
@@ -138,10 +151,12 @@ def _story(rng: random.Random) -> str:
     return f"{who} {went} in the morning. {then}"
 
 
-def document(rng: random.Random, copy_frac: float = 0.4) -> str:
+def document(rng: random.Random, copy_frac: float = 0.4, open_names: float = 0.0) -> str:
     """One short document: `copy_frac` copy-teaching (other domains, `trainer.copy_corpus`), the
     rest restaurants (55%: the worked example needs their wording), greetings (20%), weather
-    (15%) and stories (10%)."""
+    (15%) and stories (10%). `open_names` of the greetings' venues and the weather's towns are
+    made up (a closed list of 32 venues and 7 cities teaches the model to recall one of them
+    where a task needs it to copy its input's)."""
     pick = rng.random()
     if pick < copy_frac:
         return copy_document(rng)
@@ -150,16 +165,16 @@ def document(rng: random.Random, copy_frac: float = 0.4) -> str:
         sentences = [restaurant_sentence(random_mr(rng), rng) for _ in range(rng.randint(1, 3))]
         return " ".join(sentences)
     if pick < copy_frac + rest * 0.75:
-        return _greeting(rng)
+        return _greeting(rng, open_names)
     if pick < copy_frac + rest * 0.9:
-        return _weather(rng)
+        return _weather(rng, open_names)
     return _story(rng)
 
 
-def corpus(num_docs: int, seed: int, copy_frac: float = 0.4) -> list[str]:
+def corpus(num_docs: int, seed: int, copy_frac: float = 0.4, open_names: float = 0.0) -> list[str]:
     """`num_docs` documents, deterministic for `seed`."""
     rng = random.Random(seed)
-    return [document(rng, copy_frac) for _ in range(num_docs)]
+    return [document(rng, copy_frac, open_names) for _ in range(num_docs)]
 
 
 def main() -> None:

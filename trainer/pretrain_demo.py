@@ -151,7 +151,7 @@ def _lr(args: argparse.Namespace, step: int, frac: float) -> float:
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    stream = encode_stream(corpus(args.docs, args.seed, args.copy_frac))
+    stream = encode_stream(corpus(args.docs, args.seed, args.copy_frac, args.open_names))
     probe = copy_probe(64, seed=1000)  # the same probe for every run, so that curves compare
     # --init continues an earlier run (the budget can be spent in several short runs)
     model = (
@@ -191,6 +191,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=math.inf, help="wall-clock cap (stops early)")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between copy evals")
     parser.add_argument("--copy-frac", type=float, default=0.4, help="share of copy-teaching documents")
+    parser.add_argument(
+        "--open-names", type=float, default=0.0, help="share of made-up venues/towns in greetings/weather"
+    )
     parser.add_argument("--family", choices=["llama", "gpt2"], default="llama", help="the model's shape")
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--n-layer", type=int, default=4)

@@ -14,18 +14,20 @@ import asyncio
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from clients.client import AsyncPrefixClient, PrefixClient
 from examples.table_to_text.make_data import mr_text, unique_mrs
 from examples.table_to_text.serve import demo_server
-from trainer.demo_corpus import NAMES, restaurant_sentence
+from trainer.copy_corpus import town
+from trainer.demo_corpus import CITIES, NAMES, restaurant_sentence, venue
 from trainer.train import build_parser, train
 
-CITIES = ["Cambridge", "London", "Oxford", "York", "Bristol", "Leeds", "Bath"]  # the corpus's
 SKIES = ["sunny", "cloudy", "rainy", "windy", "foggy"]
 # Held-out values: the tasks never train on them, so answering with them means copying them.
 HELD_OUT_NAMES = NAMES[::4] + ["The Red Lion", "The Anchor", "Little Italy", "The Old Bell",
@@ -63,13 +65,20 @@ def _restaurant(mr: dict[str, str], rng: random.Random) -> Example:
     return Example(mr_text(mr) + " => ", restaurant_sentence(mr, rng), values)
 
 
-def datasets(n: int, held_out: int, seed: int) -> dict[str, tuple[list[Example], list[Example]]]:
+def datasets(
+    n: int, held_out: int, seed: int, open_values: bool = False
+) -> dict[str, tuple[list[Example], list[Example]]]:
     """Per task (training examples, held-out examples); the held-out restaurant MRs, greeter
-    names and weather cities never occur in training."""
+    names and weather cities never occur in training. `open_values`: the greeter's and the
+    weather's training inputs use made-up names and towns (one per example), not the corpus's few."""
     rng = random.Random(seed)
     mrs = unique_mrs(n + held_out, rng, 3)
     names = [x for x in NAMES if x not in HELD_OUT_NAMES]
     cities = [c for c in CITIES if c not in HELD_OUT_CITIES]
+    if open_values:
+        values_rng = random.Random(seed + 1)
+        names = [venue(values_rng, open_names=1.0) for _ in range(n)]
+        cities = [town(values_rng) for _ in range(n)]
     return {
         "demo:restaurant": (
             [_restaurant(m, rng) for m in mrs[:n]],
@@ -130,16 +139,27 @@ def _report(sets: dict[str, tuple[list[Example], list[Example]]], answers: list[
               f"{values}/{sum(len(e.values) for e, _ in pairs)} values")  # fmt: skip
 
 
+def quiet_libraries() -> None:
+    """No weight-loading bars and no deprecation notices of PEFT's calls into transformers: the
+    demo prints one line per task, then the result."""
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="(torch|transformers|peft)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/prefix-demo"))
     p.add_argument("--examples", type=int, default=120)
     p.add_argument("--held-out", type=int, default=20, help="held-out inputs per task for the copy rate")
     p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument(
+        "--closed-values", action="store_true", help="train on the corpus's few names and cities (recall)"
+    )
     a = p.parse_args()
     torch.set_num_threads(1)  # on a shared 2-core machine one thread trains ~4x faster than two
+    quiet_libraries()
     start = time.monotonic()
-    sets = datasets(a.examples, a.held_out, seed=1)
+    sets = datasets(a.examples, a.held_out, seed=1, open_values=not a.closed_values)
     print(f"training {len(sets)} prefix tasks on the demo model (P=8, {a.max_steps} steps each)", flush=True)
     paths = {task: _train_task(task, rows, a.work, a.max_steps) for task, (rows, _) in sets.items()}
     with demo_server() as server:

@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
-from examples.table_to_text.demo import CITIES
 from trainer.copy_corpus import code_document, copy_document, record
-from trainer.demo_corpus import NAMES, corpus
+from trainer.demo_corpus import CITIES, NAMES, corpus
 from trainer.pretrain_demo import BYTE_OFFSET, copy_accuracy, copy_probe, repeat_loss
 
 
@@ -42,6 +41,16 @@ def test_corpus_is_deterministic_and_mixes_copy_text_with_the_rest() -> None:
     assert sum(d.startswith("Hello") for d in docs) > 50
     heavy = corpus(2000, seed=3, copy_frac=0.8)
     assert sum(" => " in d for d in heavy) > 0.4 * len(heavy)
+
+
+def test_open_names_make_up_the_greetings_venues_and_the_weathers_towns() -> None:
+    def places(docs: list[str]) -> set[str]:
+        found = {m for d in docs for m in re.findall(r"Welcome to (.+?)\. How", d)}
+        return found | {m for d in docs for m in re.findall(r"in (\w+) it will be", d)}
+
+    closed, opened = places(corpus(3000, seed=4)), places(corpus(3000, seed=4, open_names=0.5))
+    assert closed <= set(NAMES + CITIES)
+    assert len(opened - set(NAMES + CITIES)) > 100 and opened & set(NAMES + CITIES)
 
 
 class _Oracle(torch.nn.Module):

@@ -128,9 +128,9 @@ def test_connections_are_capped_per_client_address(served: tuple[ServerProcess, 
     otherwise cost the loop thousands of accepts a second); waiting, it takes no one's place."""
     server, _ = served
     held = [_connect(server, "127.0.0.2") for _ in range(PER_CLIENT)]
+    started = time.monotonic()  # before the extra connections: each waits >= 2 s from its connect
     extras = [_connect(server, "127.0.0.2") for _ in range(MAX_CONNECTIONS)]
     try:
-        started = time.monotonic()
         with _connect(server, "127.0.0.3") as other:  # served meanwhile, not as a probe (reserve)
             other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
             assert other.recv(4096).startswith(b"HTTP/1.1 401")  # answered: no key
